@@ -1,0 +1,9 @@
+"""Attention variants. Importing this package registers the built-in variants with the registry.
+
+One module per variant; add a new variant's import below (the import registers it).
+"""
+
+from efficient_attn.attention import full  # noqa: F401  (registers "full")
+from efficient_attn.attention.base import Attention, AttentionConfig, BackendUnavailableError
+
+__all__ = ["Attention", "AttentionConfig", "BackendUnavailableError"]

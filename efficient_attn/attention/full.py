@@ -1,0 +1,67 @@
+"""Full (quadratic) softmax attention: the baseline every efficient variant is measured against.
+
+Vaswani et al. 2017, "Attention Is All You Need", arXiv:1706.03762.
+Cost: O(n^2 d) time; the ``naive`` backend also holds the O(n^2) score matrix, the ``sdpa`` backend
+(``torch.nn.functional.scaled_dot_product_attention``) uses fused kernels that avoid it where the device allows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from efficient_attn.attention.base import Attention, AttentionConfig
+from efficient_attn.attention.functional import combine_masks, dense_attention
+from efficient_attn.registry import register_attention
+
+
+@dataclass(kw_only=True)
+class FullConfig(AttentionConfig):
+    """Full attention has no parameters beyond the shared ones."""
+
+
+@register_attention(
+    "full",
+    FullConfig,
+    description="Full softmax attention (Vaswani et al. 2017), the quadratic baseline",
+    paper="Vaswani et al. 2017, arXiv:1706.03762",
+    complexity="O(n^2)",
+    backends=("naive", "sdpa"),
+)
+class FullAttention(Attention):
+    """Exact softmax attention over every (query, key) pair (lower triangle when causal).
+
+    Backends:
+        ``naive``: explicit ``softmax(Q K^T / sqrt(d)) V``; materialises the ``(batch, heads, n, n)`` scores.
+        ``sdpa``: ``F.scaled_dot_product_attention``; ``auto`` picks it.
+    """
+
+    def auto_backend(self, device: torch.device, needs_grad: bool) -> str:
+        return "sdpa"
+
+    def dense_mask(self, seq_len: int, device: torch.device | str | None = None) -> Tensor:
+        """Bool ``(seq, seq)``: all True, or the lower triangle (diagonal included) when causal."""
+        mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
+        return torch.tril(mask) if self.config.causal else mask
+
+    def num_pairs(self, seq_len: int) -> int:
+        """Number of (query, key) pairs scored per head."""
+        return seq_len * (seq_len + 1) // 2 if self.config.causal else seq_len * seq_len
+
+    def _attend_naive(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        pattern = self.dense_mask(q.shape[-2], q.device) if self.config.causal else None
+        allowed = combine_masks(pattern, key_padding_mask)
+        return dense_attention(q, k, v, allowed, dropout_p=self.dropout_p)
+
+    def _attend_sdpa(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        if key_padding_mask is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p, is_causal=self.config.causal)
+        pattern = self.dense_mask(q.shape[-2], q.device) if self.config.causal else None
+        allowed = combine_masks(pattern, key_padding_mask)  # (b, 1, 1 or n, n)
+        has_key = allowed.any(dim=-1, keepdim=True)
+        # A query with no real key would be NaN in some SDPA kernels: let it see every key, then zero it.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_key, dropout_p=self.dropout_p)
+        return out.masked_fill(~has_key, 0.0)

@@ -1,0 +1,1 @@
+"""Subcommands of the ``effattn`` CLI, one module each (see ``efficient_attn.cli``)."""

@@ -1,0 +1,61 @@
+"""``effattn list``: the registered variants, what they cost, what they support, which backends run here."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from efficient_attn.registry import AttentionSpec, get_spec, list_attentions
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pattern", nargs="?", default=None, help="glob filter on keys, e.g. '*former'")
+    parser.add_argument(
+        "--device", default=None, help="device to check backend availability on (default: cuda if present, else cpu)"
+    )
+
+
+def available_backends(spec: AttentionSpec, device: torch.device) -> tuple[list[str], list[str]]:
+    """Backends of ``spec`` that can run forward on ``device``, and the others with their reasons."""
+    usable, unusable = [], []
+    for backend in spec.backends:
+        reason = spec.module_cls.unavailable_reason(backend, device, False)
+        if reason is None:
+            usable.append(backend)
+        else:
+            unusable.append(f"{backend} ({reason})")
+    return usable, unusable
+
+
+def format_table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows, notes = [], []
+    for key in list_attentions(args.pattern):
+        spec = get_spec(key)
+        usable, unusable = available_backends(spec, device)
+        rows.append(
+            [
+                key,
+                spec.complexity,
+                "exact" if spec.exact else "approx",
+                "yes" if spec.supports_causal else "no",
+                "yes" if spec.supports_key_padding else "no",
+                ",".join(usable) or "-",
+                spec.description,
+            ]
+        )
+        notes += [f"  {key}: {u}" for u in unusable]
+    header = ["key", "cost", "kind", "causal", "padding", f"backends on {device.type}", "description"]
+    print(format_table(rows, header))
+    if notes:
+        print(f"\nbackends not available on {device.type}:")
+        print("\n".join(notes))
+    return 0

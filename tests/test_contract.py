@@ -1,0 +1,114 @@
+"""The attention contract, checked for every registered key and every backend that runs on this machine.
+
+Parametrised over ``list_attentions()``: a variant registered by a later change is tested here automatically.
+Exact variants (``spec.exact``) must equal an independent float64 reference built from their own ``dense_mask``.
+"""
+
+import pytest
+import torch
+
+import efficient_attn as ea
+from efficient_attn.attention.base import BackendUnavailableError
+from helpers import build_for_test, pattern_with_padding, random_padding, random_qkv, reference_attention
+
+KEYS = ea.list_attentions()
+CPU = torch.device("cpu")
+
+
+def backend_cases():
+    for key in KEYS:
+        for backend in ea.get_spec(key).backends:
+            yield pytest.param(key, backend, id=f"{key}-{backend}")
+
+
+def causal_options(key):
+    return [False, True] if ea.get_spec(key).supports_causal else [False]
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_forward_shape_and_finite(key):
+    attn = build_for_test(key, dim=32, num_heads=4)
+    x = torch.randn(2, 40, 32)
+    y = attn(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    kpm = random_padding(2, 40, seed=1)
+    y = attn(x, key_padding_mask=kpm)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert attn.last_backend in ea.get_spec(key).backends
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_extra_repr_shows_config(key):
+    attn = build_for_test(key)
+    text = repr(attn)
+    for name in attn.config.to_dict():
+        assert f"{name}=" in text
+
+
+@pytest.mark.parametrize("key, backend", list(backend_cases()))
+def test_backend_forward_shape_or_reports_unavailable(key, backend):
+    attn = build_for_test(key, backend=backend)
+    q, k, v = random_qkv(1, 4, 24, 8, dtype=torch.float32)
+    reason = attn.unavailable_reason(backend, CPU, False)
+    if reason is not None:
+        with pytest.raises(BackendUnavailableError, match=reason[:20]):
+            with torch.no_grad():
+                attn.attend(q, k, v)
+        return
+    with torch.no_grad():
+        out = attn.attend(q, k, v)
+    assert out.shape == q.shape and attn.last_backend == backend
+
+
+@pytest.mark.parametrize("key, backend", [c for c in backend_cases() if ea.get_spec(c.values[0]).exact])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("seq", [37, 80])
+def test_exact_variant_matches_reference(key, backend, causal, padded, seq):
+    if causal and not ea.get_spec(key).supports_causal:
+        pytest.skip(f"{key} is not causal")
+    attn = build_for_test(key, causal=causal, backend=backend).double()
+    q, k, v = random_qkv(2, 4, seq, 8, seed=seq)
+    kpm = random_padding(2, seq, seed=seq + 1) if padded else None
+    if attn.unavailable_reason(backend, CPU, False) is not None:
+        pytest.skip(f"{backend} does not run on CPU")
+    allowed = pattern_with_padding(attn.dense_mask(seq), kpm)
+    ref = reference_attention(q, k, v, allowed)
+    backward_reason = attn.unavailable_reason(backend, CPU, True)
+    if backward_reason is not None:
+        # forward-only backend: backward must be reported unsupported, not silently wrong
+        with pytest.raises(BackendUnavailableError):
+            attn.attend(q, k, v, key_padding_mask=kpm)
+        with torch.no_grad():
+            out = attn.attend(q, k, v, key_padding_mask=kpm)
+        torch.testing.assert_close(out, ref.detach(), atol=1e-9, rtol=1e-7)
+        return
+    out = attn.attend(q, k, v, key_padding_mask=kpm)
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-7)
+    grad_out = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-9, rtol=1e-7, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("key", [k for k in KEYS if ea.get_spec(k).supports_causal])
+def test_causal_variants_ignore_the_future(key):
+    attn = build_for_test(key, causal=True).double().eval()
+    q, k, v = random_qkv(1, 4, 50, 8, seed=7)
+    t = 20
+    with torch.no_grad():
+        out = attn.attend(q, k, v)
+        k2, v2, q2 = k.clone(), v.clone(), q.clone()
+        k2[:, :, t + 1 :] += 3.0
+        v2[:, :, t + 1 :] -= 2.0
+        q2[:, :, t + 1 :] *= -1.0
+        out2 = attn.attend(q2, k2, v2)
+    torch.testing.assert_close(out[:, :, : t + 1], out2[:, :, : t + 1], atol=1e-10, rtol=0)
+    assert not torch.allclose(out[:, :, t + 1 :], out2[:, :, t + 1 :])
+
+
+@pytest.mark.parametrize("key", [k for k in KEYS if not ea.get_spec(k).supports_causal])
+def test_non_causal_variants_refuse_causal_with_reason(key):
+    with pytest.raises(ValueError, match=rf"attention '{key}' cannot be causal: \w+"):
+        build_for_test(key, causal=True)

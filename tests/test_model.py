@@ -1,0 +1,114 @@
+"""The shared backbone with every registered attention."""
+
+import pytest
+import torch
+
+import efficient_attn as ea
+
+KEYS = ea.list_attentions()
+CAUSAL_KEYS = [k for k in KEYS if ea.get_spec(k).supports_causal]
+SMALL = dict(vocab_size=50, dim=32, depth=2, num_heads=4, max_len=128)
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_classifier_shapes_for_every_key(key):
+    model = ea.build_model(key, task="classify", num_classes=3, **SMALL)
+    tokens = torch.randint(0, 50, (2, 40))
+    kpm = torch.arange(40)[None, :] < torch.tensor([[40], [25]])
+    logits = model(tokens, key_padding_mask=kpm)
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_classifier_ignores_padded_tokens(key):
+    torch.manual_seed(0)
+    model = ea.build_model(key, task="classify", num_classes=3, **SMALL).eval()
+    tokens = torch.randint(0, 50, (1, 40))
+    kpm = torch.arange(40)[None, :] < 30
+    other = tokens.clone()
+    other[:, 30:] = (other[:, 30:] + 7) % 50
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, kpm), model(other, kpm), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("key", CAUSAL_KEYS)
+def test_lm_shapes_and_causality(key):
+    torch.manual_seed(0)
+    model = ea.build_model(key, task="lm", **SMALL).eval()
+    tokens = torch.randint(0, 50, (2, 48))
+    with torch.no_grad():
+        logits = model(tokens)
+        assert logits.shape == (2, 48, 50)
+        t = 17
+        changed = tokens.clone()
+        changed[:, t + 1 :] = (changed[:, t + 1 :] + 1) % 50
+        logits2 = model(changed)
+    torch.testing.assert_close(logits[:, : t + 1], logits2[:, : t + 1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits[:, t + 1 :], logits2[:, t + 1 :])
+
+
+@pytest.mark.parametrize("key", [k for k in KEYS if k not in CAUSAL_KEYS])
+def test_lm_refused_for_non_causal_variants(key):
+    with pytest.raises(ValueError, match=rf"'{key}' cannot be used with task='lm' \(causal\)"):
+        ea.build_model(key, task="lm", **SMALL)
+
+
+def test_positions_change_the_output_and_none_is_permutation_equivariant():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 50, (1, 20))
+    perm = torch.randperm(20)
+    outputs = {}
+    for positional in ("sinusoidal", "learned", "none"):
+        torch.manual_seed(1)
+        model = ea.build_model("full", task="classify", num_classes=4, positional=positional, **SMALL).eval()
+        with torch.no_grad():
+            outputs[positional] = (model(tokens), model(tokens[:, perm]))
+    # without positions an encoder with mean pooling is permutation invariant; with positions it is not
+    torch.testing.assert_close(*outputs["none"], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(*outputs["sinusoidal"], atol=1e-4)
+    assert not torch.allclose(*outputs["learned"], atol=1e-4)
+
+
+def test_learned_positions_reject_sequences_past_max_len():
+    model = ea.build_model("full", task="lm", positional="learned", **SMALL)
+    with pytest.raises(ValueError, match="exceeds max_len=128 of the learned position embedding"):
+        model(torch.randint(0, 50, (1, 129)))
+    # sinusoidal positions have no such limit
+    ea.build_model("full", task="lm", **SMALL)(torch.randint(0, 50, (1, 129)))
+
+
+def test_sinusoidal_table_values():
+    table = ea.model.sinusoidal_table(4, 6)
+    assert table.shape == (4, 6)
+    torch.testing.assert_close(table[0], torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0]))
+    torch.testing.assert_close(table[1, 0], torch.sin(torch.tensor(1.0)))
+
+
+def test_weight_tying():
+    model = ea.build_model("full", task="lm", tie_weights=True, **SMALL)
+    assert model.head.weight is model.token_embedding.weight
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(task="seq2seq"), ValueError, "task must be one of"),
+        (dict(task="classify"), ValueError, "needs num_classes >= 2"),
+        (dict(task="lm", positional="rotary"), ValueError, "positional must be one of"),
+        (dict(task="lm", activation="tanh"), ValueError, "activation must be one of"),
+        (dict(task="lm", causal=False), TypeError, "causal is set by the task"),
+        (dict(task="lm", dropuot=0.1), TypeError, r"unknown parameter 'dropuot'"),
+    ],
+)
+def test_build_model_errors(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        ea.build_model("full", **{**SMALL, **kwargs})
+
+
+def test_attention_params_reach_every_block():
+    model = ea.build_model("full", task="lm", backend="naive", **SMALL)
+    assert [b.attn.config.backend for b in model.blocks] == ["naive", "naive"]
+    assert all(b.attn.config.causal for b in model.blocks)
+    assert model.blocks[0].attn is not model.blocks[1].attn
