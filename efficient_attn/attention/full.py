@@ -51,6 +51,10 @@ class FullAttention(Attention):
         """Number of (query, key) pairs scored per head."""
         return seq_len * (seq_len + 1) // 2 if self.config.causal else seq_len * seq_len
 
+    def useful_flops(self, batch: int, seq_len: int) -> int:
+        """Forward FLOPs of the pairs in the pattern: ``QK^T`` and ``PV`` cost 2 * head_dim each per pair and head."""
+        return 4 * batch * self.config.num_heads * self.num_pairs(seq_len) * self.config.head_dim
+
     def _attend_naive(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         pattern = self.dense_mask(q.shape[-2], q.device) if self.config.causal else None
         allowed = combine_masks(pattern, key_padding_mask)
