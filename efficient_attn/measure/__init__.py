@@ -1,0 +1,1 @@
+"""Measurement: time, memory and FLOPs, one small module each, with CPU and CUDA paths."""
