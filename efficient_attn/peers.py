@@ -34,7 +34,9 @@ below is rendered from :data:`PEERS` (``peer_info(name)["mapping"]``)::
                                  (layer projections)       its query/key/value Linears + our out Linear(dim, dim)
     linformer       layer        k                         LinformerSelfAttention(k=k)
                                  max_len (default seq_len) LinformerSelfAttention(seq_len=max_len)
-                                 share_kv                  share_kv
+                                 share_kv                  share_kv; NOTE lucidrains then also reuses the key Linear
+                                                           for values (V = K), ours shares only E = F: equal only
+                                                           when our W_v equals W_k
                                  headwise                  only False: lucidrains shares one E (and F) across heads
                                  num_heads, dim            heads=num_heads, dim=dim, dim_head=dim // num_heads
 
@@ -467,7 +469,8 @@ PEERS: dict[str, PeerSpec] = {
         mapping=(
             ("k", "LinformerSelfAttention(k=k)"),
             ("max_len (default: seq_len)", "LinformerSelfAttention(seq_len=max_len); shorter inputs slice E, F"),
-            ("share_kv", "share_kv"),
+            ("share_kv", "share_kv; lucidrains also reuses the key Linear for values (V = K) where ours shares only "
+             "E = F, so the two agree only when our W_v equals W_k"),
             ("headwise", "only False: one E (and F) shared by all heads"),
             ("num_heads, dim", "heads=num_heads, dim=dim, dim_head=dim // num_heads"),
         ),
