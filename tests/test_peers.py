@@ -304,3 +304,30 @@ def test_our_linformer_equals_lucidrains_linformer(seq, max_len, k, share_kv):
     g_peer = torch.autograd.grad(y_peer.square().sum(), x)[0]
     torch.testing.assert_close(y_ours, y_peer)
     torch.testing.assert_close(g_ours, g_peer)
+
+
+# ------------------------------------------------------------------------------------------- the peers suites
+def _peer_suites():
+    import glob
+    import os
+    import tomllib
+
+    root = os.path.join(os.path.dirname(__file__), "..", "bench")
+    return {os.path.basename(p): tomllib.load(open(p, "rb")) for p in sorted(glob.glob(os.path.join(root, "peers_*.toml")))}
+
+
+def test_peer_suites_name_real_peers_and_parameters():
+    """Every bench/peers_*.toml names existing peers with accepted parameters, and our variants with valid configs."""
+    from efficient_attn.peers import PEERS, _resolve_params
+
+    suites = _peer_suites()
+    assert set(suites) >= {"peers_core.toml", "peers_layer_window.toml", "peers_layer_bigbird.toml", "peers_layer_linformer.toml"}
+    for fname, suite in suites.items():
+        dim = suite["heads"] * suite["head_dim"]
+        assert suite["peers"], fname
+        for peer in suite["peers"]:
+            spec = PEERS[peer["name"]]
+            assert suite["level"] in spec.levels, (fname, peer["name"])
+            _resolve_params(spec, max(suite["lengths"]), peer["params"])
+        for variant in suite["variants"]:
+            ea.build_config(variant["key"], dim=dim, num_heads=suite["heads"], **variant["params"])
