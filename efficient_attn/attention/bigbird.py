@@ -1,0 +1,96 @@
+"""BigBird block-sparse attention: window, random and global blocks, per head.
+
+Zaheer et al. 2020, "Big Bird: Transformers for Longer Sequences", arXiv:2007.14062 (ITC variant, Appendix D).
+The first ``num_global_blocks`` blocks are global (attend to and are attended by everything); every other query
+block sees ``num_window_blocks`` neighbouring blocks, the global blocks and ``num_random_blocks`` random blocks drawn
+per head from the rest. Cost: O(n * b * (w + r + g)) time with the ``torch`` backend, O(n * d) memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from efficient_attn.attention.base import AttentionConfig, require_positive_int
+from efficient_attn.attention.patterns import BigBirdPattern, Pattern
+from efficient_attn.attention.sparse_base import PatternAttention
+from efficient_attn.registry import register_attention
+
+
+@dataclass(kw_only=True)
+class BigBirdConfig(AttentionConfig):
+    """Attributes:
+        block_size: tokens per block (>= 1); inputs are padded to a multiple of it.
+        num_random_blocks: random key blocks per query block (>= 0); rows with fewer candidates take all.
+        num_global_blocks: leading global blocks (>= 0).
+        num_window_blocks: odd >= 1; the query block and (num_window_blocks - 1) / 2 blocks each side.
+        seed: seed of the random plan; the plan is a pure function of (seed, number of blocks, head).
+        redraw: if True, draw a fresh random plan at every call in training mode (eval keeps the current one).
+    """
+
+    block_size: int = 64
+    num_random_blocks: int = 3
+    num_global_blocks: int = 2
+    num_window_blocks: int = 3
+    seed: int = 0
+    redraw: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_positive_int("block_size", self.block_size)
+        for name in ("num_random_blocks", "num_global_blocks", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        nwb = self.num_window_blocks
+        if isinstance(nwb, bool) or not isinstance(nwb, int) or nwb < 1 or nwb % 2 == 0:
+            raise ValueError(f"num_window_blocks must be an odd int >= 1 (1, 3, 5, ...), got {nwb!r}")
+        if not isinstance(self.redraw, bool):
+            raise ValueError(f"redraw must be a bool, got {self.redraw!r}")
+
+
+@register_attention(
+    "bigbird",
+    BigBirdConfig,
+    description="BigBird block-sparse attention: window + random + global blocks (Zaheer et al. 2020)",
+    paper="Zaheer et al. 2020, arXiv:2007.14062",
+    complexity="O(n*b*(w+r+g))",
+    backends=("torch", "naive"),
+    length_multiple=64,
+)
+class BigBirdAttention(PatternAttention):
+    """BigBird attention; per-head pattern, so ``dense_mask`` is ``(heads, seq, seq)``.
+
+    The random plan is drawn once per number of blocks and reused in train and eval; with ``redraw=True`` each
+    training-mode call draws the next plan (``pattern.draw`` counts draws; ``dense_mask`` shows the current one).
+    """
+
+    config: BigBirdConfig
+    pattern: BigBirdPattern
+
+    def _make_pattern(self) -> Pattern:
+        cfg = self.config
+        return BigBirdPattern(
+            block_size=cfg.block_size,
+            num_random_blocks=cfg.num_random_blocks,
+            num_global_blocks=cfg.num_global_blocks,
+            num_window_blocks=cfg.num_window_blocks,
+            seed=cfg.seed,
+            causal=cfg.causal,
+            num_heads=cfg.num_heads,
+        )
+
+    def _before_attend(self) -> None:
+        if self.config.redraw and self.training:
+            self.pattern.draw += 1
+
+    def effective_random_blocks(self, seq_len: int) -> Tensor:
+        """Long ``(heads, num_blocks)``: random blocks each query block really has (fewer than ``num_random_blocks``
+        where a row has fewer candidates; 0 for global rows)."""
+        return self.pattern.effective_random_blocks(seq_len)
+
+    def layout(self, seq_len: int, device: torch.device | str | None = None) -> Tensor:
+        """Bool ``(heads, nb, nb)`` block layout (window | global | random) before causal and length masking."""
+        return self.pattern.layout(seq_len, device)

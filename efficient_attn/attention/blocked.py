@@ -1,0 +1,302 @@
+"""Blocked sparse attention in pure PyTorch: forward and backward without any n x n tensor.
+
+The pattern's :class:`~efficient_attn.attention.patterns.BlockStructure` says which keys each query block needs.
+Query blocks are processed in groups; for a group we gather its key tokens with one flattened ``index_select``
+(``(groups * heads * keys_per_block)`` rows of ``head_dim``), build the small ``(group, block, keys)`` mask from the
+pattern's ``mask_mod`` and the key padding mask, and run one fused attention call with the groups folded into the
+batch dimension. Dense global rows (BigBird's global blocks, Longformer's global tokens) are further calls over all
+keys, O(g * n).
+
+Two executions share those calls:
+
+* :func:`sparse_attention` (no dropout): a custom ``torch.autograd.Function`` that keeps only q, k, v, the output and
+  the per-row log-sum-exp, and recomputes each chunk in backward (the FlashAttention recipe, Dao et al. 2022,
+  arXiv:2205.14135, applied per chunk). On CPU each chunk runs the fused CPU flash kernels
+  (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward); elsewhere an exact matmul version.
+  Memory: O(n * d) plus one chunk's scores.
+* :func:`sparse_attention_autograd`: the same chunks through ``F.scaled_dot_product_attention`` and plain autograd;
+  used when attention dropout is on (dropout cannot be replayed in a recomputing backward).
+
+Shapes: q, k, v ``(batch, heads, padded_len, head_dim)``; the key padding mask bool ``(batch, padded_len)``.
+A query with no allowed key yields zeros and zero gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from efficient_attn.attention.patterns import (
+    BlockStructure,
+    MaskMod,
+    Pattern,
+    chunk_mask,
+    global_query_lookup,
+    global_rows_mask,
+)
+
+#: Query rows per fused call in the block-wise part (several query blocks are folded into one call).
+DEFAULT_ROWS_PER_CALL = 1024
+#: Dense global query rows per call (bounds the ``(rows, n)`` mask).
+GLOBAL_ROWS_PER_CALL = 64
+
+
+@dataclass
+class BlockedPlan:
+    """Everything index-related for one (pattern, length, device): built once per length and cached by the module."""
+
+    pattern: Pattern
+    structure: BlockStructure
+    mask_mod: MaskMod
+    is_global: Tensor  # bool (padded_len,)
+    rows_per_call: int = DEFAULT_ROWS_PER_CALL
+
+    @classmethod
+    def build(
+        cls, pattern: Pattern, seq_len: int, device: torch.device, rows_per_call: int = DEFAULT_ROWS_PER_CALL
+    ) -> "BlockedPlan":
+        structure = pattern.structure(seq_len, device)
+        return cls(pattern, structure, pattern.mask_mod(seq_len, device),
+                   global_query_lookup(structure, device), rows_per_call)
+
+
+@dataclass
+class _Call:
+    """One fused attention call: which query rows, which keys, and the mask."""
+
+    kind: str  # "blocks" or "global"
+    start: int  # blocks: first query-block row (relative); global: first global row
+    stop: int
+    key_index: Tensor | None  # blocks: flat (g * h * kt,) index into (heads * padded_len) rows; global: None
+    allowed: Tensor | None  # bool, broadcastable to (calls_batch, heads, rows, keys); None = everything allowed
+
+
+def _calls(plan: BlockedPlan, batch: int, heads: int, key_padding_mask: Tensor | None) -> Iterator[_Call]:
+    st = plan.structure
+    n_pad = st.padded_len
+    group = max(1, plan.rows_per_call // st.block_size)
+    head_offsets = torch.arange(heads, device=st.key_blocks.device)[None, :, None] * n_pad  # (1, h, 1)
+    for start in range(0, st.num_query_blocks, group):
+        stop = min(start + group, st.num_query_blocks)
+        tokens, allowed = chunk_mask(st, plan.mask_mod, plan.is_global, start, stop)  # (hp, g, kt), (hp, g, b, kt)
+        safe = tokens.clamp_min(0)
+        flat = (safe.transpose(0, 1) + head_offsets).reshape(-1)  # (g * h * kt,) hp broadcast to h
+        allowed = allowed.transpose(0, 1)  # (g, hp, b, kt)
+        if key_padding_mask is not None:
+            real = key_padding_mask[:, safe.transpose(0, 1)]  # (batch, g, hp, kt)
+            allowed = (allowed[None] & real[:, :, :, None, :]).flatten(0, 1)  # (batch * g, hp, b, kt)
+        elif batch > 1:
+            allowed = allowed[None].expand(batch, *allowed.shape).flatten(0, 1)
+        yield _Call("blocks", start, stop, flat, allowed)
+    keys = torch.arange(n_pad, device=st.key_blocks.device)
+    num_global = st.global_queries.numel()
+    for start in range(0, num_global, GLOBAL_ROWS_PER_CALL):
+        stop = min(start + GLOBAL_ROWS_PER_CALL, num_global)
+        allowed = global_rows_mask(plan.pattern, plan.mask_mod, st.global_queries[start:stop], keys)[None]
+        if key_padding_mask is not None:
+            allowed = allowed & key_padding_mask[:, None, None, :]
+        if bool(allowed.all()):
+            allowed = None
+        elif allowed.shape[1] > 1 and bool((allowed == allowed[:, :1]).all()):
+            allowed = allowed[:, :1]
+        yield _Call("global", start, stop, None, allowed)
+
+
+# ------------------------------------------------------------------------------------------- gather / scatter
+def _query_rows(x: Tensor, plan: BlockedPlan, call: _Call) -> Tensor:
+    """q (or grad_out / out) rows of ``call``: blocks -> ``(batch * g, h, b, d)``, global -> ``(batch, h, r, d)``."""
+    st = plan.structure
+    if call.kind == "global":
+        return x.index_select(2, st.global_queries[call.start:call.stop])
+    bs = st.block_size
+    first = (st.first_query_block + call.start) * bs
+    rows = x[:, :, first:first + (call.stop - call.start) * bs]  # (batch, h, g * b, d)
+    rows = rows.unflatten(2, (call.stop - call.start, bs)).transpose(1, 2)  # (batch, g, h, b, d)
+    return rows.reshape(-1, *rows.shape[2:])
+
+
+def _put_query_rows(dest: Tensor, value: Tensor, plan: BlockedPlan, call: _Call, accumulate: bool) -> None:
+    st = plan.structure
+    if call.kind == "global":
+        index = st.global_queries[call.start:call.stop]
+        if accumulate:
+            dest.index_add_(2, index, value.to(dest.dtype))
+        else:
+            dest.index_copy_(2, index, value.to(dest.dtype))
+        return
+    bs = st.block_size
+    g = call.stop - call.start
+    first = (st.first_query_block + call.start) * bs
+    target = dest[:, :, first:first + g * bs].unflatten(2, (g, bs)).transpose(1, 2)  # (batch, g, h, b, d)
+    value = value.reshape(dest.shape[0], g, *value.shape[1:])
+    if accumulate:
+        target += value
+    else:
+        target.copy_(value)
+
+
+def _key_rows(x: Tensor, call: _Call) -> Tensor:
+    """Gathered keys (or values): blocks -> ``(batch * g, h, kt, d)``; global -> x itself."""
+    if call.kind == "global":
+        return x
+    batch, heads, _, d = x.shape
+    rows = x.reshape(batch, -1, d).index_select(1, call.key_index)  # (batch, g * h * kt, d)
+    keys_per_block = call.key_index.numel() // (heads * (call.stop - call.start))
+    return rows.view(-1, heads, keys_per_block, d)
+
+
+def _add_key_rows(dest: Tensor, value: Tensor, call: _Call) -> None:
+    if call.kind == "global":
+        dest += value
+        return
+    batch, _, _, d = dest.shape
+    dest.view(batch, -1, d).index_add_(1, call.key_index, value.reshape(batch, -1, d).to(dest.dtype))
+
+
+# ---------------------------------------------------------------------------------------------- chunk kernels
+def _bias(allowed: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    if allowed is None:
+        return None
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def _use_cpu_flash(q: Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _chunk_forward(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """Exact attention of one chunk: ``(out (N, h, m, d), lse (N, h, m))``; rows with no allowed key -> 0."""
+    if _use_cpu_flash(q):
+        # the CPU flash kernel returns 0 output (and lse 0) for a row whose bias is all -inf
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=_bias(allowed, q.dtype), scale=scale
+        )
+        return out, lse
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (N, h, m, kt)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    probs = torch.exp(scores - row_max)
+    denom = probs.sum(-1, keepdim=True)
+    out = torch.matmul(probs, v) / denom.clamp_min(torch.finfo(probs.dtype).tiny)
+    lse = (row_max + torch.log(denom)).squeeze(-1)  # -inf for empty rows
+    return out, lse
+
+
+def _chunk_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, allowed: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one chunk, recomputing its probabilities from ``lse``."""
+    if _use_cpu_flash(q):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=_bias(allowed, q.dtype), scale=scale
+        )
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
+    probs = torch.exp(scores - lse[..., None])  # (N, h, m, kt); empty rows -> 0
+    grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
+    grad_probs = torch.matmul(grad_out, v.transpose(-1, -2))
+    delta = (grad_out * out).sum(-1, keepdim=True)
+    grad_scores = probs * (grad_probs - delta) * scale
+    return torch.matmul(grad_scores, k), torch.matmul(grad_scores.transpose(-1, -2), q), grad_v
+
+
+# -------------------------------------------------------------------------------------------- autograd function
+class _SparseAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: BlockedPlan, scale: float) -> Tensor:
+        batch, heads = q.shape[:2]
+        out = torch.zeros_like(q)
+        lses = []
+        for call in _calls(plan, batch, heads, kpm):
+            o, lse = _chunk_forward(_query_rows(q, plan, call), _key_rows(k, call), _key_rows(v, call),
+                                    call.allowed, scale)
+            _put_query_rows(out, o, plan, call, accumulate=False)
+            lses.append(lse)
+        ctx.plan, ctx.scale, ctx.num_lse = plan, scale, len(lses)
+        ctx.save_for_backward(q, k, v, out, kpm, *lses)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, out, kpm, *lses = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
+        acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        grad_q = torch.zeros_like(q, dtype=acc)
+        grad_k = torch.zeros_like(k, dtype=acc)
+        grad_v = torch.zeros_like(v, dtype=acc)
+        for call, lse in zip(_calls(plan, q.shape[0], q.shape[1], kpm), lses):
+            gq, gk, gv = _chunk_backward(
+                _query_rows(grad_out, plan, call), _query_rows(q, plan, call), _key_rows(k, call),
+                _key_rows(v, call), _query_rows(out, plan, call), lse, call.allowed, scale,
+            )
+            _put_query_rows(grad_q, gq, plan, call, accumulate=True)
+            _add_key_rows(grad_k, gk, call)
+            _add_key_rows(grad_v, gv, call)
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None
+
+
+def sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, plan: BlockedPlan, key_padding_mask: Tensor | None, scale: float
+) -> Tensor:
+    """Exact blocked attention over ``plan``'s pattern with a recomputing backward (see the module docstring).
+
+    Args:
+        q, k, v: ``(batch, heads, padded_len, head_dim)``, padded_len a multiple of the block size.
+        plan: from :meth:`BlockedPlan.build` for the true length.
+        key_padding_mask: bool ``(batch, padded_len)``, True = real token, or None.
+        scale: score scale.
+
+    Returns:
+        ``(batch, heads, padded_len, head_dim)``; padded query rows are zero.
+    """
+    return _SparseAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), key_padding_mask, plan,
+                                          scale)
+
+
+def sparse_attention_autograd(
+    q: Tensor, k: Tensor, v: Tensor, plan: BlockedPlan, key_padding_mask: Tensor | None, scale: float,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """The same chunks as :func:`sparse_attention` through ``F.scaled_dot_product_attention`` and plain autograd.
+
+    Supports attention dropout; autograd keeps every chunk's gathered keys and values for backward (O(n * keys)).
+    """
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    batch, heads, n_pad, d = q.shape
+    st = plan.structure
+    blocks, glob_rows, glob_out = [], [], []
+    for call in _calls(plan, batch, heads, key_padding_mask):
+        allowed = call.allowed
+        qc = _query_rows(q, plan, call)
+        if allowed is not None:
+            has_key = allowed.any(-1, keepdim=True)
+            allowed = allowed | ~has_key  # an empty row sees everything, then is zeroed
+        o = F.scaled_dot_product_attention(qc, _key_rows(k, call), _key_rows(v, call), attn_mask=allowed,
+                                           dropout_p=dropout_p, scale=scale)
+        if allowed is not None:
+            o = o * has_key
+        if call.kind == "blocks":
+            blocks.append(o.view(batch, call.stop - call.start, heads, st.block_size, d))
+        else:
+            glob_out.append(o)
+    first = st.first_query_block * st.block_size
+    parts = []
+    if first:
+        parts.append(q.new_zeros(batch, heads, first, d))
+    if blocks:
+        parts.append(torch.cat(blocks, dim=1).transpose(1, 2).flatten(2, 3))  # (batch, h, rows, d)
+    out = torch.cat(parts, dim=2)
+    if glob_out:
+        glob_rows = st.global_queries
+        out = out.index_copy(2, glob_rows, torch.cat(glob_out, dim=2))
+    return out

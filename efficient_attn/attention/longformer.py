@@ -1,0 +1,69 @@
+"""Longformer attention: a sliding window plus global tokens that attend to and from every position.
+
+Beltagy et al. 2020, "Longformer: The Long-Document Transformer", arXiv:2004.05150. Query i attends to key j iff
+``|i - j| <= window_size`` or i is global or j is global (causal: also ``j <= i``). Cost: O(n * (w + g)) time with the
+``torch`` backend (global rows are dense rows, O(g * n)), O(n * d) memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from efficient_attn.attention.base import AttentionConfig, require_positive_int
+from efficient_attn.attention.patterns import LongformerPattern, Pattern
+from efficient_attn.attention.sparse_base import PatternAttention
+from efficient_attn.registry import register_attention
+
+
+@dataclass(kw_only=True)
+class LongformerConfig(AttentionConfig):
+    """Attributes:
+        window_size: w >= 1; one-sided reach of the window, as in ``window`` (HF ``attention_window`` = 2w).
+            Also the block size of the ``torch`` backend.
+        global_tokens: an int count of leading global tokens (>= 0), or a tuple of distinct indices >= 0. Indices are
+            checked against the sequence length at call time.
+    """
+
+    window_size: int = 256
+    global_tokens: int | tuple[int, ...] = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_positive_int("window_size", self.window_size)
+        glob = self.global_tokens
+        if isinstance(glob, list):
+            glob = self.global_tokens = tuple(glob)
+        if isinstance(glob, bool) or not isinstance(glob, (int, tuple)):
+            raise ValueError(
+                f"global_tokens must be an int count or a tuple of token indices, got {self.global_tokens!r}"
+            )
+        if isinstance(glob, int):
+            if glob < 0:
+                raise ValueError(f"global_tokens must be a count >= 0, got {glob}")
+            return
+        for index in glob:
+            if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                raise ValueError(f"global_tokens indices must be ints >= 0, got {index!r} in {glob!r}")
+        if len(set(glob)) != len(glob):
+            raise ValueError(f"global_tokens indices must be distinct, got {glob!r}")
+
+
+@register_attention(
+    "longformer",
+    LongformerConfig,
+    description="Longformer: sliding window plus global tokens (Beltagy et al. 2020)",
+    paper="Beltagy et al. 2020, arXiv:2004.05150",
+    complexity="O(n*(w+g))",
+    backends=("torch", "naive"),
+    length_multiple=256,
+)
+class LongformerAttention(PatternAttention):
+    """Window + global attention. Shapes: ``(batch, heads, seq, head_dim)``; block size = ``window_size``."""
+
+    config: LongformerConfig
+
+    def _make_pattern(self) -> Pattern:
+        cfg = self.config
+        return LongformerPattern(
+            window_size=cfg.window_size, global_tokens=cfg.global_tokens, causal=cfg.causal, num_heads=cfg.num_heads
+        )

@@ -1,0 +1,403 @@
+"""Sparse attention patterns as data: one definition per pattern, every executor derived from it.
+
+A pattern says which (query, key) pairs are scored. Each pattern object defines two things:
+
+* ``mask_mod(seq_len, device)``: the token-level rule, a FlexAttention / attention-gym style predicate
+  ``mask_mod(b, h, q_idx, kv_idx) -> bool Tensor``, vectorised over broadcastable index tensors and built only from
+  O(n) or O(blocks^2) lookup tensors (never an n x n one). It is the single source of truth.
+* ``structure(seq_len, device)``: a :class:`BlockStructure` that says which key blocks each query block must look at,
+  which extra key tokens every query block also sees, and which query rows attend densely to everything. It is a
+  *cover*: the blocked backend evaluates ``mask_mod`` inside it, so it decides cost, never the result.
+
+From these come ``dense_mask`` (``mask_mod`` on the full index grid: the reference), ``num_pairs`` (the cover's masks
+summed, chunk by chunk, without any n x n tensor; the tests check it equals ``dense_mask(n).sum()``), and the chunk
+masks of the blocked backend (:func:`chunk_mask`, :func:`global_rows_mask`). A later fused backend uses ``mask_mod``.
+
+Patterns (n = true sequence length, b = block size, indices i = query, j = key):
+
+* :class:`WindowPattern`: ``|i - j| <= w``; causal ``0 <= i - j <= w`` (local attention; Beltagy et al. 2020,
+  arXiv:2004.05150, section 3.1; Child et al. 2019, arXiv:1904.10509).
+* :class:`BigBirdPattern`: block-level window + random + global blocks (Zaheer et al. 2020, "Big Bird: Transformers
+  for Longer Sequences", arXiv:2007.14062, Appendix D), per head.
+* :class:`LongformerPattern`: window ``|i - j| <= w`` plus global tokens that attend to and from every position
+  (Beltagy et al. 2020, arXiv:2004.05150).
+
+Causal patterns additionally require ``j <= i`` everywhere (global rows and columns included).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+#: ``mask_mod(b, h, q_idx, kv_idx) -> bool Tensor`` (arguments broadcast against each other).
+MaskMod = Callable[[Tensor | int, Tensor | int, Tensor, Tensor], Tensor]
+
+#: Token index marking an empty slot in a block structure; every ``mask_mod`` rejects it.
+EMPTY = -1
+
+
+def _in_range(q_idx: Tensor, kv_idx: Tensor, seq_len: int) -> Tensor:
+    return (q_idx >= 0) & (q_idx < seq_len) & (kv_idx >= 0) & (kv_idx < seq_len)
+
+
+@dataclass(frozen=True)
+class BlockStructure:
+    """Which keys the blocked backend gathers for each query block (a cover of the pattern, not the pattern).
+
+    Query blocks ``first_query_block .. num_blocks - 1`` are computed block-wise: query block ``first_query_block + r``
+    sees the key blocks ``key_blocks[h, r]`` (``EMPTY`` = unused slot) plus the tokens ``extra_keys`` (those inside
+    one of its key blocks are dropped, so no key is counted twice). The query rows ``global_queries`` are computed as
+    dense rows over every key (O(g * n)); inside the block-wise part they are masked out.
+
+    Attributes:
+        seq_len: true sequence length n (the pattern is defined on it).
+        block_size: b; the blocked backend pads the sequence to a multiple of it.
+        first_query_block: query blocks before it are all global rows.
+        key_blocks: long ``(heads or 1, num_query_blocks, slots)``.
+        extra_keys: long ``(e,)`` key token indices.
+        global_queries: long ``(g,)`` query token indices, sorted, all < seq_len.
+    """
+
+    seq_len: int
+    block_size: int
+    first_query_block: int
+    key_blocks: Tensor
+    extra_keys: Tensor
+    global_queries: Tensor
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.seq_len / self.block_size)
+
+    @property
+    def padded_len(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def num_query_blocks(self) -> int:
+        return self.num_blocks - self.first_query_block
+
+    @property
+    def keys_per_block(self) -> int:
+        """Key tokens gathered per query block: slots * block_size + extra keys."""
+        return self.key_blocks.shape[-1] * self.block_size + self.extra_keys.numel()
+
+    def key_tokens(self, start: int, stop: int) -> Tensor:
+        """Key token indices of query-block rows ``start:stop`` (relative to ``first_query_block``).
+
+        Returns long ``(heads or 1, stop - start, keys_per_block)``; ``EMPTY`` marks unused slots and extra keys that a
+        key block of the row already covers.
+        """
+        blocks = self.key_blocks[:, start:stop]  # (hp, g, slots)
+        offs = torch.arange(self.block_size, device=blocks.device)
+        tokens = blocks[..., None] * self.block_size + offs  # (hp, g, slots, b)
+        tokens = torch.where(blocks[..., None] >= 0, tokens, EMPTY).flatten(-2)  # (hp, g, slots * b)
+        if self.extra_keys.numel() == 0:
+            return tokens
+        extra_blocks = self.extra_keys // self.block_size  # (e,)
+        covered = (blocks[..., None, :] == extra_blocks[:, None]).any(-1)  # (hp, g, e)
+        extra = torch.where(covered, EMPTY, self.extra_keys.expand_as(covered))
+        return torch.cat([tokens, extra], dim=-1)
+
+
+class Pattern(ABC):
+    """A sparse attention pattern (see the module docstring). Subclasses define ``mask_mod`` and ``structure``."""
+
+    #: True when heads have different patterns (``dense_mask`` is then ``(heads, n, n)``).
+    per_head: bool = False
+
+    def __init__(self, *, block_size: int, causal: bool, num_heads: int) -> None:
+        self.block_size = block_size
+        self.causal = causal
+        self.num_heads = num_heads
+
+    @property
+    def mask_heads(self) -> int:
+        """Number of distinct head patterns: ``num_heads`` if per-head, else 1."""
+        return self.num_heads if self.per_head else 1
+
+    @abstractmethod
+    def mask_mod(self, seq_len: int, device: torch.device | str | None = None) -> MaskMod:
+        """The token-level rule for length ``seq_len`` (see the module docstring)."""
+
+    @abstractmethod
+    def structure(self, seq_len: int, device: torch.device | str | None = None) -> BlockStructure:
+        """The block cover the ``torch`` backend iterates over for length ``seq_len``."""
+
+    def dense_mask(self, seq_len: int, device: torch.device | str | None = None) -> Tensor:
+        """Bool ``(seq, seq)``, or ``(heads, seq, seq)`` when per-head; True = query i may attend to key j.
+
+        O(n^2): for tests and the ``naive`` backend only.
+        """
+        mod = self.mask_mod(seq_len, device)
+        idx = torch.arange(seq_len, device=device)
+        heads = torch.arange(self.mask_heads, device=device)[:, None, None]
+        mask = mod(0, heads, idx[None, :, None], idx[None, None, :])  # (hp, n, n)
+        mask = mask.expand(self.mask_heads, seq_len, seq_len)
+        return mask if self.per_head else mask[0]
+
+    def num_pairs(self, seq_len: int) -> int:
+        """Allowed (query, key) pairs: per head, or summed over heads when per-head. Computed without n x n tensors."""
+        structure = self.structure(seq_len)
+        mod = self.mask_mod(seq_len)
+        is_global = global_query_lookup(structure, None)
+        total = 0
+        step = max(1, 4096 // structure.block_size)
+        for start in range(0, structure.num_query_blocks, step):
+            stop = min(start + step, structure.num_query_blocks)
+            _, allowed = chunk_mask(structure, mod, is_global, start, stop)
+            total += int(allowed.expand(self.mask_heads, *allowed.shape[1:]).sum())
+        keys = torch.arange(structure.padded_len)
+        for rows in structure.global_queries.split(256):
+            allowed = global_rows_mask(self, mod, rows, keys)
+            total += int(allowed.expand(self.mask_heads, *allowed.shape[1:]).sum())
+        return total
+
+    def num_pairs_total(self, seq_len: int) -> int:
+        """Allowed pairs summed over all heads."""
+        pairs = self.num_pairs(seq_len)
+        return pairs if self.per_head else pairs * self.num_heads
+
+
+def global_query_lookup(structure: BlockStructure, device: torch.device | str | None) -> Tensor:
+    """Bool ``(padded_len,)``: True for the rows computed densely (masked out of the block-wise part)."""
+    lookup = torch.zeros(structure.padded_len, dtype=torch.bool, device=device)
+    lookup[structure.global_queries.to(device)] = True
+    return lookup
+
+
+def chunk_mask(
+    structure: BlockStructure, mod: MaskMod, is_global: Tensor, start: int, stop: int
+) -> tuple[Tensor, Tensor]:
+    """Key tokens and allowed mask of the query-block rows ``start:stop`` of ``structure``.
+
+    Returns:
+        tokens: long ``(hp, g, kt)`` key indices (``EMPTY`` = none), ``g = stop - start``, ``kt = keys_per_block``.
+        allowed: bool ``(hp, g, block_size, kt)``: ``mask_mod`` at (query, key), False for empty slots and for global
+            query rows (those are computed densely).
+    """
+    bs = structure.block_size
+    device = structure.key_blocks.device
+    first = (structure.first_query_block + start) * bs
+    q_idx = torch.arange(first, first + (stop - start) * bs, device=device).view(stop - start, bs)  # (g, b)
+    tokens = structure.key_tokens(start, stop)  # (hp, g, kt)
+    heads = torch.arange(tokens.shape[0], device=device)[:, None, None, None]
+    allowed = mod(0, heads, q_idx[None, :, :, None], tokens[:, :, None, :])  # (hp, g, b, kt)
+    if structure.global_queries.numel():
+        allowed = allowed & ~is_global[q_idx][None, :, :, None]
+    return tokens, allowed
+
+
+def global_rows_mask(pattern: Pattern, mod: MaskMod, rows: Tensor, keys: Tensor) -> Tensor:
+    """Bool ``(hp, len(rows), len(keys))``: ``mask_mod`` for dense rows ``rows`` against every key in ``keys``."""
+    heads = torch.arange(pattern.mask_heads, device=rows.device)[:, None, None]
+    mask = mod(0, heads, rows[None, :, None], keys[None, None, :])
+    return mask.expand(pattern.mask_heads, rows.numel(), keys.numel())
+
+
+# ------------------------------------------------------------------------------------------------------- window
+class WindowPattern(Pattern):
+    """Sliding window: query i sees key j iff ``|i - j| <= window_size`` (causal: ``0 <= i - j <= window_size``).
+
+    Block cover: query block ``r`` gathers key blocks ``r - R .. r + R`` (causal: ``r - R .. r``) with
+    ``R = ceil(window_size / block_size)``, the fewest blocks that contain every allowed key of the block.
+    """
+
+    def __init__(self, *, window_size: int, block_size: int, causal: bool, num_heads: int) -> None:
+        super().__init__(block_size=block_size, causal=causal, num_heads=num_heads)
+        self.window_size = window_size
+
+    def _local(self, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        diff = q_idx - kv_idx
+        if self.causal:
+            return (diff >= 0) & (diff <= self.window_size)
+        return diff.abs() <= self.window_size
+
+    def mask_mod(self, seq_len: int, device: torch.device | str | None = None) -> MaskMod:
+        def window_mask(b: Tensor | int, h: Tensor | int, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return self._local(q_idx, kv_idx) & _in_range(q_idx, kv_idx, seq_len)
+
+        return window_mask
+
+    def _window_blocks(self, num_blocks: int, device: torch.device | str | None) -> Tensor:
+        reach = math.ceil(self.window_size / self.block_size)
+        offsets = torch.arange(-reach, 1 if self.causal else reach + 1, device=device)
+        blocks = torch.arange(num_blocks, device=device)[:, None] + offsets  # (nb, slots)
+        blocks = torch.where((blocks >= 0) & (blocks < num_blocks), blocks, EMPTY)
+        return blocks[None]  # (1, nb, slots)
+
+    def structure(self, seq_len: int, device: torch.device | str | None = None) -> BlockStructure:
+        nb = math.ceil(seq_len / self.block_size)
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return BlockStructure(seq_len, self.block_size, 0, self._window_blocks(nb, device), empty, empty)
+
+
+# --------------------------------------------------------------------------------------------------- longformer
+class LongformerPattern(WindowPattern):
+    """Sliding window plus global tokens (Beltagy et al. 2020): ``|i - j| <= w`` or i global or j global.
+
+    ``global_tokens`` is a count of leading tokens or a tuple of explicit indices. The window reach is one-sided,
+    exactly as in :class:`WindowPattern` (HF's ``attention_window=2w`` corresponds to ``window_size=w``). Global rows
+    are computed densely (O(g * n)), global columns are appended to every query block's keys.
+    """
+
+    def __init__(
+        self, *, window_size: int, global_tokens: int | tuple[int, ...], causal: bool, num_heads: int
+    ) -> None:
+        super().__init__(window_size=window_size, block_size=window_size, causal=causal, num_heads=num_heads)
+        self.global_tokens = global_tokens
+
+    def global_indices(self, seq_len: int, device: torch.device | str | None = None) -> Tensor:
+        """Sorted long ``(g,)`` global token indices for length ``seq_len``.
+
+        Raises:
+            ValueError: an index (or the count) that does not fit ``seq_len``.
+        """
+        if isinstance(self.global_tokens, int):
+            if self.global_tokens > seq_len:
+                raise ValueError(
+                    f"global_tokens={self.global_tokens} leading tokens do not fit seq_len={seq_len}; "
+                    f"allowed: 0 <= global_tokens <= seq_len"
+                )
+            return torch.arange(self.global_tokens, device=device)
+        bad = [i for i in self.global_tokens if i >= seq_len]
+        if bad:
+            raise ValueError(
+                f"global_tokens index {bad[0]} is out of range for seq_len={seq_len}; allowed: 0 <= index < seq_len"
+            )
+        return torch.tensor(sorted(self.global_tokens), dtype=torch.long, device=device)
+
+    def mask_mod(self, seq_len: int, device: torch.device | str | None = None) -> MaskMod:
+        is_global = torch.zeros(seq_len + 1, dtype=torch.bool, device=device)  # last entry: out-of-range indices
+        is_global[self.global_indices(seq_len, device)] = True
+
+        def longformer_mask(b: Tensor | int, h: Tensor | int, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            inside = _in_range(q_idx, kv_idx, seq_len)
+            q_glob = is_global[torch.where(inside, q_idx, seq_len)]
+            kv_glob = is_global[torch.where(inside, kv_idx, seq_len)]
+            visible = (q_idx - kv_idx >= 0) if self.causal else True
+            return inside & (self._local(q_idx, kv_idx) | ((q_glob | kv_glob) & visible))
+
+        return longformer_mask
+
+    def structure(self, seq_len: int, device: torch.device | str | None = None) -> BlockStructure:
+        nb = math.ceil(seq_len / self.block_size)
+        glob = self.global_indices(seq_len, device)
+        return BlockStructure(seq_len, self.block_size, 0, self._window_blocks(nb, device), glob, glob)
+
+
+# ------------------------------------------------------------------------------------------------------ bigbird
+def _mix_seed(seed: int, num_blocks: int, head: int, draw: int) -> int:
+    """A 63-bit generator seed that is a pure function of its arguments (splitmix-style mixing)."""
+    value = 0
+    for part in (seed, num_blocks, head, draw):
+        value = (value ^ (part & 0xFFFFFFFFFFFFFFFF)) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+        value ^= value >> 31
+    return value & 0x7FFFFFFFFFFFFFFF
+
+
+class BigBirdPattern(Pattern):
+    """BigBird block-sparse pattern (Zaheer et al. 2020, arXiv:2007.14062), per head.
+
+    Blocks of ``block_size`` tokens; ``nb = ceil(n / block_size)``. The first ``num_global_blocks`` blocks are global:
+    they attend to every block and every block attends to them. Every other query block ``r`` sees its window blocks
+    ``r - num_window_blocks // 2 .. r + num_window_blocks // 2`` (causal: only ``<= r``), the global blocks, and
+    ``num_random_blocks`` random blocks drawn (per head) from the blocks that are neither window nor global (causal:
+    only earlier blocks). A row with fewer candidates takes all of them (:meth:`effective_random_blocks`). The draw is
+    a pure function of ``(seed, nb, head, draw)`` on a CPU ``torch.Generator``, so it is identical on every device;
+    ``draw`` stays 0 unless the module is asked to redraw. Causal: ``j <= i`` on top of the block layout.
+    """
+
+    per_head = True
+
+    def __init__(
+        self,
+        *,
+        block_size: int,
+        num_random_blocks: int,
+        num_global_blocks: int,
+        num_window_blocks: int,
+        seed: int,
+        causal: bool,
+        num_heads: int,
+    ) -> None:
+        super().__init__(block_size=block_size, causal=causal, num_heads=num_heads)
+        self.num_random_blocks = num_random_blocks
+        self.num_global_blocks = num_global_blocks
+        self.num_window_blocks = num_window_blocks
+        self.seed = seed
+        #: Which draw of the random plan is in effect (0 unless the owning module redraws).
+        self.draw = 0
+        self._cache: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+
+    def _plan(self, num_blocks: int) -> tuple[Tensor, Tensor]:
+        """CPU ``(layout (heads, nb, nb) bool, random (heads, nb, nb) bool)`` for ``num_blocks``; cached."""
+        key = (num_blocks, self.draw)
+        if key not in self._cache:
+            if len(self._cache) >= 8:  # redraws would otherwise grow it without bound
+                self._cache.clear()
+            self._cache[key] = self._draw_plan(num_blocks)
+        return self._cache[key]
+
+    def _draw_plan(self, nb: int) -> tuple[Tensor, Tensor]:
+        blk = torch.arange(nb)
+        diff = blk[None, :] - blk[:, None]  # (nb, nb): key block - query block
+        half = self.num_window_blocks // 2
+        window = (diff >= -half) & (diff <= 0 if self.causal else diff <= half)
+        glob = blk < self.num_global_blocks
+        candidates = ~window & ~glob[None, :] & ~glob[:, None]
+        if self.causal:
+            candidates &= diff < 0
+        num_candidates = candidates.sum(-1, keepdim=True)  # (nb, 1)
+        layouts, randoms = [], []
+        for head in range(self.num_heads):
+            gen = torch.Generator().manual_seed(_mix_seed(self.seed, nb, head, self.draw))
+            keys = torch.rand(nb, nb, generator=gen).masked_fill(~candidates, 2.0)
+            rank = keys.argsort(dim=-1).argsort(dim=-1)  # rank of each block among the row's draws
+            random = candidates & (rank < self.num_random_blocks) & (rank < num_candidates)
+            layouts.append(window | glob[None, :] | glob[:, None] | random)
+            randoms.append(random)
+        return torch.stack(layouts), torch.stack(randoms)
+
+    def layout(self, seq_len: int, device: torch.device | str | None = None) -> Tensor:
+        """Bool ``(heads, nb, nb)``: which key blocks each query block sees (before causal/length masking)."""
+        return self._plan(math.ceil(seq_len / self.block_size))[0].to(device)
+
+    def effective_random_blocks(self, seq_len: int) -> Tensor:
+        """Long ``(heads, nb)``: random blocks each query block really got (0 for global rows)."""
+        return self._plan(math.ceil(seq_len / self.block_size))[1].sum(-1)
+
+    def mask_mod(self, seq_len: int, device: torch.device | str | None = None) -> MaskMod:
+        layout = self.layout(seq_len, device)
+        nb, bs = layout.shape[-1], self.block_size
+
+        def bigbird_mask(b: Tensor | int, h: Tensor | int, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            inside = _in_range(q_idx, kv_idx, seq_len)
+            q_blk = (q_idx // bs).clamp(0, nb - 1)
+            kv_blk = (kv_idx // bs).clamp(0, nb - 1)
+            allowed = inside & layout[h, q_blk, kv_blk]
+            return allowed & (kv_idx <= q_idx) if self.causal else allowed
+
+        return bigbird_mask
+
+    def structure(self, seq_len: int, device: torch.device | str | None = None) -> BlockStructure:
+        layout = self._plan(math.ceil(seq_len / self.block_size))[0]
+        nb = layout.shape[-1]
+        first = min(self.num_global_blocks, nb)
+        rows = layout[:, first:]  # (h, q, nb)
+        if self.causal:
+            blk = torch.arange(nb)
+            rows = rows & (blk[None, :] <= blk[first:, None])  # future blocks hold no allowed key
+        slots = int(rows.sum(-1).max()) if rows.numel() else 0
+        # allowed block ids first (ascending), then EMPTY
+        order = torch.where(rows, torch.arange(nb), nb + torch.arange(nb)).sort(dim=-1).values[..., :slots]
+        key_blocks = torch.where(order < nb, order, EMPTY).to(device)
+        glob = torch.arange(min(first * self.block_size, seq_len), device=device)
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return BlockStructure(seq_len, self.block_size, first, key_blocks, empty, glob)

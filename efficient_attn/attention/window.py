@@ -1,0 +1,58 @@
+"""Sliding-window (local) attention: each query sees the keys within ``window_size`` positions.
+
+Beltagy et al. 2020, "Longformer: The Long-Document Transformer", arXiv:2004.05150 (sliding window, section 3.1);
+Child et al. 2019, arXiv:1904.10509 (local patterns). Query i attends to key j iff ``|i - j| <= window_size``
+(causal: ``0 <= i - j <= window_size``). Cost: O(n * w) time, O(n * d) memory with the ``torch`` backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from efficient_attn.attention.base import AttentionConfig, require_positive_int
+from efficient_attn.attention.patterns import Pattern, WindowPattern
+from efficient_attn.attention.sparse_base import PatternAttention
+from efficient_attn.registry import register_attention
+
+
+@dataclass(kw_only=True)
+class WindowConfig(AttentionConfig):
+    """Attributes:
+        window_size: w >= 1; query i sees keys j with ``|i - j| <= w`` (one-sided reach).
+        block_size: query/key block of the ``torch`` backend (None = ``window_size``); inputs are padded to a
+            multiple of it. It changes cost, never the result.
+    """
+
+    window_size: int = 256
+    block_size: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_positive_int("window_size", self.window_size)
+        if self.block_size is not None:
+            require_positive_int("block_size", self.block_size)
+
+
+@register_attention(
+    "window",
+    WindowConfig,
+    description="Sliding-window local attention (Beltagy et al. 2020), |i - j| <= window_size",
+    paper="Beltagy et al. 2020, arXiv:2004.05150",
+    complexity="O(n*w)",
+    backends=("torch", "naive"),
+    length_multiple=256,
+)
+class WindowAttention(PatternAttention):
+    """Sliding-window attention. ``length_multiple`` in the registry is the default block (256); the module's
+    :attr:`block_size` is the one in effect. Shapes: ``(batch, heads, seq, head_dim)``."""
+
+    config: WindowConfig
+
+    def _make_pattern(self) -> Pattern:
+        cfg = self.config
+        return WindowPattern(
+            window_size=cfg.window_size,
+            block_size=cfg.block_size if cfg.block_size is not None else cfg.window_size,
+            causal=cfg.causal,
+            num_heads=cfg.num_heads,
+        )
