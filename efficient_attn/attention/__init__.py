@@ -4,6 +4,9 @@ One module per variant; add a new variant's import below (the import registers i
 """
 
 from efficient_attn.attention import full  # noqa: F401  (registers "full")
+from efficient_attn.attention import window  # noqa: F401  (registers "window")
+from efficient_attn.attention import bigbird  # noqa: F401  (registers "bigbird")
+from efficient_attn.attention import longformer  # noqa: F401  (registers "longformer")
 from efficient_attn.attention.base import Attention, AttentionConfig, BackendUnavailableError
 
 __all__ = ["Attention", "AttentionConfig", "BackendUnavailableError"]
