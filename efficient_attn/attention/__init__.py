@@ -7,6 +7,9 @@ from efficient_attn.attention import full  # noqa: F401  (registers "full")
 from efficient_attn.attention import window  # noqa: F401  (registers "window")
 from efficient_attn.attention import bigbird  # noqa: F401  (registers "bigbird")
 from efficient_attn.attention import longformer  # noqa: F401  (registers "longformer")
+from efficient_attn.attention import linformer  # noqa: F401  (registers "linformer")
+from efficient_attn.attention import nystrom  # noqa: F401  (registers "nystrom")
+from efficient_attn.attention import performer  # noqa: F401  (registers "performer")
 from efficient_attn.attention.base import Attention, AttentionConfig, BackendUnavailableError
 
 __all__ = ["Attention", "AttentionConfig", "BackendUnavailableError"]

@@ -1,0 +1,218 @@
+"""Performer (FAVOR+): softmax attention estimated with positive orthogonal random features.
+
+Choromanski et al. 2021, "Rethinking Attention with Performers", arXiv:2009.14794.
+
+The softmax kernel ``exp(q . k / sqrt(d))`` is written as ``E_w[phi(q) . phi(k)]`` with the positive feature map
+``phi(x) = exp(W x - |x|^2 / 2) / sqrt(m)`` on ``x = x / d^(1/4)``, where the ``m`` rows of ``W`` are Gaussian
+directions made orthogonal in blocks of ``d`` (QR of Gaussian matrices) with chi-distributed norms. Then
+``out = phi(Q) (phi(K)^T V) / (phi(Q) phi(K)^T 1)``: O(n * m * d) time and O(n * m) memory, never n x n.
+
+Causal attention replaces ``phi(K)^T V`` by prefix sums over positions. Holding one ``(m, d)`` sum per position
+costs O(n * m * d) memory; here the sequence is cut into chunks of ``chunk_size``: the sum is carried across chunks
+(an exclusive cumulative sum over per-chunk ``(m, d)`` states) and within a chunk a lower-triangular
+``(chunk, chunk)`` product finishes the job, so memory is O(n * m + n * m * d / chunk_size + n * chunk_size).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from efficient_attn.attention.base import Attention, AttentionConfig, require_positive_int
+from efficient_attn.registry import register_attention
+
+
+def orthogonal_gaussian_features(num_features: int, dim: int, seed: int) -> Tensor:
+    """``(num_features, dim)`` float64 random directions for FAVOR+ (Choromanski et al. 2021, section 2.4).
+
+    Rows come in blocks of ``dim`` mutually orthogonal directions (Q of a QR decomposition of a Gaussian matrix,
+    signs fixed by R's diagonal so the block is Haar distributed); each row is then scaled by the norm of an
+    independent ``dim``-dimensional Gaussian vector, so row norms are chi-distributed as for i.i.d. Gaussian rows.
+    Drawn with a CPU ``torch.Generator`` seeded with ``seed``: the same numbers on every device.
+    """
+    require_positive_int("num_features", num_features)
+    require_positive_int("dim", dim)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    blocks = []
+    for _ in range(math.ceil(num_features / dim)):
+        gaussian = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
+        q, r = torch.linalg.qr(gaussian)
+        q = q * torch.sign(torch.diagonal(r))[None, :]  # (d, d), columns orthonormal
+        blocks.append(q.T)  # rows orthonormal
+    directions = torch.cat(blocks)[:num_features]  # (m, d)
+    norms = torch.linalg.vector_norm(torch.randn(num_features, dim, generator=gen, dtype=torch.float64), dim=-1)
+    return directions * norms[:, None]
+
+
+def _draw_seed(seed: int, draw: int) -> int:
+    # one independent stream per (seed, draw); draw 0 uses the seed itself
+    return (seed + draw * 0x9E3779B97F4A7C15) % (2**63)
+
+
+@dataclass(kw_only=True)
+class PerformerConfig(AttentionConfig):
+    """Performer parameters.
+
+    Attributes:
+        num_features: number of random features ``m``.
+        seed: seed of the feature draw (a CPU generator: the same features on every device).
+        redraw: ``False`` keeps one draw forever; an int ``N`` draws fresh features every ``N`` forward calls in
+            training mode (the paper's feature redrawing); evaluation never redraws.
+        chunk_size: causal only: positions per chunk of the prefix-sum computation (memory/time trade-off).
+    """
+
+    num_features: int = 256
+    seed: int = 0
+    redraw: bool | int = False
+    chunk_size: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_positive_int("num_features", self.num_features)
+        require_positive_int("chunk_size", self.chunk_size)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        if self.redraw is not False and (
+            isinstance(self.redraw, bool) or not isinstance(self.redraw, int) or self.redraw <= 0
+        ):
+            raise ValueError(
+                f"redraw must be False or a positive int interval (redraw every N training calls), got {self.redraw!r}"
+            )
+
+
+@register_attention(
+    "performer",
+    PerformerConfig,
+    description="Performer (Choromanski et al. 2021): FAVOR+ positive orthogonal random features, linear attention",
+    paper="Choromanski et al. 2021, arXiv:2009.14794",
+    complexity="O(n*m*d)",
+    backends=("torch",),
+    exact=False,
+)
+class PerformerAttention(Attention):
+    """FAVOR+ attention on ``(batch, heads, seq, head_dim)`` q, k, v; one feature draw shared by all heads.
+
+    Numerical stability (the paper's implementation): query features subtract their own row maximum of the
+    exponent, key features subtract one maximum over all real keys of each (batch, head); both factors cancel between
+    numerator and denominator, so the result is unchanged but ``exp`` never overflows. (In float32 a key whose
+    exponent lies ~87 below that maximum underflows to a zero feature.)
+
+    Key padding: padded keys get zero features, so they contribute nothing; a query with no real key (in its causal
+    prefix) gets zeros. Attention dropout is not applied (the weights are never formed).
+
+    Buffers: ``features`` ``(num_features, head_dim)`` and ``draw`` (how many redraws happened) are saved in the
+    state dict, so a loaded model uses the same features.
+    """
+
+    def __init__(self, config: PerformerConfig) -> None:
+        super().__init__(config)
+        self.register_buffer("draw", torch.zeros((), dtype=torch.long))
+        self.register_buffer(
+            "features", orthogonal_gaussian_features(config.num_features, config.head_dim, config.seed).float()
+        )
+        self._calls_since_draw = 0
+
+    # ------------------------------------------------------------------------------------------------ features
+    def redraw_features(self) -> None:
+        """Draw the next set of features (draw number ``self.draw + 1`` of this seed), in place."""
+        self.draw += 1
+        fresh = orthogonal_gaussian_features(
+            self.config.num_features, self.config.head_dim, _draw_seed(self.config.seed, int(self.draw))
+        )
+        self.features.copy_(fresh)
+        self._calls_since_draw = 0
+
+    def _maybe_redraw(self) -> None:
+        interval = self.config.redraw
+        if interval is False or not self.training:
+            return
+        if self._calls_since_draw >= interval:
+            self.redraw_features()
+        self._calls_since_draw += 1
+
+    def feature_map(self, x: Tensor, real: Tensor | None, *, is_query: bool) -> Tensor:
+        """Positive random features of ``x`` ``(batch, heads, n, d)`` -> ``(batch, heads, n, m)``, stabilised.
+
+        ``phi(x)_f = exp(w_f . x' - |x'|^2 / 2 - c)`` with ``x' = x / d^(1/4)``. Queries take ``c`` = their own row
+        maximum of ``w_f . x'`` (the ``|x'|^2 / 2`` term is a per-query constant too, and is dropped with it); keys
+        keep the norm term and take one ``c`` per (batch, head), the maximum over real keys. ``real``: bool
+        ``(batch, 1, n, 1)`` or None; non-real keys get zero features. Every constant factor (``1/sqrt(m)``, the
+        per-query terms, the per-(batch, head) key maximum) cancels in the attention normalisation.
+        """
+        d = x.shape[-1]
+        w = self.features.to(dtype=x.dtype, device=x.device) * d**-0.25  # (m, d), folds x / d^(1/4) into W
+        exponent = torch.matmul(x, w.T)  # (b, h, n, m); fresh, so updated in place below
+        if is_query:
+            with torch.no_grad():  # a constant for autograd: it cancels
+                stab = exponent.amax(dim=-1, keepdim=True)  # (b, h, n, 1)
+            return exponent.sub_(stab).exp_()
+        half_sq_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() * (0.5 / math.sqrt(d))  # (b,h,n,1)
+        exponent = exponent.sub_(half_sq_norm)
+        if real is not None:
+            exponent = exponent.masked_fill_(~real, -math.inf)
+        with torch.no_grad():
+            stab = exponent.amax(dim=(-2, -1), keepdim=True)  # (b, h, 1, 1)
+            stab = torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab))  # no real key at all
+        return exponent.sub_(stab).exp_()
+
+    # ------------------------------------------------------------------------------------------------- compute
+    def useful_flops(self, batch: int, seq_len: int) -> int:
+        """Forward FLOPs of the core per head, with n = seq_len, m = num_features, d = head_dim:
+
+        non-causal: feature projections of Q and K (2*n*m*d each), ``phi(K)^T V`` and ``phi(Q) (.)`` (2*n*m*d each),
+        normaliser sums (3*n*m): ``8*n*m*d + 3*n*m``. Causal adds, with c = chunk_size over n_c = ceil(n/c)*c
+        positions, the in-chunk products ``phi(Q) phi(K)^T`` and ``A V`` (2*n_c*c*m + 2*n_c*c*d) and the prefix
+        sums over chunks (n_c/c*m*d).
+        """
+        n, m, d, heads = seq_len, self.config.num_features, self.config.head_dim, self.config.num_heads
+        per_head = 8 * n * m * d + 3 * n * m
+        if self.config.causal:
+            c = self.config.chunk_size
+            n_c = math.ceil(n / c) * c
+            per_head = 8 * n_c * m * d + 3 * n_c * m + 2 * n_c * c * (m + d) + (n_c // c) * m * d
+        return batch * heads * per_head
+
+    def _attend_torch(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        self._maybe_redraw()
+        real = None if key_padding_mask is None else key_padding_mask[:, None, :, None]  # (b, 1, n, 1)
+        if self.config.causal:
+            return self._causal(q, k, v, real)
+        phi_q = self.feature_map(q, None, is_query=True)  # (b, h, n, m)
+        phi_k = self.feature_map(k, real, is_query=False)  # (b, h, n, m)
+        kv = torch.matmul(phi_k.transpose(-1, -2), v)  # (b, h, m, d)
+        k_sum = phi_k.sum(dim=-2)  # (b, h, m)
+        del phi_k
+        num = torch.matmul(phi_q, kv)  # (b, h, n, d)
+        den = torch.matmul(phi_q, k_sum.unsqueeze(-1))  # (b, h, n, 1)
+        return num / den.clamp_min(torch.finfo(den.dtype).tiny)  # no real key: num = 0 and den = 0 -> 0
+
+    def _causal(self, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None) -> Tensor:
+        n = q.shape[-2]
+        c = self.config.chunk_size
+        pad = -n % c
+        if pad:
+            # pad to whole chunks; the pad keys are masked (zero features), the pad queries' outputs dropped
+            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+            inside = torch.arange(n + pad, device=q.device) < n
+            real = inside[None, None, :, None] if real is None else F.pad(real, (0, 0, 0, pad)) & inside[:, None]
+        self.last_padded_len = n + pad
+        phi_q = rearrange(self.feature_map(q, None, is_query=True), "b h (c i) m -> b h c i m", i=c)
+        phi_k = rearrange(self.feature_map(k, real, is_query=False), "b h (c j) m -> b h c j m", j=c)
+        v = rearrange(v, "b h (c j) d -> b h c j d", j=c)
+        # carried state: running sums over whole chunks (inclusive cumulative sum; chunk c reads chunk c-1's sum)
+        state = torch.cumsum(torch.matmul(phi_k.transpose(-1, -2), v), dim=2)  # (b, h, chunks, m, d)
+        k_sum = torch.cumsum(phi_k.sum(dim=-2, keepdim=True), dim=2)  # (b, h, chunks, 1, m)
+        # within a chunk: lower-triangular (i >= j) products
+        scores = torch.matmul(phi_q, phi_k.transpose(-1, -2)).tril_()  # (b, h, chunks, c, c)
+        num = torch.matmul(scores, v)  # (b, h, chunks, c, d)
+        den = scores.sum(dim=-1, keepdim=True)  # (b, h, chunks, c, 1)
+        del scores
+        num[:, :, 1:] += torch.matmul(phi_q[:, :, 1:], state[:, :, :-1])  # (b, h, chunks-1, c, d)
+        den[:, :, 1:] += torch.matmul(phi_q[:, :, 1:], k_sum[:, :, :-1].transpose(-1, -2))  # (b, h, chunks-1, c, 1)
+        out = num / den.clamp_min(torch.finfo(den.dtype).tiny)
+        return rearrange(out, "b h c i d -> b h (c i) d")[:, :, :n]
