@@ -47,6 +47,9 @@ Honest notes on the peers (also in ``peer_info(name)["notes"]`` and, per call, i
   random blocks (transformers #23055): build it in train mode (the default) with dropout 0, as the benchmark does.
   At padded lengths 1024, 3072 and 4096 HF uses the paper's old plan, which draws random blocks only among the
   first 1024 tokens (transformers #16566). It reseeds numpy's global generator on every training forward.
+* hf-bigbird in transformers 5.x always materialises a dense ``(batch, heads, n, n)`` ``attention_probs`` in its
+  block-sparse path (there is no ``output_attentions`` switch any more), so its memory is O(n^2) even though its
+  compute is block-sparse; seen with transformers 5.24.0 (``peer_info`` reports the installed version).
 * hf-longformer and hf-bigbird need ``seq % 2w == 0`` / ``seq % b == 0``: the wrapper pads with zeros and masks the
   padding, as ``LongformerModel`` / ``BigBirdModel`` do, and records the padded length in ``last_padded_len``.
 * local-attention's ``autopad`` pads with zero keys that are NOT masked unless a mask is passed: the wrapper always
@@ -456,6 +459,8 @@ PEERS: dict[str, PeerSpec] = {
             "eval mode uses no random blocks (transformers #23055): time it in train mode with dropout 0",
             "at padded lengths 1024, 3072, 4096 the random blocks come only from the first 1024 tokens (#16566)",
             "the random plan is drawn in numpy on the host on every call, reseeding numpy's global generator",
+            "transformers 5.x always fills a dense (batch, heads, n, n) attention_probs tensor in the block-sparse "
+            "path (no output_attentions switch any more): its memory is O(n^2) (268 MB at n=4096, 4 heads, fp32)",
         ),
         builder=HFBigBirdPeer,
     ),
