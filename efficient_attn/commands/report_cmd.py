@@ -1,0 +1,50 @@
+"""``effattn report RUN_DIR... [--out DIR] [--baseline full:naive]``: plots and a readable report from runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run folder(s) written by `effattn bench` (results.csv + meta.json); several are overlaid",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: the run folder; with several runs: FIRST_RUN_DIR/compare)",
+    )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="VARIANT:BACKEND",
+        help="reference for speed-ups, memory savings, crossovers and the LRA-style table (default: full:naive)",
+    )
+    parser.add_argument(
+        "--labels", nargs="+", default=None, help="run labels, one per RUN_DIR (default: meta label or folder name)"
+    )
+    parser.add_argument("--dpi", type=int, default=110, help="resolution of the PNG plots (default: 110)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from efficient_attn.report.load import parse_series_spec
+    from efficient_attn.report.render import build_report
+
+    if args.dpi < 30 or args.dpi > 600:
+        print(f"effattn report: --dpi must be between 30 and 600, got {args.dpi}", file=sys.stderr)
+        return 2
+    try:
+        if args.baseline is not None:
+            parse_series_spec(args.baseline)
+        files = build_report(args.run_dirs, args.out, baseline=args.baseline, labels=args.labels, dpi=args.dpi)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"effattn report: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(files.plots)} plots to {files.markdown.parent}")
+    print(f"report: {files.markdown}")
+    print(f"report (standalone HTML): {files.html}")
+    return 0

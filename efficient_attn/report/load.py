@@ -1,0 +1,319 @@
+"""Read benchmark run folders (``results.csv`` + ``meta.json``) into one tidy frame.
+
+Each row of the returned frame is one cell (DESIGN.md "Results"). Columns added here:
+
+``run``        the run's label (``meta.json`` ``label`` / ``run_label``, else the folder name; made unique)
+``series``     what a line in a plot is: ``variant:backend`` (+ ``[params]`` when a variant was run with several
+               parameter sets, + `` (peer)`` for peer rows). The colour of a series is keyed by this name.
+``condition``  the configuration columns other than length and mode that vary inside the data (causal, dtype,
+               batch size, heads, head dim), as a short label; ``""`` when they are all constant.
+``flops_per_s`` achieved useful FLOP/s, derived from ``flops_useful / time`` when the harness did not write it.
+
+The harness owns the schema; this module reads columns by name and tolerates optional ones being absent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+RESULTS_FILE = "results.csv"
+META_FILE = "meta.json"
+
+CONFIG_COLUMNS = (
+    "variant",
+    "params_json",
+    "backend_requested",
+    "level",
+    "mode",
+    "causal",
+    "device",
+    "dtype",
+    "batch_size",
+    "seq_len",
+    "num_heads",
+    "head_dim",
+    "is_peer",
+)
+REQUIRED_COLUMNS = ("variant", "mode", "seq_len", "status")
+NUMERIC_COLUMNS = (
+    "batch_size",
+    "seq_len",
+    "num_heads",
+    "head_dim",
+    "padded_len",
+    "time_ms",
+    "time_iqr_ms",
+    "compile_ms",
+    "tokens_per_s",
+    "peak_mem_bytes",
+    "peak_rss_bytes",
+    "predicted_mem_bytes",
+    "flops_useful",
+    "flops_computed",
+    "flops_per_s",
+    "timed_runs",
+)
+TEXT_COLUMNS = ("variant", "params_json", "backend_requested", "backend", "level", "mode", "device", "dtype", "note")
+STATUSES = ("ok", "oom", "skipped_budget", "skipped_after_oom", "unsupported", "error")
+# Statuses that mean "this length does not fit": the cell is drawn as a marker, and a baseline that failed this
+# way counts as infinitely expensive when deciding where a variant overtakes it.
+FAILED_TO_FIT = ("oom", "skipped_budget", "skipped_after_oom")
+# Columns that, when they vary inside the data, split cells into separate conditions.
+CONDITION_COLUMNS = ("causal", "dtype", "batch_size", "num_heads", "head_dim")
+
+_TRUE = {"true", "1", "yes", "y", "t"}
+_FALSE = {"false", "0", "no", "n", "f", ""}
+
+
+@dataclass
+class Run:
+    """One run folder: its label, its path, its meta.json (``{}`` if absent) and its raw results frame."""
+
+    label: str
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+    results: pd.DataFrame | None = None
+
+
+def _to_bool(value: object, column: str, source: Path) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value is None:
+        return False
+    if isinstance(value, float) and value != value:  # NaN: an empty cell
+        return False
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"{source}: column {column!r} holds {value!r}; expected a boolean (true/false/1/0)")
+
+
+def results_path(run_dir: str | Path) -> Path:
+    """The results CSV of a run folder (a path to the CSV itself is accepted too)."""
+    path = Path(run_dir)
+    if path.is_file() and path.suffix == ".csv":
+        return path
+    return path / RESULTS_FILE
+
+
+def load_run(run_dir: str | Path, label: str | None = None) -> Run:
+    """Read one run folder (or its ``results.csv``); raise ``FileNotFoundError``/``ValueError`` with the fix."""
+    import pandas as pd
+
+    csv_path = results_path(run_dir)
+    folder = csv_path.parent
+    if not csv_path.exists():
+        raise FileNotFoundError(
+            f"{csv_path} not found: RUN_DIR must be a folder written by `effattn bench --out RUN_DIR` "
+            f"(holding {RESULTS_FILE} and {META_FILE}) or a path to a results CSV"
+        )
+    meta: dict[str, Any] = {}
+    meta_path = folder / META_FILE
+    if meta_path.exists():
+        with open(meta_path, encoding="utf-8") as fh:
+            loaded = json.load(fh)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{meta_path}: expected a JSON object, got {type(loaded).__name__}")
+        meta = loaded
+    try:
+        frame = pd.read_csv(csv_path, keep_default_na=True, na_values=[""], dtype={"params_json": str, "note": str})
+    except pd.errors.EmptyDataError as exc:
+        raise ValueError(f"{csv_path} is empty: the benchmark wrote no cells yet") from exc
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{csv_path}: missing required column(s) {missing}; found {list(frame.columns)}")
+    if label is None:
+        label = str(meta.get("label") or meta.get("run_label") or folder.resolve().name)
+    return Run(label=label, path=folder, meta=meta, results=frame)
+
+
+def _normalise(frame: pd.DataFrame, source: Path) -> pd.DataFrame:
+    """Give every optional column a value, coerce types, check statuses."""
+    import pandas as pd
+
+    frame = frame.copy()
+    for column in NUMERIC_COLUMNS:
+        if column not in frame.columns:
+            frame[column] = float("nan")
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    for column in TEXT_COLUMNS:
+        if column not in frame.columns:
+            frame[column] = ""
+        frame[column] = frame[column].fillna("").astype(str).str.strip()
+    for column in ("causal", "is_peer"):
+        if column not in frame.columns:
+            frame[column] = False
+        frame[column] = [_to_bool(v, column, source) for v in frame[column]]
+    frame["params_json"] = frame["params_json"].replace("", "{}")
+    frame["status"] = frame["status"].fillna("").astype(str).str.strip().str.lower()
+    unknown = sorted(set(frame["status"]) - set(STATUSES))
+    if unknown:
+        raise ValueError(f"{source}: unknown status value(s) {unknown}; allowed: {', '.join(STATUSES)}")
+    if frame["seq_len"].isna().any():
+        raise ValueError(f"{source}: column 'seq_len' has empty or non-numeric values")
+    frame["seq_len"] = frame["seq_len"].astype(int)
+    ok = frame["status"] == "ok"
+    seconds = frame["time_ms"] / 1e3
+    tokens = frame["batch_size"].fillna(1) * frame["seq_len"]
+    derived_tps = tokens / seconds
+    frame["tokens_per_s"] = frame["tokens_per_s"].where(frame["tokens_per_s"].notna(), derived_tps)
+    derived_fps = frame["flops_useful"] / seconds
+    frame["flops_per_s"] = frame["flops_per_s"].where(frame["flops_per_s"].notna(), derived_fps)
+    # Numbers of a cell that did not run are meaningless; the harness writes them empty, enforce it here.
+    measured = ["time_ms", "time_iqr_ms", "tokens_per_s", "peak_mem_bytes", "peak_rss_bytes", "flops_per_s"]
+    frame.loc[~ok, measured] = float("nan")
+    return frame
+
+
+def _resolved_backend(frame: pd.DataFrame) -> pd.Series:
+    """The backend a series is named by: the requested one, or for ``auto`` the one it resolved to.
+
+    A cell that failed before resolving (empty ``backend``) takes the most common resolved backend of its group,
+    so its marker lands on the same series as its neighbours.
+    """
+    requested = frame["backend_requested"].where(frame["backend_requested"] != "", frame["backend"])
+    name = requested.copy()
+    auto = requested == "auto"
+    if auto.any():
+        keys = ["variant", "params_json", "is_peer"]
+        common: dict[tuple, str] = {}
+        for key, group in frame[auto].groupby(keys, sort=False):
+            resolved = [b for b in group["backend"] if b]
+            common[key] = Counter(resolved).most_common(1)[0][0] if resolved else "auto"
+        for index in frame.index[auto]:
+            row = frame.loc[index]
+            name[index] = row["backend"] or common[(row["variant"], row["params_json"], row["is_peer"])]
+    return name
+
+
+def short_params(params_json: str) -> str:
+    """``{"window_size": 256}`` -> ``window_size=256``; used to tell parameter sets of one variant apart."""
+    try:
+        params = json.loads(params_json)
+    except json.JSONDecodeError:
+        return params_json
+    if not isinstance(params, dict):
+        return str(params)
+    return ",".join(f"{k}={params[k]}" for k in sorted(params))
+
+
+def _series_names(frame: pd.DataFrame) -> pd.Series:
+    backend = _resolved_backend(frame)
+    several_params = frame.groupby(["variant", "is_peer"])["params_json"].transform("nunique") > 1
+    names = []
+    for index in frame.index:
+        row = frame.loc[index]
+        name = row["variant"]
+        if backend[index] and backend[index] not in ("peer", row["variant"]):
+            name += f":{backend[index]}"
+        if several_params[index]:
+            name += f"[{short_params(row['params_json'])}]"
+        if row["is_peer"]:
+            name += " (peer)"
+        names.append(name)
+    import pandas as pd
+
+    return pd.Series(names, index=frame.index, dtype=object)
+
+
+def _condition_labels(frame: pd.DataFrame) -> pd.Series:
+    import pandas as pd
+
+    varying = [c for c in CONDITION_COLUMNS if c in frame.columns and frame[c].nunique(dropna=False) > 1]
+    if not varying:
+        return pd.Series([""] * len(frame), index=frame.index, dtype=object)
+    fmt = {
+        "causal": lambda v: "causal" if v else "non-causal",
+        "dtype": str,
+        "batch_size": lambda v: f"batch {int(v)}" if v == v else "batch ?",
+        "num_heads": lambda v: f"{int(v)} heads" if v == v else "heads ?",
+        "head_dim": lambda v: f"head_dim {int(v)}" if v == v else "head_dim ?",
+    }
+    labels = [", ".join(fmt[c](frame.at[i, c]) for c in varying) for i in frame.index]
+    return pd.Series(labels, index=frame.index, dtype=object)
+
+
+def load_runs(run_dirs: list[str | Path], labels: list[str] | None = None) -> tuple[pd.DataFrame, list[Run]]:
+    """Read several run folders into one tidy frame (columns of DESIGN.md plus ``run``, ``series``, ``condition``).
+
+    Args:
+        run_dirs: run folders (or their ``results.csv``), in the order they should be listed and styled.
+        labels: optional run labels, one per folder; default: each meta's label, else the folder name.
+    Returns:
+        ``(frame, runs)``: the concatenated cells, and the runs (label, path, meta) in input order.
+    """
+    import pandas as pd
+
+    if not run_dirs:
+        raise ValueError("run_dirs: give at least one run folder")
+    if labels is not None and len(labels) != len(run_dirs):
+        raise ValueError(f"labels: got {len(labels)} label(s) for {len(run_dirs)} run folder(s); give one per run")
+    runs = [load_run(d, None if labels is None else labels[i]) for i, d in enumerate(run_dirs)]
+    seen: Counter[str] = Counter()
+    for run in runs:  # two folders with the same name (runs/a/x, runs/b/x) must still be told apart
+        seen[run.label] += 1
+        if seen[run.label] > 1:
+            run.label = f"{run.label} ({seen[run.label]})"
+    frames = []
+    for run in runs:
+        assert run.results is not None
+        part = _normalise(run.results, run.path / RESULTS_FILE)
+        part.insert(0, "run", run.label)
+        frames.append(part)
+    frame = pd.concat(frames, ignore_index=True)
+    frame["series"] = _series_names(frame)
+    frame["series_backend"] = _resolved_backend(frame)
+    frame["condition"] = _condition_labels(frame)
+    return frame, runs
+
+
+def parse_series_spec(spec: str) -> tuple[str, str]:
+    """``"full:naive"`` -> ``("full", "naive")``: the baseline a report compares against."""
+    variant, sep, backend = spec.partition(":")
+    if not sep or not variant or not backend:
+        raise ValueError(f"baseline {spec!r}: expected VARIANT:BACKEND, e.g. 'full:naive' or 'full:sdpa'")
+    return variant, backend
+
+
+def find_number(meta: dict[str, Any], names: tuple[str, ...]) -> float | None:
+    """The first positive number stored under one of ``names`` anywhere in ``meta`` (searched depth-first)."""
+    stack: list[Any] = [meta]
+    while stack:
+        node = stack.pop(0)
+        if isinstance(node, dict):
+            for name in names:
+                value = node.get(name)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                    return float(value)
+            stack.extend(v for v in node.values() if isinstance(v, dict))
+    return None
+
+
+BUDGET_KEYS = ("budget_bytes", "memory_budget_bytes", "mem_budget_bytes", "max_mem_bytes", "memory_budget")
+DEVICE_MEMORY_KEYS = (
+    "device_memory_bytes",
+    "device_total_memory_bytes",
+    "total_memory_bytes",
+    "gpu_memory_bytes",
+    "ram_bytes",
+    "memory_total_bytes",
+)
+
+
+def memory_budget(meta: dict[str, Any]) -> float | None:
+    """The run's memory budget in bytes, if its meta.json records one."""
+    return find_number(meta, BUDGET_KEYS)
+
+
+def device_memory(meta: dict[str, Any]) -> float | None:
+    """The measured device's total memory in bytes, if its meta.json records it."""
+    return find_number(meta, DEVICE_MEMORY_KEYS)
