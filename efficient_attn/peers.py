@@ -106,6 +106,7 @@ class PeerSpec:
         levels: benchmark levels it can run at (``"layer"`` always; ``"core"`` when it has ``attend``).
         params: allowed parameters and their defaults (``None`` = derived at build time, see ``mapping``).
         mapping: rows of (our parameter, their parameter / behaviour).
+        builder: the wrapper class, called with ``dim, num_heads, seq_len, params`` (resolved).
         notes: where its semantics differ from ours.
     """
 
@@ -116,8 +117,8 @@ class PeerSpec:
     levels: tuple[str, ...]
     params: dict[str, Any]
     mapping: tuple[tuple[str, str], ...]
+    builder: Callable[..., "PeerAttention"] = field(repr=False, compare=False)
     notes: tuple[str, ...] = ()
-    builder: Callable[..., "PeerAttention"] | None = field(default=None, repr=False, compare=False)
 
 
 # ---------------------------------------------------------------------------------------------------- the base
@@ -145,7 +146,9 @@ class PeerAttention(nn.Module):
 
     def _check_x(self, x: Tensor, key_padding_mask: Tensor | None) -> None:
         if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"peer {self.peer_name!r} expects x of shape (batch, seq, {self.dim}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"peer {self.peer_name!r} expects x of shape (batch, seq, {self.dim}), got {tuple(x.shape)}"
+            )
         if key_padding_mask is not None:
             expected = (x.shape[0], x.shape[1])
             if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != expected:
@@ -162,7 +165,9 @@ def _pad_seq(x: Tensor, key_padding_mask: Tensor | None, multiple: int) -> tuple
     """Right-pad ``x`` (batch, seq, dim) with zeros to a multiple; returns (x, mask with padding False, pad)."""
     batch, seq = x.shape[:2]
     pad = (-seq) % multiple
-    mask = key_padding_mask if key_padding_mask is not None else torch.ones(batch, seq, dtype=torch.bool, device=x.device)
+    mask = key_padding_mask
+    if mask is None:
+        mask = torch.ones(batch, seq, dtype=torch.bool, device=x.device)
     if pad:
         x = F.pad(x, (0, 0, 0, pad))
         mask = F.pad(mask, (0, pad), value=False)
@@ -357,7 +362,12 @@ class HFBigBirdPeer(PeerAttention):
         self.last_note = "; ".join(notes) or None
         blocked, band, from_mask, to_mask = self._create_masks(mask.to(x.dtype), self.block_size)
         y = self.sparse(
-            x_p, band_mask=band, from_mask=from_mask, to_mask=to_mask, from_blocked_mask=blocked, to_blocked_mask=blocked
+            x_p,
+            band_mask=band,
+            from_mask=from_mask,
+            to_mask=to_mask,
+            from_blocked_mask=blocked,
+            to_blocked_mask=blocked,
         )[0]
         return self.out(y[:, :seq])
 
@@ -375,11 +385,6 @@ class LinformerPeer(PeerAttention):
         super().__init__(dim=dim, num_heads=num_heads, seq_len=seq_len, params=params)
         from linformer import LinformerSelfAttention
 
-        if params["headwise"]:
-            raise ValueError(
-                "linformer peer: headwise=True has no counterpart (lucidrains shares one E and F across heads); "
-                "allowed: headwise=False"
-            )
         self.max_len = params["max_len"]
         self.attn = LinformerSelfAttention(
             dim,
@@ -562,13 +567,19 @@ def _resolve_params(spec: PeerSpec, seq_len: int, params: dict[str, Any]) -> dic
                 raise ValueError(f"peer {spec.name!r}: seed must be a non-negative int, got {value!r}")
         elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"peer {spec.name!r}: {key} must be a positive int, got {value!r}")
-    if spec.name == "linformer" and resolved["max_len"] < seq_len:
-        raise ValueError(f"peer 'linformer': max_len={resolved['max_len']} is below seq_len={seq_len}")
+    if spec.name == "linformer":
+        if resolved["max_len"] < seq_len:
+            raise ValueError(f"peer 'linformer': max_len={resolved['max_len']} is below seq_len={seq_len}")
+        if resolved["headwise"]:
+            raise ValueError(
+                "peer 'linformer': headwise=True has no counterpart (lucidrains shares one E and F across heads); "
+                "allowed: headwise=False"
+            )
     return resolved
 
 
 def build_peer(name: str, *, dim: int, num_heads: int, seq_len: int, params: dict[str, Any]) -> PeerAttention:
-    """Build peer ``name`` as a layer: ``forward(x, key_padding_mask=None)``, ``(batch, seq, dim) -> (batch, seq, dim)``.
+    """Build peer ``name`` as a layer: ``forward(x, key_padding_mask=None)`` maps ``(batch, seq, dim)`` to the same.
 
     Args:
         name: a peer from :func:`list_peers`.
@@ -596,5 +607,4 @@ def build_peer(name: str, *, dim: int, num_heads: int, seq_len: int, params: dic
         raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
     resolved = _resolve_params(spec, seq_len, params)
     _require(spec)
-    assert spec.builder is not None
     return spec.builder(dim=dim, num_heads=num_heads, seq_len=seq_len, params=resolved)
