@@ -13,6 +13,10 @@ import sys
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "list": ("efficient_attn.commands.list_cmd", "list the registered attention variants"),
+    "bench": ("efficient_attn.commands.bench_cmd", "run or resume a benchmark suite (time, memory, FLOPs per cell)"),
+    "predict": ("efficient_attn.commands.predict_cmd", "predict peak memory without allocating; longest length that fits"),
+    "report": ("efficient_attn.commands.report_cmd", "plots and a readable report (md, html) from benchmark runs"),
+    "quality": ("efficient_attn.commands.quality_cmd", "train variants on long-range tasks; error, head diversity"),
 }
 
 

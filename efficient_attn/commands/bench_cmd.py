@@ -1,0 +1,120 @@
+"""``effattn bench [SUITE]``: run (or resume) a benchmark suite into a run folder; see :mod:`efficient_attn.sweep`.
+
+Examples::
+
+    effattn bench                                   # the `default` suite on the best device, into runs/default-<time>/
+    effattn bench quick --out /tmp/q                # a named suite (bench/quick.toml) or a path to a TOML file
+    effattn bench --variants full,window --lengths 1k:16k --modes fwd --causal
+    effattn bench --variant-params window.window_size=128 --variant-params 'bigbird={"block_size": 32}'
+    effattn bench --dry-run                         # the cells, their predicted memory and status; runs nothing
+
+Options given on the command line replace the suite's values. Rerunning with the same ``--out`` resumes: finished
+cells are kept, the rest run; a different configuration for the same folder is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from efficient_attn.suites import SuiteError, load_suite, override_suite
+
+
+def add_cell_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``bench`` and ``predict`` that shape the cells."""
+    parser.add_argument("--variants", help="comma-separated registry keys (default: the suite's)")
+    parser.add_argument("--backends", help="comma-separated backends kept for every variant (auto always allowed)")
+    parser.add_argument("--lengths", help="e.g. 1024,2048 or 1k:16k (powers of two); suffixes k and m")
+    parser.add_argument("--modes", help="comma-separated: fwd, fwd_bwd, train_step")
+    parser.add_argument("--level", choices=("core", "layer", "model"), help="core: attend(q,k,v); layer: with "
+                        "projections; model: the backbone")
+    parser.add_argument("--causal", action="store_true", default=None, help="causal cells only")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the suite's (auto = cuda if "
+                        "available)")
+    parser.add_argument("--dtype", help="comma-separated: float32, bfloat16, float16")
+    parser.add_argument("--batch-size", help="comma-separated batch sizes")
+    parser.add_argument("--heads", type=int, help="number of heads")
+    parser.add_argument("--head-dim", type=int, help="head dimension")
+    parser.add_argument(
+        "--variant-params", action="append", default=[], metavar="KEY.FIELD=VALUE",
+        help="set a variant's config field, e.g. window.window_size=128 (VALUE is JSON when it parses), or "
+             "KEY=JSON-object; repeatable",
+    )
+    parser.add_argument("--budget-gb", type=float, help="memory budget in GiB (default: 80%% of free RAM or GPU "
+                        "memory)")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("suite", nargs="?", default="default", help="suite name in bench/ or a TOML path "
+                        "(default: default)")
+    add_cell_options(parser)
+    parser.add_argument("--isolate", action="store_true", help="measure each cell in its own process "
+                        "(adds peak_rss_bytes; slower)")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells with predicted memory and status; "
+                        "run nothing")
+    parser.add_argument("--peers", action="store_true", help="also run the suite's [[peers]] (layer level)")
+    parser.add_argument("--out", type=Path, help="run folder (default: runs/<suite>-<timestamp>/); an existing "
+                        "one is resumed")
+    parser.add_argument("--min-run-time", type=float, help="seconds of timed runs per fast cell (default: the "
+                        "suite's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of parameters and inputs (default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def suite_from_args(args: argparse.Namespace, suite_name: str):
+    """Load the suite and apply the command-line overrides."""
+    suite = load_suite(suite_name)
+    return override_suite(
+        suite, variants=args.variants, backends=args.backends, lengths=args.lengths, modes=args.modes,
+        level=args.level, causal=args.causal, device=args.device, dtypes=args.dtype, batch_sizes=args.batch_size,
+        heads=args.heads, head_dim=args.head_dim, variant_params=args.variant_params,
+        min_run_time=getattr(args, "min_run_time", None),
+    )
+
+
+def _mib(nbytes: int | None) -> str:
+    return "" if nbytes is None else f"{nbytes / 2**20:.1f}"
+
+
+def _print_plan(plan) -> None:
+    from efficient_attn.commands.list_cmd import format_table
+
+    rows = [[p.cell.label(), _mib(pred), status, note] for p, pred, status, note in plan]
+    print(format_table(rows, ["cell", "predicted MiB", "status", "note"]))
+    counts: dict[str, int] = {}
+    for _, _, status, _ in plan:
+        counts[status] = counts.get(status, 0) + 1
+    print("\n" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + " (dry run: nothing was run)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from efficient_attn.results import ConfigMismatchError
+    from efficient_attn.sweep import dry_run, run_sweep, summary_table
+
+    try:
+        suite = suite_from_args(args, args.suite)
+        if args.dry_run:
+            plan = dry_run(suite, device=args.device, include_peers=args.peers, budget_gb=args.budget_gb,
+                           out_dir=args.out, seed=args.seed)
+            _print_plan(plan)
+            return 0
+        out = args.out or Path("runs") / f"{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        print(f"effattn bench: suite {suite.name!r} -> {out}", file=sys.stderr)
+        result = run_sweep(suite, out, device=args.device, include_peers=args.peers, isolate=args.isolate,
+                           budget_gb=args.budget_gb, seed=args.seed, progress=not args.no_progress)
+    except (SuiteError, ConfigMismatchError, ValueError) as error:
+        print(f"effattn bench: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\neffattn bench: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(summary_table(result.rows))
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.statuses.items()))
+    print(
+        f"\n{len(result.rows)} cells ({counts}); this session ran {result.cells_run}, kept "
+        f"{result.cells_skipped_resumed} finished ones; wall {result.wall_s:.1f} s, timed windows "
+        f"{result.timed_window_s:.1f} s\nresults: {result.folder / 'results.csv'}  meta: {result.folder / 'meta.json'}"
+    )
+    return 1 if result.statuses.get("error") else 0

@@ -1,0 +1,84 @@
+"""``effattn predict``: predicted peak memory per cell without allocating it, and per variant the longest length that
+fits a budget (fake tensors + the storage tracker; see :mod:`efficient_attn.measure.predict`).
+
+Example::
+
+    effattn predict --variants full,window --lengths 65536,131072 --budget-gb 16
+
+Predictions use CPU fake tensors whatever ``--device`` says; on CUDA, fused kernels' internal workspaces are not
+counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from efficient_attn.commands.bench_cmd import add_cell_options
+
+_DEFAULT_LENGTHS = "65536,131072"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", default="default", help="suite whose variants, params and shapes are the "
+                        "defaults (default: default)")
+    add_cell_options(parser)
+    parser.add_argument("--max-search", default="4m", help="longest length the search tries (default 4m)")
+    parser.set_defaults(lengths=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from efficient_attn.commands.bench_cmd import suite_from_args
+    from efficient_attn.commands.list_cmd import format_table
+    from efficient_attn.measure.predict import longest_fitting_length, predict_cell
+    from efficient_attn.registry import get_spec
+    from efficient_attn.suites import SuiteError, parse_lengths
+    from efficient_attn.sweep import PlannedCell, default_budget_bytes, expand_cells, resolve_device, static_status
+
+    try:
+        args.min_run_time = None
+        if args.lengths is None:
+            args.lengths = _DEFAULT_LENGTHS
+        if args.modes is None:
+            args.modes = "fwd"
+        suite = suite_from_args(args, args.suite)
+        device = resolve_device(suite.device)
+        limit = parse_lengths(args.max_search)[-1]
+    except (SuiteError, ValueError) as error:
+        print(f"effattn predict: error: {error}", file=sys.stderr)
+        return 2
+    budget = int(args.budget_gb * 2**30) if args.budget_gb is not None else default_budget_bytes(device)
+    rows, groups = [], {}
+    for planned in expand_cells(suite, device):
+        cell = planned.cell
+        groups.setdefault(planned.group, cell)
+        static = static_status(replace(planned, cap=None))
+        if static is not None:
+            rows.append([cell.label(), "", "", static[0] + ": " + static[1]])
+            continue
+        try:
+            pred = predict_cell(cell, depth=suite.depth)
+        except Exception as error:  # noqa: BLE001 - reported per cell
+            rows.append([cell.label(), "", "", f"not predicted: {type(error).__name__}: {error}"[:160]])
+            continue
+        fits = "fits" if pred.total_bytes <= budget else "over budget"
+        rows.append([cell.label(), f"{pred.peak_bytes / 2**30:.3f}", f"{pred.total_bytes / 2**30:.3f}", fits])
+    print(format_table(rows, ["cell", "peak GiB", "with setup GiB", "vs budget"]))
+    print(f"\nbudget {budget / 2**30:.2f} GiB; longest length that fits (doubling from 1024, then bisection):")
+    longest = []
+    for cell in groups.values():
+        if static_status(PlannedCell(cell)) is not None:
+            continue
+        multiple = max(256, get_spec(cell.variant).length_multiple) if not cell.is_peer else 256
+        start = max(1024 // multiple, 1) * multiple
+        try:
+            length, _ = longest_fitting_length(cell, budget, start=start, limit=limit, multiple=multiple)
+        except Exception as error:  # noqa: BLE001 - reported per variant
+            longest.append([cell.variant, cell.backend_requested, cell.mode, f"not predicted: {error}"[:120]])
+            continue
+        shown = "< " + str(start) if length is None else (f">= {length}" if length >= limit else str(length))
+        longest.append([cell.variant, cell.backend_requested, cell.mode, shown])
+    print(format_table(longest, ["variant", "backend", "mode", "longest seq_len"]))
+    return 0

@@ -1,0 +1,259 @@
+"""The callable one benchmark cell times: a level (what runs) crossed with a mode (which passes run).
+
+Levels:
+
+* ``core``: ``attention.attend(q, k, v)`` on q, k, v ``(batch, heads, seq, head_dim)``: the algorithm, no projections.
+* ``layer``: ``attention(x)`` on x ``(batch, seq, heads * head_dim)``: QKV and output projections included; the level
+  peers (other libraries' implementations, :mod:`efficient_attn.peers`) are compared at.
+* ``model``: the shared backbone of :func:`efficient_attn.build_model` (``depth`` blocks) on tokens ``(batch, seq)``:
+  a causal LM when the cell is causal, an encoder classifier otherwise.
+
+Modes:
+
+* ``fwd``: forward under ``torch.no_grad()``.
+* ``fwd_bwd``: forward, a scalar loss (the output's sum at core/layer level, cross-entropy at model level), backward.
+  Gradients are cleared (set to None) at the start of every call, so calls do not accumulate.
+* ``train_step``: ``fwd_bwd`` plus an AdamW step. At core level the optimised tensors are the module's parameters (if
+  any) and q, k, v themselves. AdamW's state is created by the first (warm-up) call.
+
+Modules run in train mode (dropout is 0 unless a cell's params set it): HF BigBird uses no random blocks in eval
+mode, so peers are timed in train mode, and our variants likewise for a like-for-like comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
+
+from efficient_attn.measure.flops import useful_flops_for_mode
+from efficient_attn.model import build_model
+from efficient_attn.registry import build_attention, get_spec
+from efficient_attn.results import Cell
+
+__all__ = [
+    "DTYPES",
+    "LEVELS",
+    "MODES",
+    "Workload",
+    "attention_params_for",
+    "build_cell_module",
+    "build_workload",
+    "parse_dtype",
+]
+
+LEVELS: tuple[str, ...] = ("core", "layer", "model")
+MODES: tuple[str, ...] = ("fwd", "fwd_bwd", "train_step")
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"float32" | "bfloat16" | "float16"`` -> the torch dtype; ``ValueError`` otherwise."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {name!r}") from None
+
+
+@dataclass
+class Workload:
+    """A built cell, ready to call.
+
+    Attributes:
+        run: one unit of work (no arguments).
+        module: the module that runs (attention, peer or model).
+        attentions: the attention modules inside (to read ``last_backend`` / ``last_padded_len``); empty for peers.
+        tokens: ``batch * seq_len`` per call.
+        mode: the cell's mode (for :attr:`useful_flops`).
+    """
+
+    run: Callable[[], None]
+    module: nn.Module
+    attentions: list[nn.Module]
+    tokens: int
+    mode: str
+    seq_len: int
+    batch_size: int
+
+    @property
+    def useful_flops(self) -> int | None:
+        """Useful FLOPs of one ``run()``: the attention cores' ``useful_flops`` (summed over the model's layers),
+        times 3 with a backward (see :mod:`efficient_attn.measure.flops`); None when a module cannot say (peers).
+        Computed on demand: some patterns count their pairs with real tensors, which fake tensors cannot do."""
+        if not self.attentions or not all(hasattr(a, "useful_flops") for a in self.attentions):
+            return None
+        forward = sum(int(a.useful_flops(self.batch_size, self.seq_len)) for a in self.attentions)
+        return useful_flops_for_mode(forward, self.mode)
+
+    @property
+    def last_backend(self) -> str | None:
+        return getattr(self.attentions[0], "last_backend", None) if self.attentions else None
+
+    @property
+    def last_padded_len(self) -> int | None:
+        return getattr(self.attentions[0], "last_padded_len", None) if self.attentions else None
+
+
+def attention_params_for(cell: Cell) -> dict:
+    """The attention config fields for ``cell``: its params, plus ``max_len = seq_len`` for variants bounded by a
+    ``max_len`` field (Linformer's projections) when the params do not set it."""
+    params = dict(cell.params)
+    spec = get_spec(cell.variant)
+    if spec.max_len_field is not None and spec.max_len_field not in params:
+        params[spec.max_len_field] = cell.seq_len
+    return params
+
+
+def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """``module.to(device, dtype)`` for floating tensors; fake tensors (memory prediction) are replaced one by one,
+    since ``nn.Module.to`` swaps tensor subclasses in place, which fake tensors tracked by weakrefs refuse."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    if all(t.device == device and (not t.is_floating_point() or t.dtype == dtype) for t in tensors):
+        return
+    if not any(isinstance(t, FakeTensor) for t in tensors):
+        module.to(device=device, dtype=dtype)
+        return
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None:
+                moved = param.detach().to(device=device, dtype=dtype if param.is_floating_point() else param.dtype)
+                sub._parameters[name] = nn.Parameter(moved, requires_grad=param.requires_grad)
+        for name, buf in list(sub._buffers.items()):
+            if buf is not None:
+                sub._buffers[name] = buf.to(device=device, dtype=dtype if buf.is_floating_point() else buf.dtype)
+
+
+def _loss(out: Tensor) -> Tensor:
+    return out.sum()
+
+
+def build_cell_module(cell: Cell, *, depth: int = 2, vocab_size: int = 256) -> tuple[nn.Module, list[nn.Module]]:
+    """The module ``cell`` runs (on CPU, float32, as built) and the attention modules inside it.
+
+    Raises:
+        ValueError: unknown level; or what the registry / peers raise for bad params.
+    """
+    if cell.level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}; got {cell.level!r}")
+    h, n = cell.num_heads, cell.seq_len
+    if cell.is_peer:
+        if cell.level != "layer":
+            raise ValueError(f"peers are measured at level 'layer', not {cell.level!r}")
+        from efficient_attn.peers import build_peer  # lazy: optional packages behind it
+
+        return build_peer(cell.variant, dim=cell.dim, num_heads=h, seq_len=n, params=cell.params), []
+    if cell.level == "model":
+        model = build_model(
+            cell.variant,
+            task="lm" if cell.causal else "classify",
+            vocab_size=vocab_size,
+            dim=cell.dim,
+            depth=depth,
+            num_heads=h,
+            max_len=n,
+            num_classes=None if cell.causal else 2,
+            backend=cell.backend_requested,
+            **cell.params,
+        )
+        return model, [block.attn for block in model.blocks]
+    module = build_attention(
+        cell.variant, dim=cell.dim, num_heads=h, causal=cell.causal, backend=cell.backend_requested,
+        **attention_params_for(cell),
+    )
+    return module, [module]
+
+
+def build_workload(
+    cell: Cell,
+    *,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    depth: int = 2,
+    vocab_size: int = 256,
+    built: tuple[nn.Module, list[nn.Module]] | None = None,
+) -> Workload:
+    """Build the module and inputs of ``cell`` and the callable to time.
+
+    Args:
+        cell: the cell (variant, level, mode, shape, dtype, ...).
+        device: overrides ``cell.device`` (the memory predictor builds on CPU fake tensors).
+        seed: seeds parameter init and inputs.
+        depth, vocab_size: backbone size at ``model`` level.
+        built: a module already built by :func:`build_cell_module` (the predictor converts one to fake tensors).
+
+    Raises:
+        ValueError: unknown level or mode; or what the registry / peers raise for bad params.
+    """
+    if cell.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {cell.mode!r}")
+    device = torch.device(device if device is not None else cell.device)
+    dtype = parse_dtype(cell.dtype)
+    torch.manual_seed(seed)
+    b, n, h, d = cell.batch_size, cell.seq_len, cell.num_heads, cell.head_dim
+    grad = cell.mode != "fwd"
+    module, attentions = built if built is not None else build_cell_module(cell, depth=depth, vocab_size=vocab_size)
+    _move(module, device, dtype)  # at model level: embeddings and norms too; tokens stay long
+    module.train()
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    if cell.level == "core":
+        qkv = [torch.randn(b, h, n, d, device=device, dtype=dtype, requires_grad=grad) for _ in range(3)]
+        leaves = params + qkv
+
+        def forward() -> Tensor:
+            return module.attend(*qkv)
+
+    elif cell.level == "layer":
+        x = torch.randn(b, n, cell.dim, device=device, dtype=dtype)
+        leaves = params
+
+        def forward() -> Tensor:
+            return module(x)
+
+    else:
+        tokens = torch.randint(0, vocab_size, (b, n), device=device)
+        labels = tokens if cell.causal else torch.randint(0, 2, (b,), device=device)
+        leaves = params
+
+        def forward() -> Tensor:
+            logits = module(tokens)
+            return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten())
+
+    def clear_grads() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+
+    if cell.mode == "fwd":
+
+        def run() -> None:
+            with torch.no_grad():
+                forward()
+
+    elif cell.mode == "fwd_bwd":
+
+        def run() -> None:
+            clear_grads()
+            _loss(forward()).backward()
+
+    else:
+        if not leaves:
+            raise ValueError("train_step needs trainable tensors; this module has none")
+        optimizer = torch.optim.AdamW(leaves, lr=1e-4)
+
+        def run() -> None:
+            clear_grads()
+            _loss(forward()).backward()
+            optimizer.step()
+
+    return Workload(run=run, module=module, attentions=attentions, tokens=b * n, mode=cell.mode, seq_len=n,
+                    batch_size=b)
+
+
+def with_device(cell: Cell, device: str) -> Cell:
+    """``cell`` with another device (configuration copy)."""
+    return dataclasses.replace(cell, device=device)
