@@ -65,7 +65,9 @@ class LinformerAttention(Attention):
     Variable length: a sequence of ``n <= max_len`` tokens uses the first ``n`` rows of ``E`` and ``F`` (as if the
     sequence were padded to ``max_len`` with zero keys and values); ``n > max_len`` is a ``ValueError``. Key padding:
     padded keys and values are zeroed before the projection, so their contents never reach any output; a query
-    whose keys are all padding gets zeros.
+    whose keys are all padding gets zeros. (A zeroed position still enters the projected rows with a zero key and
+    value: with identity projections this is full attention over zero keys/values at the padded positions, not over
+    the real keys only; no projected row can be masked when E mixes all positions.)
 
     Parameters: ``E`` (and ``F`` unless ``share_kv``), shape ``(max_len, k)`` or ``(heads, max_len, k)`` when
     ``headwise``, initialised from N(0, 1/k) so a projected row has the scale of a Johnson-Lindenstrauss sketch.

@@ -49,6 +49,12 @@ def orthogonal_gaussian_features(num_features: int, dim: int, seed: int) -> Tens
     return directions * norms[:, None]
 
 
+def _nonzero(den: Tensor) -> Tensor:
+    # den = 0 only when every feature product is 0, and then the numerator is 0 too (no real key): the output is 0,
+    # and dividing by 1 instead keeps the backward pass finite (clamping to a tiny value would give 0/0 there)
+    return torch.where(den > 0, den, torch.ones_like(den))
+
+
 def _draw_seed(seed: int, draw: int) -> int:
     # one independent stream per (seed, draw); draw 0 uses the seed itself
     return (seed + draw * 0x9E3779B97F4A7C15) % (2**63)
@@ -162,19 +168,21 @@ class PerformerAttention(Attention):
 
     # ------------------------------------------------------------------------------------------------- compute
     def useful_flops(self, batch: int, seq_len: int) -> int:
-        """Forward FLOPs of the core per head, with n = seq_len, m = num_features, d = head_dim:
+        """Forward FLOPs of the core's matrix products (what ``FlopCounterMode`` counts; ``exp`` and sums excluded),
+        with n = seq_len, m = num_features, d = head_dim, per head:
 
-        non-causal: feature projections of Q and K (2*n*m*d each), ``phi(K)^T V`` and ``phi(Q) (.)`` (2*n*m*d each),
-        normaliser sums (3*n*m): ``8*n*m*d + 3*n*m``. Causal adds, with c = chunk_size over n_c = ceil(n/c)*c
-        positions, the in-chunk products ``phi(Q) phi(K)^T`` and ``A V`` (2*n_c*c*m + 2*n_c*c*d) and the prefix
-        sums over chunks (n_c/c*m*d).
+        non-causal: feature projections of Q and K, ``phi(K)^T V`` and ``phi(Q) (.)`` at 2*n*m*d each, the
+        normaliser ``phi(Q) z`` at 2*n*m: ``8*n*m*d + 2*n*m``.
+        causal, with c = chunk_size and N = ceil(n/c)*c padded positions: projections 4*N*m*d, per-chunk states
+        2*N*m*d, carried states into the later chunks 2*(N-c)*m*d and 2*(N-c)*m, in-chunk products
+        ``phi(Q) phi(K)^T`` 2*N*c*m and ``A V`` 2*N*c*d.
         """
         n, m, d, heads = seq_len, self.config.num_features, self.config.head_dim, self.config.num_heads
-        per_head = 8 * n * m * d + 3 * n * m
+        per_head = 8 * n * m * d + 2 * n * m
         if self.config.causal:
             c = self.config.chunk_size
-            n_c = math.ceil(n / c) * c
-            per_head = 8 * n_c * m * d + 3 * n_c * m + 2 * n_c * c * (m + d) + (n_c // c) * m * d
+            big_n = math.ceil(n / c) * c
+            per_head = 6 * big_n * m * d + 2 * (big_n - c) * (m * d + m) + 2 * big_n * c * (m + d)
         return batch * heads * per_head
 
     def _attend_torch(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
@@ -189,7 +197,7 @@ class PerformerAttention(Attention):
         del phi_k
         num = torch.matmul(phi_q, kv)  # (b, h, n, d)
         den = torch.matmul(phi_q, k_sum.unsqueeze(-1))  # (b, h, n, 1)
-        return num / den.clamp_min(torch.finfo(den.dtype).tiny)  # no real key: num = 0 and den = 0 -> 0
+        return num / _nonzero(den)
 
     def _causal(self, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None) -> Tensor:
         n = q.shape[-2]
@@ -214,5 +222,5 @@ class PerformerAttention(Attention):
         del scores
         num[:, :, 1:] += torch.matmul(phi_q[:, :, 1:], state[:, :, :-1])  # (b, h, chunks-1, c, d)
         den[:, :, 1:] += torch.matmul(phi_q[:, :, 1:], k_sum[:, :, :-1].transpose(-1, -2))  # (b, h, chunks-1, c, 1)
-        out = num / den.clamp_min(torch.finfo(den.dtype).tiny)
+        out = num / _nonzero(den)
         return rearrange(out, "b h c i d -> b h (c i) d")[:, :, :n]
