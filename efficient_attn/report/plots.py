@@ -206,10 +206,9 @@ def _format_axes(ax: Axes, lengths: list[int], yfmt: Callable[[float], str]) -> 
     subs = (1.0, 2.0, 5.0) if decades <= 2.2 else (1.0,)
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=15))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: yfmt(v)))
-    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0), numticks=15))
+    ax.yaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="major", alpha=0.5)
-    ax.grid(True, which="minor", axis="y", alpha=0.15)
 
 
 SLOT = 0.045  # height of one row of status markers, as a fraction of the axes
