@@ -1,0 +1,222 @@
+"""Charts of a quality run (matplotlib with the Agg backend, selected inside each function).
+
+* :func:`lra_chart` -- the Long Range Arena figure (Tay et al. 2021, arXiv:2011.04006, Fig. 3): x = training steps/s,
+  y = accuracy, bubble area = peak training-step memory, one bubble per variant, one panel per task.
+* :func:`accuracy_vs_length` -- accuracy (mean +/- std over seeds) against sequence length, per task.
+* :func:`error_plot` -- relative error against full attention vs length (random inputs; trained activations).
+* :func:`head_similarity_heatmap` -- heads x heads cosine similarity per layer, outputs and attention maps.
+* :func:`similarity_vs_heads` -- mean off-diagonal head similarity against the number of heads.
+
+Every function takes tidy pandas frames (the CSVs the suite writes) and a path, and returns the path written.
+Colours are fixed per variant (:func:`variant_colors`) so one variant looks the same in every figure.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from efficient_attn.registry import list_attentions
+
+__all__ = [
+    "variant_colors",
+    "lra_chart",
+    "accuracy_vs_length",
+    "error_plot",
+    "head_similarity_heatmap",
+    "similarity_vs_heads",
+]
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def variant_colors(variants: list[str] | None = None) -> dict[str, Any]:
+    """A fixed colour per registered variant (tab10 in registry order; extra names follow)."""
+    plt = _plt()
+    keys = list_attentions()
+    for key in variants or []:
+        if key not in keys:
+            keys.append(key)
+    cmap = plt.get_cmap("tab10")
+    return {key: cmap(i % 10) for i, key in enumerate(keys)}
+
+
+def _summary(results: Any) -> Any:
+    """Mean/std over seeds of the ok rows, per (task, variant, seq_len) at the suite's default head count."""
+    ok = results[results["status"] == "ok"].copy()
+    return (
+        ok.groupby(["task", "variant", "seq_len"])
+        .agg(
+            acc_mean=("accuracy", "mean"),
+            acc_std=("accuracy", "std"),
+            majority=("majority_accuracy", "mean"),
+            sps=("steps_per_s", "mean"),
+            peak=("peak_mem_bytes", "mean"),
+            seeds=("seed", "nunique"),
+        )
+        .reset_index()
+    )
+
+
+def lra_chart(results: Any, path: str | Path, *, seq_len: int | None = None) -> Path:
+    """Speed (x), accuracy (y), memory (bubble area) per variant, one panel per task, at ``seq_len`` (default:
+    the longest length in the results). ``results``: the suite's results frame at one head count."""
+    plt = _plt()
+    summary = _summary(results)
+    if summary.empty:
+        raise ValueError("lra_chart: no ok rows to plot")
+    seq_len = int(summary["seq_len"].max()) if seq_len is None else seq_len
+    summary = summary[summary["seq_len"] == seq_len]
+    tasks = sorted(summary["task"].unique())
+    colors = variant_colors(list(summary["variant"].unique()))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 5.0), squeeze=False)
+    peak_max = float(summary["peak"].max())
+    for ax, task in zip(axes[0], tasks):
+        part = summary[summary["task"] == task]
+        for _, r in part.iterrows():
+            area = 80 + 1400 * float(r["peak"]) / peak_max
+            ax.scatter(r["sps"], 100 * r["acc_mean"], s=area, color=colors[r["variant"]], alpha=0.55,
+                       edgecolors="black", linewidths=0.6, label=f"{r['variant']} ({r['peak'] / 2**20:.0f} MiB)")
+            ax.annotate(r["variant"], (r["sps"], 100 * r["acc_mean"]), textcoords="offset points", xytext=(0, 9),
+                        ha="center", fontsize=8)
+        ax.axhline(100 * part["majority"].mean(), color="grey", linestyle="--", linewidth=1, label="majority class")
+        ax.set_xlabel("training speed (steps/s, CPU)")
+        ax.set_ylabel("held-out accuracy (%)")
+        ax.set_title(f"{task}, n = {seq_len}: speed vs accuracy (bubble = peak memory)")
+        ax.margins(x=0.15, y=0.15)
+        ax.legend(fontsize=7, loc="best", markerscale=0.35, framealpha=0.8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def accuracy_vs_length(results: Any, path: str | Path) -> Path:
+    """Accuracy (mean +/- std over seeds) against sequence length, one line per variant, one panel per task."""
+    plt = _plt()
+    summary = _summary(results)
+    if summary.empty:
+        raise ValueError("accuracy_vs_length: no ok rows to plot")
+    tasks = sorted(summary["task"].unique())
+    colors = variant_colors(list(summary["variant"].unique()))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.0 * len(tasks), 4.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        part = summary[summary["task"] == task]
+        for variant, g in part.groupby("variant"):
+            g = g.sort_values("seq_len")
+            ax.errorbar(g["seq_len"], 100 * g["acc_mean"], yerr=100 * g["acc_std"].fillna(0), marker="o",
+                        capsize=3, color=colors[variant], label=variant)
+        maj = part.groupby("seq_len")["majority"].mean()
+        ax.plot(maj.index, 100 * maj.values, color="grey", linestyle="--", label="majority class")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(part["seq_len"].unique()), [str(n) for n in sorted(part["seq_len"].unique())])
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel("held-out accuracy (%)")
+        ax.set_title(f"{task}: accuracy vs length (mean ± std over seeds)")
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def error_plot(errors: Any, path: str | Path) -> Path:
+    """Relative error vs length: left panel random inputs, right panel trained activations (mean over layers)."""
+    plt = _plt()
+    ok = errors[(errors["status"] == "ok") & (errors["variant"] != "full")]
+    if ok.empty:
+        raise ValueError("error_plot: no ok non-full rows to plot")
+    colors = variant_colors(list(ok["variant"].unique()))
+    sources = [s for s in ("random", "trained") if s in set(ok["source"])]
+    fig, axes = plt.subplots(1, len(sources), figsize=(6.0 * len(sources), 4.4), squeeze=False)
+    styles = {"recall": "-", "listops": "--"}
+    for ax, source in zip(axes[0], sources):
+        part = ok[ok["source"] == source]
+        group_cols = ["variant"] if source == "random" else ["variant", "task"]
+        for keys, g in part.groupby(group_cols):
+            keys = keys if isinstance(keys, tuple) else (keys,)
+            g = g.groupby("seq_len")["rel_error"].mean()
+            label = keys[0] if source == "random" else f"{keys[0]} ({keys[1]})"
+            linestyle = "-" if source == "random" else styles.get(keys[1], ":")
+            ax.plot(g.index, g.values, marker="o", linestyle=linestyle, color=colors[keys[0]], label=label)
+        ax.set_xscale("log", base=2)
+        lengths = sorted(part["seq_len"].unique())
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel("relative error ||y - y_full|| / ||y_full||")
+        title = "random Gaussian q, k, v" if source == "random" else "q, k, v of trained models (mean over layers)"
+        ax.set_title(f"error vs full attention: {title}", fontsize=10)
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def head_similarity_heatmap(diversity: Any, path: str | Path, *, title: str) -> Path:
+    """Heads x heads cosine similarity, one column per layer, rows for outputs and (where defined) maps.
+    ``diversity``: rows of one model (columns layer, kind, head_i, head_j, cosine)."""
+    plt = _plt()
+    if diversity.empty:
+        raise ValueError("head_similarity_heatmap: no rows")
+    kinds = [k for k in ("output", "map") if k in set(diversity["kind"])]
+    layers = sorted(diversity["layer"].unique())
+    fig, axes = plt.subplots(len(kinds), len(layers), figsize=(3.4 * len(layers) + 1.2, 3.1 * len(kinds)),
+                             squeeze=False)
+    image = None
+    for r, kind in enumerate(kinds):
+        for c, layer in enumerate(layers):
+            part = diversity[(diversity["kind"] == kind) & (diversity["layer"] == layer)]
+            matrix = part.pivot(index="head_i", columns="head_j", values="cosine")
+            ax = axes[r][c]
+            image = ax.imshow(matrix.values, vmin=-1, vmax=1, cmap="RdBu_r")
+            h = matrix.shape[0]
+            ax.set_xticks(range(h))
+            ax.set_yticks(range(h))
+            ax.set_xlabel("head")
+            ax.set_ylabel("head")
+            ax.set_title(f"layer {layer}: {'outputs' if kind == 'output' else 'attention maps'}", fontsize=9)
+            if h <= 8:
+                for i in range(h):
+                    for j in range(h):
+                        ax.text(j, i, f"{matrix.values[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.colorbar(image, ax=axes, shrink=0.8, label="cosine similarity")
+    return _save(fig, path)
+
+
+def similarity_vs_heads(summary: Any, path: str | Path, *, title: str) -> Path:
+    """Mean off-diagonal head similarity vs number of heads. ``summary`` columns: num_heads, layer, kind, mean_cos."""
+    plt = _plt()
+    if summary.empty:
+        raise ValueError("similarity_vs_heads: no rows")
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    for (kind, layer), g in summary.groupby(["kind", "layer"]):
+        g = g.sort_values("num_heads")
+        ax.plot(g["num_heads"], g["mean_cos"], marker="o", linestyle="-" if kind == "output" else "--",
+                label=f"{'outputs' if kind == 'output' else 'attention maps'}, layer {layer}")
+    heads = sorted(summary["num_heads"].unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(heads, [str(h) for h in heads])
+    ax.set_xlabel("number of heads (model width fixed)")
+    ax.set_ylabel("mean pairwise cosine similarity")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    plt = _plt()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

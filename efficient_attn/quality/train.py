@@ -1,0 +1,223 @@
+"""Train the shared backbone with one attention variant for a fixed budget on the CPU, then evaluate it.
+
+The backbone is :func:`efficient_attn.build_model` with ``task="classify"`` (mean-pooled encoder classifier), so
+every variant is trained in exactly the same network with the same optimiser (AdamW, Loshchilov & Hutter 2019,
+arXiv:1711.05101), data stream and budget. Training batches come from the task generator seeded with
+``(seed, step)``; evaluation uses a held-out stream (a disjoint seed range), so no evaluation example is trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from efficient_attn.measure.storage import StorageTracker
+from efficient_attn.model import TransformerModel, build_model
+from efficient_attn.quality.tasks import TASKS, TaskBatch
+
+__all__ = ["TrainConfig", "TrainResult", "train_and_evaluate", "train_seed", "eval_seed"]
+
+#: Evaluation batches are drawn from seeds at or above this offset; training seeds stay below it.
+EVAL_SEED_OFFSET = 1_000_003
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Backbone size and training budget.
+
+    Attributes:
+        dim, depth, num_heads: backbone width, blocks, heads.
+        batch_size: training batch size.
+        steps: optimiser steps (the budget).
+        budget_s: optional wall-clock cap in seconds; training stops at whichever of ``steps``/``budget_s`` comes
+            first (a time cap makes results depend on the machine; the default suite uses steps only).
+        lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay to 10% of ``lr``.
+        eval_size: held-out examples scored for accuracy.
+        grad_clip: global gradient-norm clip.
+    """
+
+    dim: int = 64
+    depth: int = 2
+    num_heads: int = 4
+    batch_size: int = 16
+    steps: int = 200
+    budget_s: float | None = None
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    eval_size: int = 256
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "depth", "num_heads", "batch_size", "steps", "eval_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+        if self.budget_s is not None and self.budget_s <= 0:
+            raise ValueError(f"TrainConfig.budget_s must be > 0 or None, got {self.budget_s!r}")
+        if self.lr <= 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps!r}")
+
+
+@dataclass
+class TrainResult:
+    """What one training run measured. ``model`` is the trained backbone (eval mode)."""
+
+    accuracy: float
+    majority_accuracy: float
+    steps: int
+    train_s: float
+    steps_per_s: float
+    peak_mem_bytes: int
+    final_loss: float
+    model: TransformerModel = field(repr=False)
+
+
+def train_seed(seed: int, step: int) -> int:
+    """Seed of training batch ``step`` of run ``seed`` (below :data:`EVAL_SEED_OFFSET`)."""
+    return (seed * 100_003 + step) % EVAL_SEED_OFFSET
+
+
+def eval_seed(seed: int) -> int:
+    """Seed of the held-out evaluation set of run ``seed``."""
+    return EVAL_SEED_OFFSET + seed
+
+
+def build_task_model(
+    variant: str, task: str, seq_len: int, config: TrainConfig, attention_params: dict[str, Any]
+) -> TransformerModel:
+    """The classification backbone for ``task`` at ``seq_len`` with attention ``variant``."""
+    info = TASKS[task]
+    return build_model(
+        variant,
+        task="classify",
+        vocab_size=info.vocab_size,
+        dim=config.dim,
+        depth=config.depth,
+        num_heads=config.num_heads,
+        max_len=seq_len,
+        num_classes=info.num_classes,
+        **attention_params,
+    )
+
+
+def _padding_arg(batch: TaskBatch) -> Tensor | None:
+    """The key padding mask, or None when every token is real (variants without padding support still run)."""
+    return None if bool(batch.key_padding_mask.all()) else batch.key_padding_mask
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batch: TaskBatch, chunk: int = 64) -> float:
+    """Accuracy of ``model`` on ``batch`` (scored in chunks of ``chunk`` rows)."""
+    model.eval()
+    correct = 0
+    for start in range(0, batch.tokens.shape[0], chunk):
+        part = TaskBatch(*(t[start : start + chunk] for t in batch))
+        logits = model(part.tokens, _padding_arg(part))
+        correct += int((logits.argmax(-1) == part.labels).sum())
+    return correct / batch.tokens.shape[0]
+
+
+def majority_accuracy(train_labels: Tensor, eval_labels: Tensor) -> float:
+    """Accuracy on ``eval_labels`` of always predicting the most frequent class of ``train_labels``."""
+    majority = Counter(train_labels.tolist()).most_common(1)[0][0]
+    return float((eval_labels == majority).float().mean())
+
+
+def train_and_evaluate(
+    variant: str,
+    task: str,
+    seq_len: int,
+    seed: int,
+    config: TrainConfig,
+    attention_params: dict[str, Any] | None = None,
+    *,
+    task_fn: Any = None,
+) -> TrainResult:
+    """Train ``variant`` on ``task`` at ``seq_len`` for the budget in ``config``, then score it on held-out data.
+
+    Args:
+        variant: registry key. task: a key of :data:`~efficient_attn.quality.tasks.TASKS`.
+        seq_len: sequence length; seed: model init, data order and evaluation set.
+        attention_params: the variant's own config fields (e.g. ``{"window_size": 32}``).
+        task_fn: optional generator ``(batch_size, seq_len, seed) -> TaskBatch`` replacing the named task's
+            (for tests with a trivial task); the named task still gives the vocabulary and class count.
+
+    Returns:
+        :class:`TrainResult`; ``peak_mem_bytes`` is the peak of extra live tensor bytes during one training step
+        (forward, backward, optimiser update) counted by :class:`StorageTracker`; ``steps_per_s`` excludes that
+        tracked step and the evaluation.
+    """
+    if task not in TASKS:
+        raise KeyError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    generate = task_fn if task_fn is not None else TASKS[task].generate
+    torch.manual_seed(seed)
+    model = build_task_model(variant, task, seq_len, config, dict(attention_params or {}))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, config.steps, config.warmup_steps)
+    )
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step(batch: TaskBatch) -> float:
+        logits = model(batch.tokens, _padding_arg(batch))
+        loss = loss_fn(logits, batch.labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        return float(loss.detach())
+
+    model.train()
+    train_labels = []
+    # Step 0 is measured for memory (the optimiser state is created inside it and counted) and not timed.
+    batch = generate(config.batch_size, seq_len, train_seed(seed, 0))
+    train_labels.append(batch.labels)
+    with StorageTracker() as tracker:
+        loss = step(batch)
+    peak = tracker.peak_bytes
+    steps_done, train_s = 1, 0.0
+    started = time.perf_counter()
+    while steps_done < config.steps:
+        batch = generate(config.batch_size, seq_len, train_seed(seed, steps_done))
+        train_labels.append(batch.labels)
+        loss = step(batch)
+        steps_done += 1
+        train_s = time.perf_counter() - started
+        if config.budget_s is not None and train_s >= config.budget_s:
+            break
+    held_out = generate(config.eval_size, seq_len, eval_seed(seed))
+    accuracy = evaluate(model, held_out)
+    timed_steps = steps_done - 1
+    return TrainResult(
+        accuracy=accuracy,
+        majority_accuracy=majority_accuracy(torch.cat(train_labels), held_out.labels),
+        steps=steps_done,
+        train_s=train_s,
+        steps_per_s=timed_steps / train_s if train_s > 0 else float("nan"),
+        peak_mem_bytes=peak,
+        final_loss=loss,
+        model=model,
+    )
+
+
+def config_dict(config: TrainConfig) -> dict[str, Any]:
+    """The config as a plain dict (for CSV columns and meta.json)."""
+    return dataclasses.asdict(config)
