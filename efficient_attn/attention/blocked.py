@@ -35,7 +35,6 @@ from efficient_attn.attention.patterns import (
     BlockStructure,
     MaskMod,
     Pattern,
-    chunk_mask,
     global_query_lookup,
     global_rows_mask,
 )
@@ -83,7 +82,8 @@ def _calls(plan: BlockedPlan, batch: int, heads: int, key_padding_mask: Tensor |
     head_offsets = torch.arange(heads, device=st.key_blocks.device)[None, :, None] * n_pad  # (1, h, 1)
     for start in range(0, st.num_query_blocks, group):
         stop = min(start + group, st.num_query_blocks)
-        tokens, allowed = chunk_mask(st, plan.mask_mod, plan.is_global, start, stop)  # (hp, g, kt), (hp, g, b, kt)
+        tokens, allowed = plan.pattern.chunk_mask(st, plan.mask_mod, plan.is_global, start, stop)
+        # allowed: (hp, g, b or 1, kt); a query dim of 1 broadcasts inside the fused kernel
         safe = tokens.clamp_min(0)
         flat = (safe.transpose(0, 1) + head_offsets).reshape(-1)  # (g * h * kt,) hp broadcast to h
         allowed = allowed.transpose(0, 1)  # (g, hp, b, kt)
@@ -162,7 +162,8 @@ def _add_key_rows(dest: Tensor, value: Tensor, call: _Call) -> None:
 def _bias(allowed: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     if allowed is None:
         return None
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.full((), float("-inf"), dtype=dtype, device=allowed.device))
 
 
 def _use_cpu_flash(q: Tensor) -> bool:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 #: ``mask_mod(b, h, q_idx, kv_idx) -> bool Tensor`` (arguments broadcast against each other).
@@ -130,6 +131,17 @@ class Pattern(ABC):
     def structure(self, seq_len: int, device: torch.device | str | None = None) -> BlockStructure:
         """The block cover the ``torch`` backend iterates over for length ``seq_len``."""
 
+    def chunk_mask(
+        self, structure: BlockStructure, mod: MaskMod, is_global: Tensor, start: int, stop: int
+    ) -> tuple[Tensor, Tensor]:
+        """Key tokens and allowed mask of query-block rows ``start:stop``; see :func:`chunk_mask`.
+
+        This generic version evaluates ``mask_mod`` on the chunk's index grid. Subclasses override it with a faster
+        equivalent built from the same index arithmetic; ``tests/test_patterns.py`` checks every override equals
+        this generic version, so the fast path cannot drift from ``mask_mod``.
+        """
+        return chunk_mask(structure, mod, is_global, start, stop)
+
     def dense_mask(self, seq_len: int, device: torch.device | str | None = None) -> Tensor:
         """Bool ``(seq, seq)``, or ``(heads, seq, seq)`` when per-head; True = query i may attend to key j.
 
@@ -151,8 +163,9 @@ class Pattern(ABC):
         step = max(1, 4096 // structure.block_size)
         for start in range(0, structure.num_query_blocks, step):
             stop = min(start + step, structure.num_query_blocks)
-            _, allowed = chunk_mask(structure, mod, is_global, start, stop)
-            total += int(allowed.expand(self.mask_heads, *allowed.shape[1:]).sum())
+            tokens, allowed = self.chunk_mask(structure, mod, is_global, start, stop)
+            full_shape = (self.mask_heads, stop - start, structure.block_size, tokens.shape[-1])
+            total += int(allowed.expand(full_shape).sum())
         keys = torch.arange(structure.padded_len)
         for rows in structure.global_queries.split(256):
             allowed = global_rows_mask(self, mod, rows, keys)
@@ -194,6 +207,21 @@ def chunk_mask(
     return tokens, allowed
 
 
+def _chunk_queries(structure: BlockStructure, start: int, stop: int) -> Tensor:
+    """Long ``(g, block_size)`` query token indices of query-block rows ``start:stop``."""
+    bs = structure.block_size
+    first = (structure.first_query_block + start) * bs
+    return torch.arange(first, first + (stop - start) * bs, device=structure.key_blocks.device).view(-1, bs)
+
+
+def _valid(structure: BlockStructure, q_idx: Tensor, tokens: Tensor) -> Tensor:
+    """Bool ``(hp, g, b or 1, kt)``: key slot used and in range, and (only where needed) query in range."""
+    valid = ((tokens >= 0) & (tokens < structure.seq_len))[:, :, None, :]
+    if int(q_idx[-1, -1]) >= structure.seq_len:
+        valid = valid & (q_idx < structure.seq_len)[None, :, :, None]
+    return valid
+
+
 def global_rows_mask(pattern: Pattern, mod: MaskMod, rows: Tensor, keys: Tensor) -> Tensor:
     """Bool ``(hp, len(rows), len(keys))``: ``mask_mod`` for dense rows ``rows`` against every key in ``keys``."""
     heads = torch.arange(pattern.mask_heads, device=rows.device)[:, None, None]
@@ -231,6 +259,24 @@ class WindowPattern(Pattern):
         blocks = torch.arange(num_blocks, device=device)[:, None] + offsets  # (nb, slots)
         blocks = torch.where((blocks >= 0) & (blocks < num_blocks), blocks, EMPTY)
         return blocks[None]  # (1, nb, slots)
+
+    def _band(self, structure: BlockStructure) -> Tensor:
+        """Bool ``(b, slots * b)``: the window rule between a query block and its slot tokens. Because query block r
+        gathers blocks ``r + offset``, ``i - j`` inside a chunk does not depend on r: one table serves every block."""
+        bs = self.block_size
+        slots = structure.key_blocks.shape[-1]
+        reach = math.ceil(self.window_size / bs)
+        device = structure.key_blocks.device
+        q_rel = torch.arange(bs, device=device)[:, None]
+        kv_rel = (torch.arange(slots, device=device) - reach)[:, None] * bs + torch.arange(bs, device=device)
+        return self._local(q_rel, kv_rel.flatten()[None, :])
+
+    def chunk_mask(
+        self, structure: BlockStructure, mod: MaskMod, is_global: Tensor, start: int, stop: int
+    ) -> tuple[Tensor, Tensor]:
+        tokens = structure.key_tokens(start, stop)  # (1, g, kt)
+        q_idx = _chunk_queries(structure, start, stop)
+        return tokens, self._band(structure)[None, None] & _valid(structure, q_idx, tokens)
 
     def structure(self, seq_len: int, device: torch.device | str | None = None) -> BlockStructure:
         nb = math.ceil(seq_len / self.block_size)
@@ -285,6 +331,24 @@ class LongformerPattern(WindowPattern):
             return inside & (self._local(q_idx, kv_idx) | ((q_glob | kv_glob) & visible))
 
         return longformer_mask
+
+    def chunk_mask(
+        self, structure: BlockStructure, mod: MaskMod, is_global: Tensor, start: int, stop: int
+    ) -> tuple[Tensor, Tensor]:
+        tokens = structure.key_tokens(start, stop)  # (1, g, slots * b + e)
+        q_idx = _chunk_queries(structure, start, stop)  # (g, b)
+        window_keys = structure.key_blocks.shape[-1] * self.block_size
+        # window part: the band, or a global key inside the gathered blocks; extra part: uncovered global keys
+        key_global = torch.ones_like(tokens, dtype=torch.bool)
+        key_global[..., :window_keys] = is_global[tokens[..., :window_keys].clamp_min(0)]
+        band = F.pad(self._band(structure), (0, tokens.shape[-1] - window_keys))  # (b, kt)
+        allowed = band[None, None] | key_global[:, :, None, :]
+        if self.causal:
+            allowed = allowed & (tokens[:, :, None, :] <= q_idx[None, :, :, None])
+        allowed = allowed & _valid(structure, q_idx, tokens)
+        if structure.global_queries.numel():
+            allowed = allowed & ~is_global[q_idx][None, :, :, None]
+        return tokens, allowed
 
     def structure(self, seq_len: int, device: torch.device | str | None = None) -> BlockStructure:
         nb = math.ceil(seq_len / self.block_size)
@@ -385,6 +449,17 @@ class BigBirdPattern(Pattern):
             return allowed & (kv_idx <= q_idx) if self.causal else allowed
 
         return bigbird_mask
+
+    def chunk_mask(
+        self, structure: BlockStructure, mod: MaskMod, is_global: Tensor, start: int, stop: int
+    ) -> tuple[Tensor, Tensor]:
+        # every gathered block is in the row's layout, so only slots, length and causality remain
+        tokens = structure.key_tokens(start, stop)  # (h, g, kt)
+        q_idx = _chunk_queries(structure, start, stop)  # (g, b)
+        allowed = _valid(structure, q_idx, tokens)
+        if self.causal:
+            allowed = allowed & (tokens[:, :, None, :] <= q_idx[None, :, :, None])
+        return tokens, allowed
 
     def structure(self, seq_len: int, device: torch.device | str | None = None) -> BlockStructure:
         layout = self._plan(math.ceil(seq_len / self.block_size))[0]
