@@ -8,8 +8,9 @@ for ``core`` level comparisons (``peer_info(name)["levels"]`` lists the levels a
 The peer packages are optional (``pip install 'efficient-attn[peers]'``) and imported only inside the builders,
 never at import time of this module.
 
-Parameter mapping (ours -> theirs), at equal keys per query. THIS is the one place the mapping lives; the table
-below is rendered from :data:`PEERS` (``peer_info(name)["mapping"]``)::
+Parameter mapping (ours -> theirs), at equal keys per query. The mapping lives in this module only: the builders
+below apply it, :data:`PEERS` states it as data (``peer_info(name)["mapping"]``, ``mapping_table()`` renders it),
+and this table is its summary (tests/test_peers.py checks the three name the same parameters)::
 
     peer            level(s)     our parameter             their parameter
     --------------  -----------  ------------------------  -------------------------------------------------------
@@ -84,6 +85,7 @@ __all__ = [
     "PeerUnavailableError",
     "build_peer",
     "list_peers",
+    "mapping_table",
     "peer_info",
 ]
 
@@ -491,6 +493,19 @@ PEERS: dict[str, PeerSpec] = {
         builder=LinformerPeer,
     ),
 }
+
+
+def mapping_table() -> str:
+    """The parameter mapping of every peer as a plain-text table (ours -> theirs), rendered from :data:`PEERS`."""
+    rows = [("peer", "levels", "our parameter", "their parameter / behaviour")]
+    for name in sorted(PEERS):
+        spec = PEERS[name]
+        for i, (ours, theirs) in enumerate(spec.mapping):
+            rows.append((name if i == 0 else "", ", ".join(spec.levels) if i == 0 else "", ours, theirs))
+    widths = [max(len(row[c]) for row in rows) for c in range(3)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3] for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths) + "  " + "-" * len(rows[0][3]))
+    return "\n".join(lines)
 
 
 def list_peers() -> list[str]:

@@ -45,6 +45,19 @@ def test_list_peers_and_info():
     assert any("full attention" in note for note in peer_info("hf-bigbird")["notes"])
 
 
+def test_mapping_is_stated_once_consistently():
+    """Every parameter a peer accepts appears in its mapping rows and in the module docstring's table."""
+    import efficient_attn.peers as peers
+
+    table = peers.mapping_table()
+    for name, spec in peers.PEERS.items():
+        assert name in table and name in peers.__doc__
+        ours = " ".join(row[0] for row in spec.mapping)
+        for param in spec.params:
+            assert param in ours, (name, param)
+            assert param in peers.__doc__, (name, param)
+
+
 def test_unknown_peer_suggests_nearest():
     with pytest.raises(KeyError, match=r"unknown peer 'hf-bigbrd'.*did you mean 'hf-bigbird'"):
         build_peer("hf-bigbrd", dim=DIM, num_heads=HEADS, seq_len=64, params={})
