@@ -525,3 +525,22 @@ def test_linformer_peak_memory_is_far_below_full_attention():
     full = peak_bytes(build("full", num_heads=2, backend="naive"), 2048)
     linformer = peak_bytes(build("linformer", num_heads=2, k=64, max_len=2048), 2048)
     assert linformer * 20 < full, (linformer, full)
+
+
+@pytest.mark.parametrize("key", LOWRANK)
+def test_query_blocks_compute_the_same_as_one_block(key, monkeypatch):
+    module = {
+        "linformer": ea.attention.linformer,
+        "performer": ea.attention.performer,
+        "nystrom": ea.attention.nystrom,
+    }[key]
+    attn = (build(key, num_landmarks=8) if key == "nystrom" else build(key)).double()
+    q, k, v = random_qkv(2, 4, 45, 8, seed=12)
+    kpm = random_padding(2, 45, seed=13)
+    whole = attn.attend(q, k, v, key_padding_mask=kpm)
+    whole_grads = torch.autograd.grad(whole.square().sum(), (q, k, v))
+    monkeypatch.setattr(module, "QUERY_BLOCK", 7)  # 45 = 6 blocks of 7 + 3
+    blocked = attn.attend(q, k, v, key_padding_mask=kpm)
+    torch.testing.assert_close(blocked, whole, atol=1e-12, rtol=1e-10)
+    for g, r in zip(torch.autograd.grad(blocked.square().sum(), (q, k, v)), whole_grads):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-10)

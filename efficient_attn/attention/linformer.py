@@ -20,6 +20,9 @@ from efficient_attn.attention.base import Attention, AttentionConfig, require_po
 from efficient_attn.attention.functional import default_scale
 from efficient_attn.registry import register_attention
 
+#: Queries per block of the score computation.
+QUERY_BLOCK = 1024
+
 
 @dataclass(kw_only=True)
 class LinformerConfig(AttentionConfig):
@@ -118,13 +121,19 @@ class LinformerAttention(Attention):
         else:
             k_proj = torch.einsum("nr,bhnd->bhrd", e, k)  # (b, h, k, d)
             v_proj = torch.einsum("nr,bhnd->bhrd", f, v)  # (b, h, k, d)
-        # scale q (n*d) rather than the scores (n*k): fewer elements when k > d
-        scores = torch.matmul(q * default_scale(q.shape[-1]), k_proj.transpose(-1, -2))  # (b, h, n, k)
-        probs = torch.softmax(scores, dim=-1)
-        del scores
-        if self.dropout_p > 0.0:
-            probs = nn.functional.dropout(probs, p=self.dropout_p)
-        out = torch.matmul(probs, v_proj)  # (b, h, n, d)
+        # fold the softmax scale into the (k, d) projected keys, the smallest operand
+        k_proj_t = k_proj.transpose(-1, -2) * default_scale(q.shape[-1])  # (b, h, d, k)
+        outs = []
+        # query blocks keep each (block, k) score tensor small (cache- and allocator-friendly on CPU); rows are
+        # independent, so this is the same computation as one (n, k) product
+        for start in range(0, n, QUERY_BLOCK):
+            scores = torch.matmul(q[:, :, start : start + QUERY_BLOCK], k_proj_t)  # (b, h, block, k)
+            probs = torch.softmax(scores, dim=-1)
+            del scores
+            if self.dropout_p > 0.0:
+                probs = nn.functional.dropout(probs, p=self.dropout_p)
+            outs.append(torch.matmul(probs, v_proj))  # (b, h, block, d)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)  # (b, h, n, d)
         if key_padding_mask is not None:
             # all-padding rows: V' = 0 already gives 0; make it explicit so it never depends on that identity
             has_key = key_padding_mask.any(dim=-1)[:, None, None, None]  # (b, 1, 1, 1)

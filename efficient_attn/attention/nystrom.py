@@ -28,6 +28,9 @@ from efficient_attn.attention.base import Attention, AttentionConfig, require_po
 from efficient_attn.attention.functional import default_scale, masked_softmax
 from efficient_attn.registry import register_attention
 
+#: Queries per block of the ``S(Q, K~)`` computation.
+QUERY_BLOCK = 1024
+
 
 def iterative_pinv(a: Tensor, iterations: int) -> Tensor:
     """Approximate Moore-Penrose pseudo-inverse of ``a`` ``(..., m, m)`` (Xiong et al. 2021, eq. 13).
@@ -139,10 +142,7 @@ class NystromAttention(Attention):
         scale = default_scale(q.shape[-1])
         if key_padding_mask is None and n_pad == n:
             q_land, k_land = self.landmarks(q, None), self.landmarks(k, None)  # (b, h, m, d)
-            q = q * scale
-            kernel_1 = torch.softmax(torch.matmul(q, k_land.transpose(-1, -2)), dim=-1)  # (b, h, n, m)
-            kernel_2 = torch.softmax(torch.matmul(q_land * scale, k_land.transpose(-1, -2)), dim=-1)  # (b, h, m, m)
-            kernel_3 = torch.softmax(torch.matmul(q_land * scale, k.transpose(-1, -2)), dim=-1)  # (b, h, m, n)
+            key_land_allowed = kernel_2_allowed = kernel_3_allowed = None
         else:
             real = (
                 torch.ones(q.shape[0], n, dtype=torch.bool, device=q.device)
@@ -152,17 +152,27 @@ class NystromAttention(Attention):
             weights = F.pad(real, (0, n_pad - n)).to(q.dtype)[:, None, :]  # (b, 1, n_pad)
             q_land, k_land = self.landmarks(q, weights), self.landmarks(k, weights)  # (b, h, m, d)
             has_land = rearrange(weights, "b one (m l) -> b one m l", m=m).sum(dim=-1) > 0  # (b, 1, m)
-            q = q * scale
-            kernel_1 = masked_softmax(
-                torch.matmul(q, k_land.transpose(-1, -2)), has_land[:, :, None, :]
-            )  # (b, h, n, m)
-            kernel_2 = masked_softmax(
-                torch.matmul(q_land * scale, k_land.transpose(-1, -2)), has_land[:, :, :, None] & has_land[:, :, None, :]
-            )  # (b, h, m, m)
-            kernel_3 = masked_softmax(
-                torch.matmul(q_land * scale, k.transpose(-1, -2)), has_land[:, :, :, None] & real[:, None, None, :]
-            )  # (b, h, m, n)
+            key_land_allowed = has_land[:, :, None, :]  # (b, 1, 1, m)
+            kernel_2_allowed = has_land[:, :, :, None] & has_land[:, :, None, :]  # (b, 1, m, m)
+            kernel_3_allowed = has_land[:, :, :, None] & real[:, None, None, :]  # (b, 1, m, n)
+        q_land = q_land * scale
+        k_land_t = k_land.transpose(-1, -2)  # (b, h, d, m)
+        kernel_2 = _softmax(torch.matmul(q_land, k_land_t), kernel_2_allowed)  # (b, h, m, m)
+        kernel_3 = _softmax(torch.matmul(q_land, k.transpose(-1, -2)), kernel_3_allowed)  # (b, h, m, n)
         context = torch.matmul(kernel_3, v)  # (b, h, m, d)
         del kernel_3
         context = torch.matmul(iterative_pinv(kernel_2, self.config.pinv_iterations), context)  # (b, h, m, d)
-        return torch.matmul(kernel_1, context)  # (b, h, n, d)
+        k_land_t = k_land_t * scale
+        outs = []
+        # query blocks: rows of S(Q, K~) are independent; small blocks stay in cache on CPU
+        for start in range(0, n, QUERY_BLOCK):
+            kernel_1 = _softmax(
+                torch.matmul(q[:, :, start : start + QUERY_BLOCK], k_land_t), key_land_allowed
+            )  # (b, h, block, m)
+            outs.append(torch.matmul(kernel_1, context))  # (b, h, block, d)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)  # (b, h, n, d)
+
+
+def _softmax(scores: Tensor, allowed: Tensor | None) -> Tensor:
+    # the plain softmax when nothing is masked (faster); masked rows with no allowed entry give zeros
+    return torch.softmax(scores, dim=-1) if allowed is None else masked_softmax(scores, allowed)

@@ -26,6 +26,9 @@ from torch import Tensor
 from efficient_attn.attention.base import Attention, AttentionConfig, require_positive_int
 from efficient_attn.registry import register_attention
 
+#: Queries per block in the non-causal computation.
+QUERY_BLOCK = 1024
+
 
 def orthogonal_gaussian_features(num_features: int, dim: int, seed: int) -> Tensor:
     """``(num_features, dim)`` float64 random directions for FAVOR+ (Choromanski et al. 2021, section 2.4).
@@ -190,14 +193,20 @@ class PerformerAttention(Attention):
         real = None if key_padding_mask is None else key_padding_mask[:, None, :, None]  # (b, 1, n, 1)
         if self.config.causal:
             return self._causal(q, k, v, real)
-        phi_q = self.feature_map(q, None, is_query=True)  # (b, h, n, m)
+        # keys first, so that phi(K) can be freed before phi(Q) exists (without autograd): one (n, m) map at a time
         phi_k = self.feature_map(k, real, is_query=False)  # (b, h, n, m)
         kv = torch.matmul(phi_k.transpose(-1, -2), v)  # (b, h, m, d)
         k_sum = phi_k.sum(dim=-2)  # (b, h, m)
         del phi_k
-        num = torch.matmul(phi_q, kv)  # (b, h, n, d)
-        den = torch.matmul(phi_q, k_sum.unsqueeze(-1))  # (b, h, n, 1)
-        return num / _nonzero(den)
+        outs = []
+        # query blocks: each query's features only need its own row maximum, so blocks are independent; small
+        # blocks keep the (block, m) feature map in cache and out of the allocator's page-faulting large path
+        for start in range(0, q.shape[-2], QUERY_BLOCK):
+            phi_q = self.feature_map(q[:, :, start : start + QUERY_BLOCK], None, is_query=True)  # (b, h, block, m)
+            num = torch.matmul(phi_q, kv)  # (b, h, block, d)
+            den = torch.matmul(phi_q, k_sum.unsqueeze(-1))  # (b, h, block, 1)
+            outs.append(num / _nonzero(den))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)  # (b, h, n, d)
 
     def _causal(self, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None) -> Tensor:
         n = q.shape[-2]
