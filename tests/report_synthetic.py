@@ -61,6 +61,7 @@ class Series:
     # (mode, seq_len) -> (status, note)
     failures: dict[tuple[str, int], tuple[str, str]] = field(default_factory=dict)
     flops: Callable[[int], float] | None = None
+    computed_factor: float = 1.0  # flops_computed / flops_useful (a blocked or masked backend computes extra)
 
 
 def quadratic(a: float, c: float = 0.0) -> Callable[[int], float]:
@@ -93,6 +94,7 @@ def realistic_series() -> list[Series]:
             lambda n: qkv(n) * 2 + BATCH * HEADS * n * 256 * 4.0,
             params={"window_size": 256},
             flops=lambda n: 4.0 * BATCH * HEADS * n * 512 * HEAD_DIM,
+            computed_factor=1.5,
         ),
         Series(
             "bigbird",
@@ -208,7 +210,9 @@ def make_rows(
                     "peak_rss_bytes": "",
                     "predicted_mem_bytes": m,
                     "flops_useful": s.flops(n) * (3.0 if mode == "fwd_bwd" else 1.0) if s.flops else "",
-                    "flops_computed": "",
+                    "flops_computed": s.flops(n) * s.computed_factor * (3.0 if mode == "fwd_bwd" else 1.0)
+                    if s.flops
+                    else "",
                 }
                 failure = s.failures.get((mode, n))
                 if after_oom:
@@ -217,7 +221,7 @@ def make_rows(
                     status, note = failure
                     after_oom = after_oom or status == "oom"
                     row.update(status=status, note=note, backend=s.backend if status != "unsupported" else "")
-                    for col in ("time_ms", "time_iqr_ms", "tokens_per_s", "peak_mem_bytes", "padded_len"):
+                    for col in ("time_ms", "time_iqr_ms", "tokens_per_s", "peak_mem_bytes", "padded_len", "flops_computed"):
                         row[col] = ""
                     if status not in ("oom", "skipped_budget", "skipped_after_oom"):
                         row["predicted_mem_bytes"] = ""

@@ -247,9 +247,9 @@ def test_failed_cells_are_drawn_as_markers(realistic, tmp_path):
     seen: list[tuple[float, str, str]] = []
     original = plots_module._mark
 
-    def spy(ax, x, row_slot, marker, colour, top):
+    def spy(ax, x, row_slot, marker, colour, top, hollow=False):
         seen.append((x, marker, colour))
-        return original(ax, x, row_slot, marker, colour, top)
+        return original(ax, x, row_slot, marker, colour, top, hollow)
 
     plots_module._mark = spy
     try:

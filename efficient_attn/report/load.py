@@ -7,7 +7,8 @@ Each row of the returned frame is one cell (DESIGN.md "Results"). Columns added 
                parameter sets, + `` (peer)`` for peer rows). The colour of a series is keyed by this name.
 ``condition``  the configuration columns other than length and mode that vary inside the data (causal, dtype,
                batch size, heads, head dim), as a short label; ``""`` when they are all constant.
-``flops_per_s`` achieved useful FLOP/s, derived from ``flops_useful / time`` when the harness did not write it.
+``flops_per_s`` achieved FLOP/s of the FLOPs the backend computes (``flops_computed / time`` when the harness did not
+               write it); ``useful_flops_per_s``: ``flops_useful / time`` (only the pairs the pattern needs).
 
 The harness owns the schema; this module reads columns by name and tolerates optional ones being absent.
 """
@@ -166,10 +167,21 @@ def _normalise(frame: pd.DataFrame, source: Path) -> pd.DataFrame:
     tokens = frame["batch_size"].fillna(1) * frame["seq_len"]
     derived_tps = tokens / seconds
     frame["tokens_per_s"] = frame["tokens_per_s"].where(frame["tokens_per_s"].notna(), derived_tps)
-    derived_fps = frame["flops_useful"] / seconds
+    # The harness's flops_per_s is computed FLOPs / time (hardware view); the useful rate (pairs the pattern
+    # needs / time) is derived here. Both are plotted.
+    derived_fps = frame["flops_computed"] / seconds
     frame["flops_per_s"] = frame["flops_per_s"].where(frame["flops_per_s"].notna(), derived_fps)
+    frame["useful_flops_per_s"] = frame["flops_useful"] / seconds
     # Numbers of a cell that did not run are meaningless; the harness writes them empty, enforce it here.
-    measured = ["time_ms", "time_iqr_ms", "tokens_per_s", "peak_mem_bytes", "peak_rss_bytes", "flops_per_s"]
+    measured = [
+        "time_ms",
+        "time_iqr_ms",
+        "tokens_per_s",
+        "peak_mem_bytes",
+        "peak_rss_bytes",
+        "flops_per_s",
+        "useful_flops_per_s",
+    ]
     frame.loc[~ok, measured] = float("nan")
     return frame
 
@@ -309,9 +321,16 @@ DEVICE_MEMORY_KEYS = (
 )
 
 
+BUDGET_GIB_KEYS = ("budget_gb", "memory_budget_gb", "budget_gib")
+
+
 def memory_budget(meta: dict[str, Any]) -> float | None:
-    """The run's memory budget in bytes, if its meta.json records one."""
-    return find_number(meta, BUDGET_KEYS)
+    """The run's memory budget in bytes, if its meta.json records one (bytes, or GiB under ``budget_gb``)."""
+    in_bytes = find_number(meta, BUDGET_KEYS)
+    if in_bytes is not None:
+        return in_bytes
+    in_gib = find_number(meta, BUDGET_GIB_KEYS)
+    return in_gib * 2**30 if in_gib is not None else None
 
 
 def device_memory(meta: dict[str, Any]) -> float | None:

@@ -79,7 +79,7 @@ def length_label(n: float) -> str:
 def _si(value: float, unit: str) -> str:
     for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
         if abs(value) >= factor:
-            return f"{value / factor:g} {prefix}{unit}".rstrip()
+            return f"{value / factor:g} {prefix}{unit}" if unit else f"{value / factor:g}{prefix}"
     return f"{value:g} {unit}".rstrip()
 
 
@@ -191,7 +191,9 @@ def _setting_text(frame: pd.DataFrame) -> str:
     return ", ".join(parts)
 
 
-def _format_axes(ax: Axes, lengths: list[int], yfmt: Callable[[float], str]) -> None:
+def _format_axes(
+    ax: Axes, lengths: list[int], yfmt: Callable[[float], str], label_range: tuple[float, float] | None = None
+) -> None:
     from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
     ax.set_xscale("log", base=2)
@@ -205,13 +207,19 @@ def _format_axes(ax: Axes, lengths: list[int], yfmt: Callable[[float], str]) -> 
     decades = math.log10(ymax / ymin) if ymin > 0 and ymax > ymin else 1.0
     subs = (1.0, 2.0, 5.0) if decades <= 2.2 else (1.0,)
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=15))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: yfmt(v)))
+    lo_label, hi_label = label_range or (0.0, math.inf)
+
+    def label(v: float, _pos: int) -> str:
+        # no value labels inside the strips of status marks
+        return yfmt(v) if lo_label / 1.001 <= v <= hi_label * 1.001 else ""
+
+    ax.yaxis.set_major_formatter(FuncFormatter(label))
     ax.yaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="major", alpha=0.5)
 
 
-SLOT = 0.045  # height of one row of status markers, as a fraction of the axes
+SLOT = 0.04  # height of one row of status markers, as a fraction of the axes
 
 
 def _strip_y(slot: int, top: bool) -> float:
@@ -233,12 +241,31 @@ def _row_limits(values: list[float], bottom_slots: int, top_slots: int) -> tuple
     return 10 ** (lo - fb * total), 10 ** (hi + ft * total)
 
 
-def _mark(ax: Axes, x: float, row_slot: int, marker: str, colour: str, top: bool) -> None:
+def _strip_edges(ylim: tuple[float, float], bottom: int, top: int) -> tuple[float, float]:
+    """The y values where the bottom strip ends and the top strip begins (everything between is data)."""
+    lo, hi = math.log10(ylim[0]), math.log10(ylim[1])
+    b = SLOT * bottom + 0.02 if bottom else 0.0
+    t = SLOT * top + 0.02 if top else 0.0
+    return 10 ** (lo + b * (hi - lo)), 10 ** (hi - t * (hi - lo))
+
+
+def _shade_strips(ax: Axes, bottom: int, top: int) -> None:
+    from matplotlib.patches import Rectangle
+
+    for y0, height in ((0.0, SLOT * bottom + 0.02 if bottom else 0.0), (1.0 - SLOT * top - 0.02, SLOT * top + 0.02)):
+        if height > 0.02 and (y0 == 0.0 or top):
+            ax.add_patch(
+                Rectangle((0, y0), 1, height, transform=ax.transAxes, color="0.5", alpha=0.08, lw=0, zorder=0)
+            )
+
+
+def _mark(ax: Axes, x: float, row_slot: int, marker: str, colour: str, top: bool, hollow: bool = False) -> None:
     ax.plot(
         [x],
         [_strip_y(row_slot, top)],
         marker=marker,
         color=colour,
+        markerfacecolor="white" if hollow else colour,
         markersize=7,
         markeredgewidth=1.6,
         linestyle="none",
@@ -269,7 +296,7 @@ def _draw_panel(
     """Lines for ``ok`` cells (median over repeats), markers for the others."""
     result = _PanelResult(set(), set(), [], 0, 0)
     bottom_slots: dict[tuple[str, str], int] = {}
-    top_slots: dict[tuple[str, str], int] = {}
+    top_slots: dict[tuple[str, int], str] = {}
     for series in order:
         for run, rows in panel[panel["series"] == series].groupby("run", sort=False):
             colour = palette[series]
@@ -293,22 +320,38 @@ def _draw_panel(
                 result.drawn.add(series)
             failed = rows[rows["status"] != "ok"]
             if not failed.empty:
-                slot = bottom_slots.setdefault((series, str(run)), len(bottom_slots))
+                # one strip row per series; a later run's marks sit a little to the right, hollow
+                slot = bottom_slots.setdefault((series, ""), len(bottom_slots))
+                k = run_index[str(run)]
                 for status, cells in failed.groupby("status", sort=False):
                     symbol = STATUS_MARKERS[str(status)][0]
                     for n in sorted(set(cells["seq_len"])):
-                        _mark(ax, n, slot, symbol, colour, top=False)
+                        _mark(ax, n * 1.07**k, slot, symbol, colour, top=False, hollow=k > 0)
                     result.marked.add(str(status))
                 result.drawn.add(series)
             if base_failed_col is not None:
-                wins = rows[rows[base_failed_col]]
-                if not wins.empty:
-                    slot = top_slots.setdefault((series, str(run)), len(top_slots))
-                    for n in sorted(set(wins["seq_len"])):
-                        _mark(ax, n, slot, "^", colour, top=True)
-                    result.marked.add("base_failed")
-                    result.drawn.add(series)
-    result.bottom_slots, result.top_slots = len(bottom_slots), len(top_slots)
+                for n, status in rows.loc[rows[base_failed_col], ["seq_len", "base_status"]].itertuples(index=False):
+                    top_slots.setdefault((str(run), int(n)), str(status))
+    # one grey mark per length (and run) where the reference did not fit but variants ran: it is a fact about
+    # the reference, so it is not repeated per series
+    runs_with_marks = sorted({run for run, _ in top_slots}, key=lambda r: run_index[r])
+    for (run, n), status in top_slots.items():
+        slot = runs_with_marks.index(run)
+        _mark(ax, n, slot, "^", "0.35", top=True)
+        label = f"reference {STATUS_MARKERS[status][1]}" if status in STATUS_MARKERS else "reference failed"
+        ax.text(
+            n / 1.12,
+            _strip_y(slot, True),
+            label + (f" ({run})" if len(run_index) > 1 else ""),
+            transform=ax.get_xaxis_transform(),
+            ha="right",
+            va="center",
+            fontsize=7.5,
+            color="0.3",
+        )
+    if top_slots:
+        result.marked.add("base_failed")
+    result.bottom_slots, result.top_slots = len(bottom_slots), len(runs_with_marks)
     return result
 
 
@@ -337,8 +380,12 @@ def _legend_handles(
         for status, (symbol, text) in STATUS_MARKERS.items():
             if status in marked:
                 handles.append(Line2D([], [], color="0.3", marker=symbol, linestyle="none", label=f"{text} (cell)"))
+        if len(runs) > 1 and marked - {"base_failed"}:
+            handles.append(
+                Line2D([], [], color="0.3", marker="X", markerfacecolor="white", linestyle="none", label="hollow: later run")
+            )
         if "base_failed" in marked:
-            handles.append(Line2D([], [], color="0.3", marker="^", linestyle="none", label="baseline did not fit"))
+            handles.append(Line2D([], [], color="0.35", marker="^", linestyle="none", label="reference did not fit"))
     return handles + extra
 
 
@@ -407,9 +454,12 @@ def _metric_figure(
                 ax.set_title(f"{row_title}: {head}" if row_title else head, fontsize=10)
                 ax.set_xlabel("sequence length (tokens)" if r == len(rows) - 1 else "")
                 ax.set_ylabel(ylabel if c == 0 else "")
-            axes[r][0].set_ylim(*_row_limits(row_values, bottom, top))
+            ylim = _row_limits(row_values, bottom, top)
+            axes[r][0].set_ylim(*ylim)
+            strip_lo, strip_hi = _strip_edges(ylim, bottom, top)
             for c in range(len(modes)):
-                _format_axes(axes[r][c], lengths, yfmt)
+                _format_axes(axes[r][c], lengths, yfmt, (strip_lo, strip_hi))
+                _shade_strips(axes[r][c], bottom, top)
         if parity:
             extra.append(Line2D([], [], color="0.45", linewidth=1.0, label="parity (1x)"))
         shown = [s for s in order if s in drawn]
@@ -474,21 +524,24 @@ def make_plots(
                 _memory_lines(runs),
             ),
             ("throughput", "tokens_per_s", "tokens / s", lambda v: _si(v, ""), "Throughput vs sequence length", None),
-            (
-                "flops",
-                "flops_per_s",
-                "useful FLOP/s",
-                lambda v: _si(v, "FLOP/s"),
-                "Achieved FLOP/s (useful FLOPs of the pattern / time)",
-                None,
-            ),
         ]
         for kind, value, ylabel, yfmt, title, hlines in specs:
-            if data.loc[data["status"] == "ok", value].notna().sum() == 0 and kind == "flops":
-                continue  # the harness recorded no FLOP counts: nothing to draw
             path = target(kind)
             _metric_figure(data, value, ylabel, yfmt, title + cond_title, path, palette, labels, dpi, hlines)
             written.append(PlotFile(kind, title + cond_title, path, _CAPTIONS[kind]))
+        flop_rows = [
+            (label, data.assign(rate=data[column]), None)
+            for label, column in (("computed FLOPs", "flops_per_s"), ("useful FLOPs", "useful_flops_per_s"))
+            if data.loc[data["status"] == "ok", column].notna().any()
+        ]
+        if flop_rows:  # nothing to draw when the harness recorded no FLOP counts
+            title = "Achieved FLOP/s (FLOPs per call / time)"
+            path = target("flops")
+            _metric_figure(
+                data, "rate", "FLOP/s", lambda v: _si(v, "FLOP/s"), title + cond_title, path, palette, labels, dpi,
+                rows=flop_rows,
+            )
+            written.append(PlotFile("flops", title + cond_title, path, _CAPTIONS["flops"]))
         references = [(base_variant, base_backend)]
         if (base_variant, base_backend) != ("full", "sdpa"):
             references.append(("full", "sdpa"))
@@ -529,9 +582,11 @@ _CAPTIONS = {
     "latency": "Median time per call; lower is better. Marks along the bottom: cells that did not run.",
     "memory": "Peak memory per call (tensor bytes on CPU, allocator peak on CUDA); red lines: budget / device memory.",
     "throughput": "Tokens processed per second (batch x length / time); higher is better.",
-    "flops": "Useful FLOPs (pairs the pattern scores, QK^T and PV) per second; a dense kernel that computes more "
-    "than it needs shows a lower rate here.",
+    "flops": "Computed FLOPs (what the backend really does) and useful FLOPs (the pairs the pattern needs, QK^T and "
+    "PV) per second; a backend that computes more than it needs (a dense mask) has a high computed but a low "
+    "useful rate. Series without FLOP counts are not drawn.",
     "speedup": "Reference time / variant time at each length; above 1x the variant is faster. "
-    "Triangles along the top: the reference did not fit at that length but the variant ran.",
-    "memory_ratio": "Reference peak memory / variant peak memory; above 1x the variant is smaller.",
+    "Grey triangles along the top: lengths where the reference did not fit but the variants marked there ran.",
+    "memory_ratio": "Reference peak memory / variant peak memory; above 1x the variant is smaller. "
+    "Grey triangles along the top: the reference did not fit at that length.",
 }
