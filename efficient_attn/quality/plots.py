@@ -18,6 +18,9 @@ from typing import Any
 
 from efficient_attn.registry import list_attentions
 
+#: Relative errors below this are drawn at it (exact variants whose pattern covers the sequence reach ~1e-8).
+ERROR_FLOOR = 1e-4
+
 __all__ = [
     "variant_colors",
     "lra_chart",
@@ -76,24 +79,26 @@ def lra_chart(results: Any, path: str | Path, *, seq_len: int | None = None) -> 
     summary = summary[summary["seq_len"] == seq_len]
     tasks = sorted(summary["task"].unique())
     colors = variant_colors(list(summary["variant"].unique()))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 5.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 5.6), squeeze=False, layout="constrained")
     peak_max = float(summary["peak"].max())
     for ax, task in zip(axes[0], tasks):
-        part = summary[summary["task"] == task]
-        for _, r in part.iterrows():
-            area = 80 + 1400 * float(r["peak"]) / peak_max
+        part = summary[summary["task"] == task].sort_values("sps")
+        for index, (_, r) in enumerate(part.iterrows()):
+            area = 60 + 1200 * float(r["peak"]) / peak_max
             ax.scatter(r["sps"], 100 * r["acc_mean"], s=area, color=colors[r["variant"]], alpha=0.55,
-                       edgecolors="black", linewidths=0.6, label=f"{r['variant']} ({r['peak'] / 2**20:.0f} MiB)")
-            ax.annotate(r["variant"], (r["sps"], 100 * r["acc_mean"]), textcoords="offset points", xytext=(0, 9),
-                        ha="center", fontsize=8)
+                       edgecolors="black", linewidths=0.6, label=f"{r['variant']}: {_bytes(r['peak'])}")
+            offset = 10 if index % 2 == 0 else -14  # alternate above/below so neighbours do not collide
+            ax.annotate(r["variant"], (r["sps"], 100 * r["acc_mean"]), textcoords="offset points",
+                        xytext=(0, offset), ha="center", va="center", fontsize=7)
         ax.axhline(100 * part["majority"].mean(), color="grey", linestyle="--", linewidth=1, label="majority class")
         ax.set_xlabel("training speed (steps/s, CPU)")
         ax.set_ylabel("held-out accuracy (%)")
-        ax.set_title(f"{task}, n = {seq_len}: speed vs accuracy (bubble = peak memory)")
-        ax.margins(x=0.15, y=0.15)
-        ax.legend(fontsize=7, loc="best", markerscale=0.35, framealpha=0.8)
+        ax.set_title(f"{task}, n = {seq_len}", fontsize=10)
+        ax.margins(x=0.15, y=0.2)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=4, markerscale=0.3,
+                  title="variant: peak memory of one training step (bubble area)", title_fontsize=7)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.suptitle("Speed vs accuracy vs memory (LRA-style)", fontsize=11)
     return _save(fig, path)
 
 
@@ -105,7 +110,7 @@ def accuracy_vs_length(results: Any, path: str | Path) -> Path:
         raise ValueError("accuracy_vs_length: no ok rows to plot")
     tasks = sorted(summary["task"].unique())
     colors = variant_colors(list(summary["variant"].unique()))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.0 * len(tasks), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.0 * len(tasks), 5.0), squeeze=False, layout="constrained")
     for ax, task in zip(axes[0], tasks):
         part = summary[summary["task"] == task]
         for variant, g in part.groupby("variant"):
@@ -118,10 +123,9 @@ def accuracy_vs_length(results: Any, path: str | Path) -> Path:
         ax.set_xticks(sorted(part["seq_len"].unique()), [str(n) for n in sorted(part["seq_len"].unique())])
         ax.set_xlabel("sequence length (tokens)")
         ax.set_ylabel("held-out accuracy (%)")
-        ax.set_title(f"{task}: accuracy vs length (mean ± std over seeds)")
-        ax.legend(fontsize=7, ncol=2)
+        ax.set_title(f"{task}: accuracy vs length (mean ± std over seeds)", fontsize=10)
+        ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.14))
         ax.grid(alpha=0.3)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -133,14 +137,15 @@ def error_plot(errors: Any, path: str | Path) -> Path:
         raise ValueError("error_plot: no ok non-full rows to plot")
     colors = variant_colors(list(ok["variant"].unique()))
     sources = [s for s in ("random", "trained") if s in set(ok["source"])]
-    fig, axes = plt.subplots(1, len(sources), figsize=(6.0 * len(sources), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(sources), figsize=(6.0 * len(sources), 5.4), squeeze=False,
+                             layout="constrained")
     styles = {"recall": "-", "listops": "--"}
     for ax, source in zip(axes[0], sources):
         part = ok[ok["source"] == source]
         group_cols = ["variant"] if source == "random" else ["variant", "task"]
         for keys, g in part.groupby(group_cols):
             keys = keys if isinstance(keys, tuple) else (keys,)
-            g = g.groupby("seq_len")["rel_error"].mean()
+            g = g.groupby("seq_len")["rel_error"].mean().clip(lower=ERROR_FLOOR)
             label = keys[0] if source == "random" else f"{keys[0]} ({keys[1]})"
             linestyle = "-" if source == "random" else styles.get(keys[1], ":")
             ax.plot(g.index, g.values, marker="o", linestyle=linestyle, color=colors[keys[0]], label=label)
@@ -149,12 +154,11 @@ def error_plot(errors: Any, path: str | Path) -> Path:
         ax.set_xticks(lengths, [str(n) for n in lengths])
         ax.set_yscale("log")
         ax.set_xlabel("sequence length (tokens)")
-        ax.set_ylabel("relative error ||y - y_full|| / ||y_full||")
+        ax.set_ylabel(f"relative error ||y - y_full|| / ||y_full|| (floor {ERROR_FLOOR:g})")
         title = "random Gaussian q, k, v" if source == "random" else "q, k, v of trained models (mean over layers)"
         ax.set_title(f"error vs full attention: {title}", fontsize=10)
-        ax.legend(fontsize=7, ncol=2)
-        ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
+        ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+        ax.grid(alpha=0.3, which="major")
     return _save(fig, path)
 
 
@@ -166,8 +170,8 @@ def head_similarity_heatmap(diversity: Any, path: str | Path, *, title: str) -> 
         raise ValueError("head_similarity_heatmap: no rows")
     kinds = [k for k in ("output", "map") if k in set(diversity["kind"])]
     layers = sorted(diversity["layer"].unique())
-    fig, axes = plt.subplots(len(kinds), len(layers), figsize=(3.4 * len(layers) + 1.2, 3.1 * len(kinds)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(kinds), len(layers), figsize=(3.4 * len(layers) + 1.4, 3.2 * len(kinds) + 0.5),
+                             squeeze=False, layout="constrained")
     image = None
     for r, kind in enumerate(kinds):
         for c, layer in enumerate(layers):
@@ -184,9 +188,10 @@ def head_similarity_heatmap(diversity: Any, path: str | Path, *, title: str) -> 
             if h <= 8:
                 for i in range(h):
                     for j in range(h):
-                        ax.text(j, i, f"{matrix.values[i, j]:.2f}", ha="center", va="center", fontsize=7)
+                        value = matrix.values[i, j]
+                        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                                color="white" if abs(value) > 0.6 else "black")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     fig.colorbar(image, ax=axes, shrink=0.8, label="cosine similarity")
     return _save(fig, path)
 
@@ -211,6 +216,13 @@ def similarity_vs_heads(summary: Any, path: str | Path, *, title: str) -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
 
 
 def _save(fig: Any, path: str | Path) -> Path:

@@ -71,6 +71,13 @@ def write_report(run_dir: str | Path, *, num_heads: int | None = None) -> Path:
         "read it as a rough ranking. Peak memory is the exact peak of extra tensor bytes in one training step.",
         "",
     ]
+    if "cell_s" in results_all and results_all["cell_s"].notna().any():
+        lines += [
+            f"Cost: {len(results_all)} training cells took {results_all['cell_s'].sum() / 60:.1f} min wall and "
+            f"{results_all['cell_cpu_s'].sum() / 60:.1f} min of process CPU time (with one thread the CPU time "
+            "approximates the wall time on a quiet machine).",
+            "",
+        ]
     # ---- tasks and their validity
     validity = task_validity(results)
     lines += ["## Do the tasks count?", "",

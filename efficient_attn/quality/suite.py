@@ -30,6 +30,7 @@ import csv
 import dataclasses
 import json
 import math
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,16 +65,20 @@ RESULT_COLUMNS = KEY_COLUMNS + [
     "majority_accuracy",
     "steps",
     "train_s",
+    "train_cpu_s",
     "steps_per_s",
     "peak_mem_bytes",
     "final_loss",
+    "cell_s",
+    "cell_cpu_s",
 ]
 STATUSES = ("ok", "unsupported", "error")
 
 
 @dataclass(kw_only=True)
 class HeadsSweep:
-    """Extra cells: ``variant`` on ``task`` at ``seq_len`` trained with each of ``num_heads`` (all seeds)."""
+    """Extra cells: ``variant`` on ``task`` at ``seq_len`` trained with each of ``num_heads``, seed 0 only (head
+    diversity is measured on the seed-0 models)."""
 
     variant: str
     task: str
@@ -202,11 +207,10 @@ def plan_cells(suite: QualitySuite) -> list[Cell]:
     sweep = suite.heads_sweep
     if sweep is not None:
         params = json.dumps(suite.params.get(sweep.variant, {}), sort_keys=True)
-        for seed in range(suite.seeds):
-            for heads in sweep.num_heads:
-                cell = Cell(sweep.task, sweep.variant, params, sweep.seq_len, seed, heads)
-                if cell not in cells:
-                    cells.append(cell)
+        for heads in sweep.num_heads:
+            cell = Cell(sweep.task, sweep.variant, params, sweep.seq_len, 0, heads)
+            if cell not in cells:
+                cells.append(cell)
     return cells
 
 
@@ -259,6 +263,7 @@ def run_cell(suite: QualitySuite, cell: Cell, out: Path, save_model: bool) -> di
     if needs_padding and not spec.supports_key_padding:
         row.update(status="unsupported", note=f"{cell.variant} does not support key_padding_mask ({cell.task} pads)")
         return row
+    started, cpu_started = time.perf_counter(), time.process_time()
     try:
         result = train_and_evaluate(
             cell.variant, cell.task, cell.seq_len, cell.seed, config, json.loads(cell.params_json)
@@ -273,9 +278,12 @@ def run_cell(suite: QualitySuite, cell: Cell, out: Path, save_model: bool) -> di
         majority_accuracy=result.majority_accuracy,
         steps=result.steps,
         train_s=round(result.train_s, 3),
+        train_cpu_s=round(result.train_cpu_s, 3),
         steps_per_s=result.steps_per_s,
         peak_mem_bytes=result.peak_mem_bytes,
         final_loss=result.final_loss,
+        cell_s=round(time.perf_counter() - started, 3),
+        cell_cpu_s=round(time.process_time() - cpu_started, 3),
     )
     if save_model:
         path = model_path(out, cell)
