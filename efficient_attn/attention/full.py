@@ -2,7 +2,9 @@
 
 Vaswani et al. 2017, "Attention Is All You Need", arXiv:1706.03762.
 Cost: O(n^2 d) time; the ``naive`` backend also holds the O(n^2) score matrix, the ``sdpa`` backend
-(``torch.nn.functional.scaled_dot_product_attention``) uses fused kernels that avoid it where the device allows.
+(``torch.nn.functional.scaled_dot_product_attention``) uses fused kernels that avoid it where the device allows, and so
+do ``flex`` (compiled FlexAttention over :meth:`FullAttention.mask_mod`; forward-only on CPU) and ``xformers``
+(``memory_efficient_attention``, CUDA only). ``auto`` reads :data:`efficient_attn.attention.auto.AUTO_TABLE`.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from efficient_attn.attention import flex as flex_backend
+from efficient_attn.attention.auto import FusedBackendsMixin
 from efficient_attn.attention.base import Attention, AttentionConfig
 from efficient_attn.attention.functional import combine_masks, dense_attention
+from efficient_attn.attention.xformers_backend import xformers_attention
 from efficient_attn.registry import register_attention
 
 
@@ -29,18 +34,32 @@ class FullConfig(AttentionConfig):
     description="Full softmax attention (Vaswani et al. 2017), the quadratic baseline",
     paper="Vaswani et al. 2017, arXiv:1706.03762",
     complexity="O(n^2)",
-    backends=("naive", "sdpa"),
+    backends=("naive", "sdpa", "flex", "xformers"),
 )
-class FullAttention(Attention):
+class FullAttention(FusedBackendsMixin, Attention):
     """Exact softmax attention over every (query, key) pair (lower triangle when causal).
 
     Backends:
         ``naive``: explicit ``softmax(Q K^T / sqrt(d)) V``; materialises the ``(batch, heads, n, n)`` scores.
-        ``sdpa``: ``F.scaled_dot_product_attention``; ``auto`` picks it.
+        ``sdpa``: ``F.scaled_dot_product_attention``; ``auto`` picks it (see ``AUTO_TABLE``).
+        ``flex``: compiled FlexAttention with :meth:`mask_mod`; forward-only and float32/16/bf16-only on CPU.
+        ``xformers``: ``xformers.ops.memory_efficient_attention`` (causal: ``LowerTriangularMask``); CUDA only.
     """
 
-    def auto_backend(self, device: torch.device, needs_grad: bool) -> str:
-        return "sdpa"
+    def __init__(self, config: FullConfig) -> None:
+        super().__init__(config)
+        self._flex = flex_backend.FlexRunner(self.mask_mod)
+
+    def mask_mod(self, seq_len: int, device: torch.device | str | None = None) -> flex_backend.MaskMod:
+        """FlexAttention ``mask_mod(b, h, q_idx, kv_idx)``: every pair inside the sequence (causal: ``kv <= q``)."""
+
+        def causal_mask(b: Tensor | int, h: Tensor | int, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return (kv_idx <= q_idx) & (q_idx < seq_len)
+
+        def all_pairs(b: Tensor | int, h: Tensor | int, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return (q_idx < seq_len) & (kv_idx < seq_len)
+
+        return causal_mask if self.config.causal else all_pairs
 
     def dense_mask(self, seq_len: int, device: torch.device | str | None = None) -> Tensor:
         """Bool ``(seq, seq)``: all True, or the lower triangle (diagonal included) when causal."""
@@ -69,3 +88,12 @@ class FullAttention(Attention):
         # A query with no real key would be NaN in some SDPA kernels: let it see every key, then zero it.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_key, dropout_p=self.dropout_p)
         return out.masked_fill(~has_key, 0.0)
+
+    def _attend_flex(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        flex_backend.check_supported(q, self.dropout_p)
+        return self._flex(q, k, v, key_padding_mask)
+
+    def _attend_xformers(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        return xformers_attention(
+            q, k, v, causal=self.config.causal, key_padding_mask=key_padding_mask, dropout_p=self.dropout_p
+        )

@@ -1,0 +1,190 @@
+"""What ``backend="auto"`` runs: one table, keyed by (variant family, device type, needs_grad).
+
+``auto`` never changes *what* is computed (the pattern is the variant's); it only picks *how*. The first preference
+that is available for the call (device, mode, input dtype, dropout) and whose minimum length the input reaches is
+taken, and ``attend`` records it in ``last_backend`` (the harness writes it into every result row).
+
+Families: ``full`` (non-causal), ``full-causal``, and the pattern variants by key (``window``, ``bigbird``,
+``longformer``; causal or not, same row). A row lists :class:`Choice` entries in order of preference, and
+``evidence`` says which measurement put them in that order (or ``"unmeasured"``).
+
+The CPU rows come from forward timings on this machine class (2 shared cores, torch 2.13 CPU, batch 1, 4 heads,
+head_dim 64, float32, ``torch.utils.benchmark`` median; the machine was shared with other jobs, so the numbers are
+noisy; see each row's ``evidence``). FlexAttention is forward-only on CPU, so every CPU ``needs_grad=True`` row
+starts with a backend that has a backward. ``flex`` is only chosen from ``FLEX_MIN_LEN`` tokens on: each new shape
+costs 5-50 s of compilation here, which a short input never earns back.
+
+CUDA rows are *unmeasured* (no GPU was available): they follow the kernels' published behaviour (fused
+FlashAttention-style kernels first, the blocked PyTorch backend last) until a GPU run replaces them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from efficient_attn.attention import flex as flex_backend
+from efficient_attn.attention import xformers_backend
+
+#: Shortest input for which ``auto`` compiles FlexAttention on CPU (compile 5-50 s per shape here).
+FLEX_MIN_LEN = 2048
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One preference: run ``backend`` when the input has at least ``min_len`` tokens (and the backend is available)."""
+
+    backend: str
+    min_len: int = 0
+
+
+@dataclass(frozen=True)
+class AutoRow:
+    """Ordered preferences of one (family, device type, needs_grad), and the evidence behind the order."""
+
+    choices: tuple[Choice, ...]
+    evidence: str
+
+
+def _pattern_rows(key: str, cpu_forward: tuple[Choice, ...], evidence: str) -> dict[tuple[str, str, bool], AutoRow]:
+    return {
+        (key, "cpu", False): AutoRow(cpu_forward, evidence),
+        (key, "cpu", True): AutoRow((Choice("torch"),), "only backend with a backward on CPU (flex is forward-only)"),
+        (key, "cuda", False): AutoRow((Choice("flex"), Choice("torch")), "unmeasured"),
+        (key, "cuda", True): AutoRow((Choice("flex"), Choice("torch")), "unmeasured"),
+    }
+
+
+_FLEX_THEN_TORCH = (Choice("flex", FLEX_MIN_LEN), Choice("torch"))
+
+#: The table ``auto`` reads (see the module docstring). Evidence: forward ms, median [IQR], measured 2026-11-25 on
+#: 2 cores shared with other jobs (load average 10-13, so absolute numbers are several times too slow; the ratio
+#: between two backends timed back to back is what decided the order). Pattern parameters are the defaults
+#: (window/longformer ``window_size=256``, longformer 1 global token, bigbird block 64, 3 random, 2 global, 3 window).
+AUTO_TABLE: dict[tuple[str, str, bool], AutoRow] = {
+    ("full", "cpu", False): AutoRow((Choice("sdpa"),), "flex skips nothing for all pairs; not measured apart"),
+    ("full", "cpu", True): AutoRow((Choice("sdpa"),), "sdpa has a fused backward; flex has none on CPU"),
+    ("full", "cuda", False): AutoRow((Choice("sdpa"), Choice("xformers")), "unmeasured"),
+    ("full", "cuda", True): AutoRow((Choice("sdpa"), Choice("xformers")), "unmeasured"),
+    ("full-causal", "cpu", False): AutoRow((Choice("sdpa"),), "4K: sdpa 660 [47] vs flex 1000 [154]"),
+    ("full-causal", "cpu", True): AutoRow((Choice("sdpa"),), "sdpa has a fused backward; flex has none on CPU"),
+    ("full-causal", "cuda", False): AutoRow((Choice("sdpa"), Choice("flex")), "unmeasured"),
+    ("full-causal", "cuda", True): AutoRow((Choice("sdpa"), Choice("flex")), "unmeasured"),
+    **_pattern_rows("window", _FLEX_THEN_TORCH, "4K: flex 335 [43] vs torch 755 [150]; 16K: flex 1860 [8] vs torch 3102"),
+    **_pattern_rows(
+        "bigbird", (Choice("torch"),), "4K: torch 1142 [187] vs flex 1312 [206]; 16K: torch 3098 vs flex 3932"
+    ),
+    **_pattern_rows("longformer", _FLEX_THEN_TORCH, "4K: flex 860 [59] vs torch 1881 [146]; 16K: flex 2548 [4] vs torch 6260"),
+}
+
+
+def backend_unavailable_reason(
+    backend: str, device: torch.device | str, needs_grad: bool, dtype: torch.dtype | None = None
+) -> str | None:
+    """Why a fused backend (``flex``, ``xformers``) cannot run here; None for it can and for every other backend."""
+    if backend == "flex":
+        return flex_backend.unavailable_reason(device, needs_grad, dtype)
+    if backend == "xformers":
+        return xformers_backend.unavailable_reason(device, needs_grad)
+    return None
+
+
+def choose_backend(
+    family: str,
+    device: torch.device | str,
+    needs_grad: bool,
+    *,
+    seq_len: int | None,
+    is_available: Callable[[str], bool],
+) -> str:
+    """The first preference of ``AUTO_TABLE[(family, device.type, needs_grad)]`` that runs this input.
+
+    Args:
+        family: ``"full"``, ``"full-causal"`` or a pattern variant key.
+        device: where the inputs live.
+        needs_grad: whether backward will run.
+        seq_len: the input's length; None (unknown) skips every choice with a ``min_len``.
+        is_available: ``backend -> bool`` for this call (device, mode, dtype, dropout).
+
+    Raises:
+        KeyError: no row for ``family`` on this device type (names the rows that exist).
+        RuntimeError: no preference of the row is available.
+    """
+    device = torch.device(device)
+    key = (family, device.type, needs_grad)
+    if key not in AUTO_TABLE:
+        known = sorted({f"{f}/{d}" for f, d, _ in AUTO_TABLE})
+        raise KeyError(f"auto has no row for family {family!r} on {device.type!r}; rows: {', '.join(known)}")
+    row = AUTO_TABLE[key]
+    for choice in row.choices:
+        long_enough = choice.min_len == 0 or (seq_len is not None and seq_len >= choice.min_len)
+        if long_enough and is_available(choice.backend):
+            return choice.backend
+    tried = ", ".join(c.backend for c in row.choices)
+    raise RuntimeError(f"auto found no available backend for {family!r} on {device.type} (tried {tried})")
+
+
+class FusedBackendsMixin:
+    """Gives a variant ``auto`` from :data:`AUTO_TABLE` and dtype-aware availability of ``flex`` / ``xformers``.
+
+    Mix in before :class:`~efficient_attn.attention.base.Attention`. ``Attention.attend`` resolves the backend from
+    the device and mode only; FlexAttention on CPU also depends on the input's dtype (no float64 kernel) and only
+    pays off for long inputs, so :meth:`attend` notes q's dtype and length for the duration of the call, and
+    ``unavailable_reason`` called on a module without ``dtype`` uses that (or the module's parameter dtype).
+    """
+
+    #: ``(dtype, seq_len)`` of the ``attend`` call in progress, else None.
+    _call_input: tuple[torch.dtype, int] | None = None
+
+    @property
+    def auto_family(self) -> str:
+        """The :data:`AUTO_TABLE` family of this module."""
+        key = self.spec_key  # type: ignore[attr-defined]
+        if key == "full":
+            return "full-causal" if self.config.causal else "full"  # type: ignore[attr-defined]
+        return key
+
+    def attend(self, q, k, v, key_padding_mask=None):  # type: ignore[no-untyped-def]
+        """The core (see :meth:`Attention.attend`); notes q's dtype and length for ``auto`` while it runs."""
+        self._call_input = (q.dtype, q.shape[-2])
+        try:
+            return super().attend(q, k, v, key_padding_mask)  # type: ignore[misc]
+        finally:
+            self._call_input = None
+
+    def _module_dtype(self) -> torch.dtype | None:
+        if self._call_input is not None:
+            return self._call_input[0]
+        for param in self.parameters():  # type: ignore[attr-defined]
+            return param.dtype
+        return None
+
+    def auto_backend(self, device: torch.device, needs_grad: bool) -> str:
+        """The backend :data:`AUTO_TABLE` picks for this module, device, mode and input."""
+        dtype = self._module_dtype()
+        seq_len = self._call_input[1] if self._call_input is not None else None
+
+        def is_available(backend: str) -> bool:
+            if backend == "flex" and self.dropout_p > 0.0:  # type: ignore[attr-defined]
+                return False  # FlexAttention has no attention dropout
+            return self.unavailable_reason(backend, device, needs_grad, dtype) is None
+
+        return choose_backend(self.auto_family, device, needs_grad, seq_len=seq_len, is_available=is_available)
+
+    class _Reason:
+        """``unavailable_reason(backend, device, needs_grad, dtype=None)``, on the class or on a module."""
+
+        def __get__(self, module: "FusedBackendsMixin | None", owner: type) -> Callable[..., str | None]:
+            def unavailable_reason(
+                backend: str, device: torch.device | str, needs_grad: bool, dtype: torch.dtype | None = None
+            ) -> str | None:
+                """Why ``backend`` cannot run on ``device`` (None when it can); ``dtype`` defaults to the module's."""
+                if dtype is None and module is not None:
+                    dtype = module._module_dtype()
+                return backend_unavailable_reason(backend, torch.device(device), needs_grad, dtype)
+
+            return unavailable_reason
+
+    unavailable_reason = _Reason()
