@@ -221,7 +221,8 @@ def make_rows(
                     status, note = failure
                     after_oom = after_oom or status == "oom"
                     row.update(status=status, note=note, backend=s.backend if status != "unsupported" else "")
-                    for col in ("time_ms", "time_iqr_ms", "tokens_per_s", "peak_mem_bytes", "padded_len", "flops_computed"):
+                    measured = ("time_ms", "time_iqr_ms", "tokens_per_s", "peak_mem_bytes", "padded_len", "flops_computed")
+                    for col in measured:
                         row[col] = ""
                     if status not in ("oom", "skipped_budget", "skipped_after_oom"):
                         row["predicted_mem_bytes"] = ""

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -21,7 +20,6 @@ from report_synthetic import (  # noqa: E402
     make_rows,
     quadratic,
     realistic_run,
-    realistic_series,
     write_run,
 )
 
@@ -34,7 +32,7 @@ from efficient_attn.report.fit import (  # noqa: E402
     measured_crossover,
 )
 from efficient_attn.report.load import load_runs  # noqa: E402
-from efficient_attn.report.plots import STATUS_MARKERS, length_label, make_plots, series_palette  # noqa: E402
+from efficient_attn.report.plots import STATUS_MARKERS, length_label, series_palette  # noqa: E402
 from efficient_attn.report.render import build_report, crossover_rows  # noqa: E402
 from efficient_attn.report.tables import lra_table, relative_to_baseline  # noqa: E402
 
@@ -294,7 +292,10 @@ def test_report_markdown_has_every_section_and_html_embeds_images(realistic_repo
 
 def test_report_crossover_table_matches_the_constructed_laws(tmp_path):
     a, b, c = 4e-6, 2e-3, 1.0
-    series = [Series("full", "naive", quadratic(a), quadratic(8.0)), Series("window", "torch", linear(b, c), linear(64.0))]
+    series = [
+        Series("full", "naive", quadratic(a), quadratic(8.0)),
+        Series("window", "torch", linear(b, c), linear(64.0)),
+    ]
     write_run(tmp_path / "r", make_rows(series, LENGTHS, modes=("fwd",)))
     frame, _ = load_runs([tmp_path / "r"])
     header, rows, fitted = crossover_rows(frame, ("full", "naive"))
@@ -318,8 +319,6 @@ def test_two_runs_overlay_with_labels(tmp_path):
     frame, runs = load_runs([cpu, after])
     assert [r.label for r in runs] == ["before", "after"]
     # the legend names both runs
-    from matplotlib.lines import Line2D  # noqa: F401  (handles are Line2D)
-
     from efficient_attn.report.plots import _legend_handles
 
     handles = _legend_handles(["full:naive"], series_palette(frame), ["before", "after"], False, set(), [])

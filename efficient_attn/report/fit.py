@@ -5,8 +5,9 @@
   fixed overheads pull small-length slopes below the asymptote, so the fitted range is always reported.
 - Crossover ("efficiency length", Koh et al. 2023, CAB, arXiv:2210.07661): the length from which a variant is
   cheaper than a baseline. CAB fits a quadratic to full attention and a line to each variant and solves for the
-  crossing; :func:`crossover_polynomial_fit` does that (a quadratic for the variant too when its measured exponent
-  exceeds 1.5, so ``full:sdpa`` vs ``full:naive`` is not forced onto a line), :func:`crossover_power` solves two
+  crossing; :func:`crossover_polynomial_fit` does that (the degree of each fit follows the series' own measured
+  exponent, so ``full:sdpa`` vs ``full:naive`` is not forced onto a line, nor SDPA's linear memory onto a
+  parabola), :func:`crossover_power` solves two
   power laws, and :func:`measured_crossover` reads the first measured length from which the variant wins.
 - Longest length within a memory budget: measured (the longest ``ok`` cell), predicted (the longest cell whose
   ``predicted_mem_bytes`` fits) and extrapolated (the memory power law solved at the budget).
@@ -82,7 +83,8 @@ class Crossover:
     """Where a variant's cost drops below a baseline's.
 
     ``verdict``: ``"at"`` (cheaper for every n >= ``length``), ``"always"`` (cheaper at every positive length the
-    model covers), ``"never"`` (not cheaper at large n). ``extrapolated`` says the length lies outside the lengths
+    model covers), ``"never"`` (not cheaper at large n), ``"poor fit"`` (a fitted cost that falls with n).
+    ``extrapolated`` says the length lies outside the lengths
     both series were measured at.
     """
 
@@ -145,24 +147,43 @@ def fit_polynomial(
     return np.poly1d(np.polyfit(n_arr, y_arr, degree, w=weights))
 
 
+def _degree_for(n: np.ndarray, y: np.ndarray) -> int:
+    """2 for a series that grows faster than n^1.5 over its range, else 1."""
+    return 2 if fit_power_law(n, y).exponent > 1.5 else 1
+
+
 def crossover_polynomial_fit(
     n_baseline: Sequence[float] | np.ndarray,
     y_baseline: Sequence[float] | np.ndarray,
     n_variant: Sequence[float] | np.ndarray,
     y_variant: Sequence[float] | np.ndarray,
     *,
+    baseline_degree: int | None = None,
     variant_degree: int | None = None,
 ) -> Crossover:
-    """CAB's efficiency length: quadratic fit to the baseline, line (or quadratic) to the variant, solve.
+    """CAB's efficiency length: a quadratic fitted to the (quadratic) baseline, a line to the variant, solved.
 
-    ``variant_degree=None`` picks 1, or 2 when the variant's own log-log slope exceeds 1.5.
+    A degree left ``None`` is chosen from the series' own log-log slope (2 above 1.5, else 1), so a linear
+    baseline (SDPA's memory) gets a line and a quadratic variant (``full:sdpa`` vs ``full:naive``) a quadratic.
+    Each fit needs two more distinct lengths than its degree (one degree of freedom left to be a fit at all);
+    fewer raise ``ValueError``. A fit whose leading coefficient is not positive (the cost would shrink at long
+    lengths: noise) gives the verdict ``"poor fit"``.
     """
     nb, yb = _clean(n_baseline, y_baseline)
     nv, yv = _clean(n_variant, y_variant)
-    if variant_degree is None:
-        variant_degree = 2 if fit_power_law(nv, yv).exponent > 1.5 else 1
-    base = fit_polynomial(nb, yb, 2)
-    var = fit_polynomial(nv, yv, variant_degree)
+    degrees = []
+    for n_arr, y_arr, given, name in ((nb, yb, baseline_degree, "baseline"), (nv, yv, variant_degree, "variant")):
+        degree = given if given is not None else _degree_for(n_arr, y_arr)
+        if np.unique(n_arr).size < degree + 2:
+            raise ValueError(
+                f"{name}: a degree-{degree} crossover fit needs at least {degree + 2} distinct lengths; "
+                f"got {np.unique(n_arr).size}"
+            )
+        degrees.append(degree)
+    base = fit_polynomial(nb, yb, degrees[0])
+    var = fit_polynomial(nv, yv, degrees[1])
+    if base.coeffs[0] <= 0 or var.coeffs[0] <= 0:
+        return Crossover("poor fit")
     result = _crossing_of_difference(base - var)
     if result.verdict == "at" and result.length is not None:
         lo, hi = max(nb.min(), nv.min()), min(nb.max(), nv.max())

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from efficient_attn.report.load import FAILED_TO_FIT, device_memory, memory_budget, parse_series_spec
+from efficient_attn.report.load import device_memory, memory_budget, parse_series_spec
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -382,7 +382,9 @@ def _legend_handles(
                 handles.append(Line2D([], [], color="0.3", marker=symbol, linestyle="none", label=f"{text} (cell)"))
         if len(runs) > 1 and marked - {"base_failed"}:
             handles.append(
-                Line2D([], [], color="0.3", marker="X", markerfacecolor="white", linestyle="none", label="hollow: later run")
+                Line2D(
+                    [], [], color="0.3", marker="X", markerfacecolor="white", linestyle="none", label="hollow: later run"
+                )
             )
         if "base_failed" in marked:
             handles.append(Line2D([], [], color="0.35", marker="^", linestyle="none", label="reference did not fit"))
@@ -555,14 +557,30 @@ def make_plots(
             ratio_rows_m.append((f"vs {variant}:{backend}", rel, "base_failed"))
         for kind, value, ylabel, title, rows in (
             ("speedup", "speedup", "speed-up (x, higher = faster)", "Speed-up vs reference", ratio_rows_t),
-            ("memory_ratio", "memory_saving", "memory saving (x, higher = smaller)", "Memory saving vs reference", ratio_rows_m),
+            (
+                "memory_ratio",
+                "memory_saving",
+                "memory saving (x, higher = smaller)",
+                "Memory saving vs reference",
+                ratio_rows_m,
+            ),
         ):
             if not rows:
                 continue
             path = target(kind)
             ratio_frame = rows[0][1] if len(rows) == 1 else _concat([r[1] for r in rows])
             _metric_figure(
-                ratio_frame, value, ylabel, _fmt_x, title + cond_title, path, palette, labels, dpi, rows=rows, parity=True
+                ratio_frame,
+                value,
+                ylabel,
+                _fmt_x,
+                title + cond_title,
+                path,
+                palette,
+                labels,
+                dpi,
+                rows=rows,
+                parity=True,
             )
             written.append(PlotFile(kind, title + cond_title, path, _CAPTIONS[kind]))
     return written

@@ -97,7 +97,8 @@ def _fit_text(lengths: Any, values: Any) -> str:
     except ValueError:
         return "too few points"
     return (
-        f"{fit.exponent:.2f} (R²={fit.r2:.3f}, {length_label(fit.n_min)}-{length_label(fit.n_max)}, {fit.n_points} pts)"
+        f"{fit.exponent:.2f} (R²={fit.r2:.3f}, "
+        f"{length_label(fit.n_min)}-{length_label(fit.n_max)}, {fit.n_points} pts)"
     )
 
 
@@ -123,7 +124,8 @@ def _crossovers(
     group: pd.DataFrame, base: pd.DataFrame, column: str
 ) -> tuple[Crossover | None, Crossover | None, str]:
     """(measured, fitted, reason when fitted is missing) for one series vs one reference."""
-    base_cost = {int(n): float(v) for n, v in zip(base.loc[base["status"] == "ok", "seq_len"], base.loc[base["status"] == "ok", column])}
+    base_ok = base[base["status"] == "ok"]
+    base_cost = {int(n): float(v) for n, v in zip(base_ok["seq_len"], base_ok[column])}
     for n in base.loc[base["status"].isin(FAILED_TO_FIT), "seq_len"]:
         base_cost.setdefault(int(n), math.inf)
     ok = group[(group["status"] == "ok") & group[column].notna()]
@@ -135,7 +137,7 @@ def _crossovers(
         fitted = crossover_polynomial_fit(list(finite), list(finite.values()), list(var_cost), list(var_cost.values()))
         reason = ""
     except ValueError:
-        fitted, reason = None, "too few points"
+        fitted, reason = None, "too few lengths"
     return measured, fitted, reason
 
 
@@ -363,8 +365,10 @@ def report_blocks(
             "The length from which a variant is faster (or smaller) than a reference. *Measured*: the first measured "
             "length from which it wins at every longer measured length (a reference that ran out of memory or budget "
             "counts as losing). *Fitted (CAB)*: the efficiency length of CAB (Zhang et al. 2023): a quadratic fitted to "
-            "the reference, a line to the variant (a quadratic if its own exponent exceeds 1.5), solved for the "
-            "crossing; 'always' = cheaper at every length, 'never' = not cheaper at long lengths."
+            "the reference, a line to the variant (each fit's degree follows the series' own exponent: 2 above 1.5), "
+            "solved for the "
+            "crossing; 'always' = cheaper at every length, 'never' = not cheaper at long lengths. Each fit needs two more "
+            "lengths than its degree (4 for a quadratic); 'poor fit' = a fitted cost that falls with length (noise)."
         )
     )
     references = [(base_variant, base_backend)]
@@ -436,7 +440,8 @@ def report_blocks(
         Para(
             "Relative interquartile range of the repeated timings. Short sequences take little time, so scheduler and "
             "cache effects dominate: on a shared CPU a 20-80% spread at 1K is common, and ratios and crossovers read "
-            f"at short lengths are correspondingly uncertain. Cells above {NOISY_IQR:.0%} are counted in the last column."
+            "at short lengths are correspondingly uncertain. "
+            f"Cells above {NOISY_IQR:.0%} are counted in the last column."
         )
     )
     header, rows = noise_rows(frame)
@@ -546,7 +551,8 @@ def build_report(
     variant, backend = parse_series_spec(baseline)
     present = (frame["variant"] == variant) & (frame["series_backend"] == backend) & ~frame["is_peer"]
     if explicit and not present.any():
-        available = sorted(set(frame.loc[~frame["is_peer"], "variant"] + ":" + frame.loc[~frame["is_peer"], "series_backend"]))
+        ours = frame[~frame["is_peer"]]
+        available = sorted(set(ours["variant"] + ":" + ours["series_backend"]))
         raise ValueError(f"--baseline {baseline!r} is not in these runs; available: {', '.join(available)}")
     if out_dir is None:
         out = runs[0].path if len(runs) == 1 else runs[0].path / "compare"

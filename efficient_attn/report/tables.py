@@ -191,7 +191,8 @@ def published_table(
                             parts.append(f"{mode}: {time} time, {mem} memory")
                 if parts:
                     found = True
-                    rows.append([fig.source, fig.hardware, fig.method, n_text, published, f"{run}, {series}", "; ".join(parts)])
+                    ours = f"{run}, {series}"
+                    rows.append([fig.source, fig.hardware, fig.method, n_text, published, ours, "; ".join(parts)])
         if not found:
             rows.append([fig.source, fig.hardware, fig.method, n_text, published, "-", "not measured in these runs"])
     return header, rows
