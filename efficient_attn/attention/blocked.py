@@ -23,7 +23,7 @@ A query with no allowed key yields zeros and zero gradients.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -54,6 +54,9 @@ class BlockedPlan:
     mask_mod: MaskMod
     is_global: Tensor  # bool (padded_len,)
     rows_per_call: int = DEFAULT_ROWS_PER_CALL
+    #: per query-block group: (tokens, flat key index, allowed, {dtype: bias}) when ``allowed`` is small enough to
+    #: keep (broadcast over the group or the query rows); filled lazily by the first call.
+    group_cache: dict = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -73,6 +76,16 @@ class _Call:
     stop: int
     key_index: Tensor | None  # blocks: flat (g * h * kt,) index into (heads * padded_len) rows; global: None
     allowed: Tensor | None  # bool, broadcastable to (calls_batch, heads, rows, keys); None = everything allowed
+    biases: dict | None = None  # dtype -> additive bias of ``allowed``, shared across calls when cached
+
+    def bias(self, dtype: torch.dtype) -> Tensor | None:
+        if self.allowed is None:
+            return None
+        if self.biases is None:
+            return _bias(self.allowed, dtype)
+        if dtype not in self.biases:
+            self.biases[dtype] = _bias(self.allowed, dtype)
+        return self.biases[dtype]
 
 
 def _calls(plan: BlockedPlan, batch: int, heads: int, key_padding_mask: Tensor | None) -> Iterator[_Call]:
@@ -82,17 +95,28 @@ def _calls(plan: BlockedPlan, batch: int, heads: int, key_padding_mask: Tensor |
     head_offsets = torch.arange(heads, device=st.key_blocks.device)[None, :, None] * n_pad  # (1, h, 1)
     for start in range(0, st.num_query_blocks, group):
         stop = min(start + group, st.num_query_blocks)
-        tokens, allowed = plan.pattern.chunk_mask(st, plan.mask_mod, plan.is_global, start, stop)
-        # allowed: (hp, g, b or 1, kt); a query dim of 1 broadcasts inside the fused kernel
-        safe = tokens.clamp_min(0)
-        flat = (safe.transpose(0, 1) + head_offsets).reshape(-1)  # (g * h * kt,) hp broadcast to h
-        allowed = allowed.transpose(0, 1)  # (g, hp, b, kt)
+        g = stop - start
+        cache_key = (start, stop, heads)
+        cached = plan.group_cache.get(cache_key)
+        if cached is None:
+            tokens, allowed = plan.pattern.chunk_mask(st, plan.mask_mod, plan.is_global, start, stop)
+            # tokens (hp, g, kt); allowed (hp, g or 1, b or 1, kt): size-1 dims broadcast inside the fused kernel
+            safe = tokens.clamp_min(0)
+            flat = (safe.transpose(0, 1) + head_offsets).reshape(-1)  # (g * h * kt,) hp broadcast to h
+            allowed = allowed.transpose(0, 1)  # (g or 1, hp, b or 1, kt)
+            small = allowed.shape[0] == 1 or allowed.shape[2] == 1
+            cached = (safe, flat, allowed, {} if small else None)
+            if small:
+                plan.group_cache[cache_key] = cached
+        safe, flat, allowed, biases = cached
         if key_padding_mask is not None:
             real = key_padding_mask[:, safe.transpose(0, 1)]  # (batch, g, hp, kt)
             allowed = (allowed[None] & real[:, :, :, None, :]).flatten(0, 1)  # (batch * g, hp, b, kt)
+            biases = None
         elif batch > 1:
-            allowed = allowed[None].expand(batch, *allowed.shape).flatten(0, 1)
-        yield _Call("blocks", start, stop, flat, allowed)
+            allowed = allowed[None].expand(batch, g, *allowed.shape[1:]).flatten(0, 1)
+            biases = None
+        yield _Call("blocks", start, stop, flat, allowed, biases)
     keys = torch.arange(n_pad, device=st.key_blocks.device)
     num_global = st.global_queries.numel()
     for start in range(0, num_global, GLOBAL_ROWS_PER_CALL):
@@ -170,12 +194,13 @@ def _use_cpu_flash(q: Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _chunk_forward(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+def _chunk_forward(q: Tensor, k: Tensor, v: Tensor, call: _Call, scale: float) -> tuple[Tensor, Tensor]:
     """Exact attention of one chunk: ``(out (N, h, m, d), lse (N, h, m))``; rows with no allowed key -> 0."""
+    allowed = call.allowed
     if _use_cpu_flash(q):
         # the CPU flash kernel returns 0 output (and lse 0) for a row whose bias is all -inf
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=_bias(allowed, q.dtype), scale=scale
+            q, k, v, 0.0, False, attn_mask=call.bias(q.dtype), scale=scale
         )
         return out, lse
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (N, h, m, kt)
@@ -191,12 +216,13 @@ def _chunk_forward(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scal
 
 
 def _chunk_backward(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, allowed: Tensor | None, scale: float
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, call: _Call, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of one chunk, recomputing its probabilities from ``lse``."""
+    allowed = call.allowed
     if _use_cpu_flash(q):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=_bias(allowed, q.dtype), scale=scale
+            grad_out.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=call.bias(q.dtype), scale=scale
         )
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if allowed is not None:
@@ -218,8 +244,8 @@ class _SparseAttentionFunction(torch.autograd.Function):
         out = torch.zeros_like(q)
         lses = []
         for call in _calls(plan, batch, heads, kpm):
-            o, lse = _chunk_forward(_query_rows(q, plan, call), _key_rows(k, call), _key_rows(v, call),
-                                    call.allowed, scale)
+            qc, kc, vc = _query_rows(q, plan, call), _key_rows(k, call), _key_rows(v, call)
+            o, lse = _chunk_forward(qc, kc, vc, call, scale)
             _put_query_rows(out, o, plan, call, accumulate=False)
             lses.append(lse)
         ctx.plan, ctx.scale, ctx.num_lse = plan, scale, len(lses)
@@ -238,7 +264,7 @@ class _SparseAttentionFunction(torch.autograd.Function):
         for call, lse in zip(_calls(plan, q.shape[0], q.shape[1], kpm), lses):
             gq, gk, gv = _chunk_backward(
                 _query_rows(grad_out, plan, call), _query_rows(q, plan, call), _key_rows(k, call),
-                _key_rows(v, call), _query_rows(out, plan, call), lse, call.allowed, scale,
+                _key_rows(v, call), _query_rows(out, plan, call), lse, call, scale,
             )
             _put_query_rows(grad_q, gq, plan, call, accumulate=True)
             _add_key_rows(grad_k, gk, call)

@@ -240,6 +240,7 @@ class WindowPattern(Pattern):
     def __init__(self, *, window_size: int, block_size: int, causal: bool, num_heads: int) -> None:
         super().__init__(block_size=block_size, causal=causal, num_heads=num_heads)
         self.window_size = window_size
+        self._bands: dict[tuple[int, str], Tensor] = {}
 
     def _local(self, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         diff = q_idx - kv_idx
@@ -261,22 +262,35 @@ class WindowPattern(Pattern):
         return blocks[None]  # (1, nb, slots)
 
     def _band(self, structure: BlockStructure) -> Tensor:
-        """Bool ``(b, slots * b)``: the window rule between a query block and its slot tokens. Because query block r
-        gathers blocks ``r + offset``, ``i - j`` inside a chunk does not depend on r: one table serves every block."""
+        """Bool ``(1, 1, b, slots * b)``: the window rule between a query block and its slot tokens. Because query
+        block r gathers blocks ``r + offset``, ``i - j`` inside a chunk does not depend on r: one table serves every
+        block (cached, and returned as the same tensor so the backend can cache what it derives from it)."""
         bs = self.block_size
         slots = structure.key_blocks.shape[-1]
-        reach = math.ceil(self.window_size / bs)
         device = structure.key_blocks.device
-        q_rel = torch.arange(bs, device=device)[:, None]
-        kv_rel = (torch.arange(slots, device=device) - reach)[:, None] * bs + torch.arange(bs, device=device)
-        return self._local(q_rel, kv_rel.flatten()[None, :])
+        key = (slots, str(device))
+        if key not in self._bands:
+            reach = math.ceil(self.window_size / bs)
+            q_rel = torch.arange(bs, device=device)[:, None]
+            kv_rel = (torch.arange(slots, device=device) - reach)[:, None] * bs + torch.arange(bs, device=device)
+            self._bands[key] = self._local(q_rel, kv_rel.flatten()[None, :])[None, None]
+        return self._bands[key]
+
+    def _interior(self, structure: BlockStructure, start: int, stop: int) -> bool:
+        """Whether every slot of query-block rows ``start:stop`` is used and every query and key is < seq_len."""
+        reach = math.ceil(self.window_size / self.block_size)
+        first_key_block = structure.first_query_block + start - reach
+        last_key_block = structure.first_query_block + stop - 1 + (0 if self.causal else reach)
+        return first_key_block >= 0 and (last_key_block + 1) * self.block_size <= structure.seq_len
 
     def chunk_mask(
         self, structure: BlockStructure, mod: MaskMod, is_global: Tensor, start: int, stop: int
     ) -> tuple[Tensor, Tensor]:
         tokens = structure.key_tokens(start, stop)  # (1, g, kt)
+        if self._interior(structure, start, stop):
+            return tokens, self._band(structure)
         q_idx = _chunk_queries(structure, start, stop)
-        return tokens, self._band(structure)[None, None] & _valid(structure, q_idx, tokens)
+        return tokens, self._band(structure) & _valid(structure, q_idx, tokens)
 
     def structure(self, seq_len: int, device: torch.device | str | None = None) -> BlockStructure:
         nb = math.ceil(seq_len / self.block_size)
@@ -341,8 +355,8 @@ class LongformerPattern(WindowPattern):
         # window part: the band, or a global key inside the gathered blocks; extra part: uncovered global keys
         key_global = torch.ones_like(tokens, dtype=torch.bool)
         key_global[..., :window_keys] = is_global[tokens[..., :window_keys].clamp_min(0)]
-        band = F.pad(self._band(structure), (0, tokens.shape[-1] - window_keys))  # (b, kt)
-        allowed = band[None, None] | key_global[:, :, None, :]
+        band = F.pad(self._band(structure), (0, tokens.shape[-1] - window_keys))  # (1, 1, b, kt)
+        allowed = band | key_global[:, :, None, :]
         if self.causal:
             allowed = allowed & (tokens[:, :, None, :] <= q_idx[None, :, :, None])
         allowed = allowed & _valid(structure, q_idx, tokens)
