@@ -63,7 +63,8 @@ __all__ = [
 
 #: backends whose first call compiles (its time is reported as ``compile_ms``)
 COMPILING_BACKENDS = frozenset({"flex"})
-#: backends FlopCounterMode cannot see into: ``flops_computed`` falls back to the analytic useful count
+#: compiled backends that refuse to run under a dispatch mode (StorageTracker, FlopCounterMode, fake tensors):
+#: ``flops_computed`` falls back to the analytic useful count, ``peak_mem_bytes`` is measured on CUDA only
 UNCOUNTABLE_BACKENDS = frozenset({"flex"})
 BUDGET_FRACTION = 0.8
 _RESULT_MARK = "EFFATTN_CELL_RESULT "
@@ -182,8 +183,11 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:500]
 
 
-def _cleanup(device: str) -> None:
-    gc.collect()
+def _cleanup(device: str, *, collect: bool = True) -> None:
+    """Free what a finished or failed cell left: a full ``gc.collect`` (a traceback's frames keep tensors alive in
+    cycles; it costs ~0.1-1 s, so only after failures) and the CUDA cache."""
+    if collect:
+        gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
 
@@ -203,7 +207,6 @@ def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, r
     Raises whatever the cell raises (the caller turns it into a status).
     """
     work = build_workload(cell, seed=seed, depth=depth)
-    _cleanup(cell.device)
     if rss:
         with rss_probe() as probe:
             first_s = time_call(work.run, cell.device)
@@ -213,13 +216,19 @@ def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, r
         work.run, device=cell.device, min_run_time=timing.min_run_time, slow_call_s=timing.slow_call_s,
         slow_repeats=timing.slow_repeats, first_call_s=first_s,
     )
-    instrumented = measure_call(work.run, cell.device, count_flops=True)
     backend = work.last_backend if not cell.is_peer else "peer"
     notes = []
-    flops_computed = instrumented.flops
     if backend in UNCOUNTABLE_BACKENDS:
+        # compiled kernels refuse to run under a dispatch mode (tracker, FLOP counter): allocator peak on CUDA only
+        peak_bytes = measure_call(work.run, cell.device, count_flops=False).peak_bytes if cell.device == "cuda" else None
         flops_computed = work.useful_flops
         notes.append(f"flops_computed is the pattern's count: FlopCounterMode cannot see {backend}")
+        if peak_bytes is None:
+            notes.append(f"peak_mem_bytes not measured: {backend} cannot run under the storage tracker "
+                         "(--isolate gives peak_rss_bytes)")
+    else:
+        instrumented = measure_call(work.run, cell.device, count_flops=True)
+        peak_bytes, flops_computed = instrumented.peak_bytes, instrumented.flops
     if timed.method == "slow_repeats":
         notes.append(f"slow cell ({timed.first_call_ms / 1e3:.1f} s first call): {timed.runs} timed calls")
     if rss and not probe.exact:
@@ -232,7 +241,7 @@ def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, r
         "time_iqr_ms": timed.iqr_ms,
         "compile_ms": timed.first_call_ms if backend in COMPILING_BACKENDS else None,
         "tokens_per_s": work.tokens / seconds,
-        "peak_mem_bytes": instrumented.peak_bytes,
+        "peak_mem_bytes": peak_bytes,
         "peak_rss_bytes": probe.peak_bytes if rss else None,
         "flops_useful": work.useful_flops,
         "flops_computed": flops_computed,
@@ -241,8 +250,8 @@ def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, r
         "note": "; ".join(notes),
         "_window_s": timed.window_s,
     }
-    del work
-    _cleanup(cell.device)
+    del work  # tensors are freed by reference counting; no full collection on the success path
+    _cleanup(cell.device, collect=False)
     return measured
 
 
@@ -306,10 +315,7 @@ def run_cell(
     notes = []
     try:
         prediction = predict_cell(cell, seed=seed, depth=depth)
-    except Exception as error:  # noqa: BLE001 - classified below
-        status, note = _classify(error)
-        if status == "unsupported":
-            return make_row(cell, status=status, note=note), 0.0
+    except Exception as error:  # noqa: BLE001 - the real run below decides the status
         notes.append(f"memory not predicted ({_first_line(error)[:200]})")
     predicted = prediction.peak_bytes if prediction is not None else None
     if prediction is not None and budget_bytes is not None and prediction.total_bytes > budget_bytes:
@@ -470,8 +476,7 @@ def dry_run(
         try:
             prediction = predict_cell(p.cell, seed=seed, depth=suite.depth)
         except Exception as error:  # noqa: BLE001 - reported, nothing runs
-            status, note = _classify(error)
-            plan.append((p, None, status if status == "unsupported" else "run", f"memory not predicted: {note}"))
+            plan.append((p, None, "run", f"memory not predicted: {_classify(error)[1]}"))
             continue
         if prediction.total_bytes > budget:
             plan.append((p, prediction.peak_bytes, "skipped_budget",
