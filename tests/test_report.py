@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -352,3 +353,38 @@ def test_meta_budget_and_label_read_defensively(tmp_path):
     from efficient_attn.report.load import memory_budget
 
     assert memory_budget(meta) == 123456789
+
+
+def test_conditions_get_their_own_plot_files(tmp_path):
+    """Causal and non-causal cells are not mixed on one line: one set of plots per condition."""
+    from efficient_attn.report.plots import make_plots
+
+    series = [
+        Series("full", "naive", quadratic(1e-6), quadratic(4.0)),
+        Series("window", "torch", linear(1e-3), linear(8.0)),
+    ]
+    both = pd.concat(
+        [make_rows(series, [256, 512, 1024], modes=("fwd",), causal=c) for c in (False, True)], ignore_index=True
+    )
+    write_run(tmp_path / "r", both)
+    frame, runs = load_runs([tmp_path / "r"])
+    assert set(frame["condition"]) == {"causal", "non-causal"}
+    plots = make_plots(frame, runs, tmp_path / "out", dpi=30)
+    names = {p.path.name for p in plots}
+    assert {"latency__causal.png", "latency__non_causal.png"} <= names
+    assert all(p.path.stat().st_size > 0 for p in plots)
+
+
+def test_report_without_the_default_baseline_says_so(tmp_path):
+    from efficient_attn.report.render import report_blocks, to_markdown
+
+    series = [
+        Series("window", "torch", linear(1e-3), linear(8.0)),
+        Series("linformer", "torch", linear(2e-3), linear(4.0)),
+    ]
+    write_run(tmp_path / "r", make_rows(series, [256, 512, 1024, 2048], modes=("fwd",)))
+    frame, runs = load_runs([tmp_path / "r"])
+    text = to_markdown(report_blocks(frame, runs, [], "full:naive", False), tmp_path)
+    assert "`full:naive` is not in these runs" in text
+    assert "The baseline `full:naive` (the default; choose another with --baseline) is not in these runs" in text
+    assert "## Scaling exponents" in text and "## Timing noise" in text
