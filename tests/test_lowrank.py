@@ -529,17 +529,19 @@ def test_linformer_peak_memory_is_far_below_full_attention():
 
 @pytest.mark.parametrize("key", LOWRANK)
 def test_query_blocks_compute_the_same_as_one_block(key, monkeypatch):
-    module = {
-        "linformer": ea.attention.linformer,
-        "performer": ea.attention.performer,
-        "nystrom": ea.attention.nystrom,
+    module, name = {
+        "linformer": (ea.attention.linformer, "QUERY_BLOCK"),
+        "performer": (ea.attention.performer, "BLOCK"),  # keys (with a running maximum) and queries
+        "nystrom": (ea.attention.nystrom, "QUERY_BLOCK"),
     }[key]
     attn = (build(key, num_landmarks=8) if key == "nystrom" else build(key)).double()
     q, k, v = random_qkv(2, 4, 45, 8, seed=12)
     kpm = random_padding(2, 45, seed=13)
+    kpm[1] = kpm[1].flip(0)  # left padding: the first blocks of keys have no real key
+    assert not kpm[1, :7].any()
     whole = attn.attend(q, k, v, key_padding_mask=kpm)
     whole_grads = torch.autograd.grad(whole.square().sum(), (q, k, v))
-    monkeypatch.setattr(module, "QUERY_BLOCK", 7)  # 45 = 6 blocks of 7 + 3
+    monkeypatch.setattr(module, name, 7)  # 45 = 6 blocks of 7 + 3
     blocked = attn.attend(q, k, v, key_padding_mask=kpm)
     torch.testing.assert_close(blocked, whole, atol=1e-12, rtol=1e-10)
     for g, r in zip(torch.autograd.grad(blocked.square().sum(), (q, k, v)), whole_grads):

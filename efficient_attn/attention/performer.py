@@ -26,8 +26,9 @@ from torch import Tensor
 from efficient_attn.attention.base import Attention, AttentionConfig, require_positive_int
 from efficient_attn.registry import register_attention
 
-#: Queries per block in the non-causal computation.
-QUERY_BLOCK = 1024
+#: Keys and queries per block in the non-causal computation: small blocks stay in cache and below glibc's mmap
+#: threshold (a fresh larger tensor is page-faulted on every call on CPU).
+BLOCK = 1024
 
 
 def orthogonal_gaussian_features(num_features: int, dim: int, seed: int) -> Tensor:
@@ -56,6 +57,10 @@ def _nonzero(den: Tensor) -> Tensor:
     # den = 0 only when every feature product is 0, and then the numerator is 0 too (no real key): the output is 0,
     # and dividing by 1 instead keeps the backward pass finite (clamping to a tiny value would give 0/0 there)
     return torch.where(den > 0, den, torch.ones_like(den))
+
+
+def _finite_or_zero(x: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
 def _draw_seed(seed: int, draw: int) -> int:
@@ -144,6 +149,17 @@ class PerformerAttention(Attention):
             self.redraw_features()
         self._calls_since_draw += 1
 
+    def _key_exponents(self, k: Tensor, real: Tensor | None) -> Tensor:
+        """``w_f . k' - |k'|^2 / 2`` ``(batch, heads, n, m)`` with ``k' = k / d^(1/4)``; ``-inf`` at non-real keys."""
+        d = k.shape[-1]
+        w = self.features.to(dtype=k.dtype, device=k.device) * d**-0.25  # (m, d), folds k / d^(1/4) into W
+        exponent = torch.matmul(k, w.T)  # (b, h, n, m); fresh, so updated in place below
+        half_sq_norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True).square() * (0.5 / math.sqrt(d))  # (b,h,n,1)
+        exponent = exponent.sub_(half_sq_norm)
+        if real is not None:
+            exponent = exponent.masked_fill_(~real, -math.inf)
+        return exponent
+
     def feature_map(self, x: Tensor, real: Tensor | None, *, is_query: bool) -> Tensor:
         """Positive random features of ``x`` ``(batch, heads, n, d)`` -> ``(batch, heads, n, m)``, stabilised.
 
@@ -153,20 +169,16 @@ class PerformerAttention(Attention):
         ``(batch, 1, n, 1)`` or None; non-real keys get zero features. Every constant factor (``1/sqrt(m)``, the
         per-query terms, the per-(batch, head) key maximum) cancels in the attention normalisation.
         """
-        d = x.shape[-1]
-        w = self.features.to(dtype=x.dtype, device=x.device) * d**-0.25  # (m, d), folds x / d^(1/4) into W
-        exponent = torch.matmul(x, w.T)  # (b, h, n, m); fresh, so updated in place below
         if is_query:
+            d = x.shape[-1]
+            w = self.features.to(dtype=x.dtype, device=x.device) * d**-0.25  # (m, d)
+            exponent = torch.matmul(x, w.T)  # (b, h, n, m)
             with torch.no_grad():  # a constant for autograd: it cancels
                 stab = exponent.amax(dim=-1, keepdim=True)  # (b, h, n, 1)
             return exponent.sub_(stab).exp_()
-        half_sq_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() * (0.5 / math.sqrt(d))  # (b,h,n,1)
-        exponent = exponent.sub_(half_sq_norm)
-        if real is not None:
-            exponent = exponent.masked_fill_(~real, -math.inf)
+        exponent = self._key_exponents(x, real)
         with torch.no_grad():
-            stab = exponent.amax(dim=(-2, -1), keepdim=True)  # (b, h, 1, 1)
-            stab = torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab))  # no real key at all
+            stab = _finite_or_zero(exponent.amax(dim=(-2, -1), keepdim=True))  # (b, h, 1, 1); 0 if no real key
         return exponent.sub_(stab).exp_()
 
     # ------------------------------------------------------------------------------------------------- compute
@@ -193,18 +205,33 @@ class PerformerAttention(Attention):
         real = None if key_padding_mask is None else key_padding_mask[:, None, :, None]  # (b, 1, n, 1)
         if self.config.causal:
             return self._causal(q, k, v, real)
-        # keys first, so that phi(K) can be freed before phi(Q) exists (without autograd): one (n, m) map at a time
-        phi_k = self.feature_map(k, real, is_query=False)  # (b, h, n, m)
-        kv = torch.matmul(phi_k.transpose(-1, -2), v)  # (b, h, m, d)
-        k_sum = phi_k.sum(dim=-2)  # (b, h, m)
-        del phi_k
+        # Keys in blocks with a running maximum: the sums phi(K)^T V and phi(K)^T 1 are rescaled by exp(old - new)
+        # whenever a block raises the maximum, which gives exactly the sums under the global key maximum without
+        # ever holding the (n, m) feature map of all keys.
+        kv = k_sum = running = None
+        for start in range(0, k.shape[-2], BLOCK):
+            stop = start + BLOCK
+            exponent = self._key_exponents(k[:, :, start:stop], None if real is None else real[:, :, start:stop])
+            with torch.no_grad():  # constants for autograd: they cancel
+                block_max = exponent.amax(dim=(-2, -1), keepdim=True)  # (b, h, 1, 1)
+                new = block_max if running is None else torch.maximum(running, block_max)
+                stab = _finite_or_zero(new)
+                alpha = None if running is None else torch.exp(running - stab)  # <= 1; 0 while no real key yet
+            phi_k = exponent.sub_(stab).exp_()  # (b, h, block, m)
+            block_kv = torch.matmul(phi_k.transpose(-1, -2), v[:, :, start:stop])  # (b, h, m, d)
+            block_sum = phi_k.sum(dim=-2, keepdim=True)  # (b, h, 1, m)
+            if alpha is None:
+                kv, k_sum = block_kv, block_sum
+            else:
+                kv = kv * alpha + block_kv
+                k_sum = k_sum * alpha + block_sum
+            running = new
         outs = []
-        # query blocks: each query's features only need its own row maximum, so blocks are independent; small
-        # blocks keep the (block, m) feature map in cache and out of the allocator's page-faulting large path
-        for start in range(0, q.shape[-2], QUERY_BLOCK):
-            phi_q = self.feature_map(q[:, :, start : start + QUERY_BLOCK], None, is_query=True)  # (b, h, block, m)
+        # query blocks: each query's features only need its own row maximum, so blocks are independent
+        for start in range(0, q.shape[-2], BLOCK):
+            phi_q = self.feature_map(q[:, :, start : start + BLOCK], None, is_query=True)  # (b, h, block, m)
             num = torch.matmul(phi_q, kv)  # (b, h, block, d)
-            den = torch.matmul(phi_q, k_sum.unsqueeze(-1))  # (b, h, block, 1)
+            den = torch.matmul(phi_q, k_sum.transpose(-1, -2))  # (b, h, block, 1)
             outs.append(num / _nonzero(den))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)  # (b, h, n, d)
 
