@@ -237,16 +237,24 @@ def _chunk_backward(
 
 
 # -------------------------------------------------------------------------------------------- autograd function
+def _rows_buffer(like: Tensor, plan: BlockedPlan, dtype: torch.dtype) -> Tensor:
+    """A ``like``-shaped buffer: rows of the block-wise part left uninitialised (each is written exactly once, by
+    copy; global rows inside it are written as zeros there), rows before it zeroed (global calls add into them)."""
+    buffer = torch.empty_like(like, dtype=dtype)
+    buffer[:, :, : plan.structure.first_query_block * plan.structure.block_size].zero_()
+    return buffer
+
+
 class _SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: BlockedPlan, scale: float) -> Tensor:
         batch, heads = q.shape[:2]
-        out = torch.zeros_like(q)
+        out = _rows_buffer(q, plan, q.dtype)
         lses = []
         for call in _calls(plan, batch, heads, kpm):
             qc, kc, vc = _query_rows(q, plan, call), _key_rows(k, call), _key_rows(v, call)
             o, lse = _chunk_forward(qc, kc, vc, call, scale)
-            _put_query_rows(out, o, plan, call, accumulate=False)
+            _put_query_rows(out, o, plan, call, accumulate=call.kind == "global")
             lses.append(lse)
         ctx.plan, ctx.scale, ctx.num_lse = plan, scale, len(lses)
         ctx.save_for_backward(q, k, v, out, kpm, *lses)
@@ -258,7 +266,7 @@ class _SparseAttentionFunction(torch.autograd.Function):
         q, k, v, out, kpm, *lses = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
         acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        grad_q = torch.zeros_like(q, dtype=acc)
+        grad_q = _rows_buffer(q, plan, acc)
         grad_k = torch.zeros_like(k, dtype=acc)
         grad_v = torch.zeros_like(v, dtype=acc)
         for call, lse in zip(_calls(plan, q.shape[0], q.shape[1], kpm), lses):
@@ -266,7 +274,7 @@ class _SparseAttentionFunction(torch.autograd.Function):
                 _query_rows(grad_out, plan, call), _query_rows(q, plan, call), _key_rows(k, call),
                 _key_rows(v, call), _query_rows(out, plan, call), lse, call, scale,
             )
-            _put_query_rows(grad_q, gq, plan, call, accumulate=True)
+            _put_query_rows(grad_q, gq, plan, call, accumulate=call.kind == "global")
             _add_key_rows(grad_k, gk, call)
             _add_key_rows(grad_v, gv, call)
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None
