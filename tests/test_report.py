@@ -219,7 +219,7 @@ def small_run(path: Path, *, label: str | None = None, scale: float = 1.0) -> Pa
             flops=quadratic(1024.0),
         ),
         Series("full", "sdpa", quadratic(1.5e-5 * scale), linear(4096.0), flops=quadratic(1024.0)),
-        Series("window", "torch", linear(2e-3 * scale, 0.4), linear(8192.0), flops=linear(1024.0 * 512)),
+        Series("window", "torch", linear(2e-3 * scale, 0.4 * scale), linear(8192.0), flops=linear(1024.0 * 512)),
     ]
     return write_run(path, make_rows(series, [1024, 2048, 4096]), label=label, budget=2e8)
 
@@ -315,6 +315,10 @@ def test_two_runs_overlay_with_labels(tmp_path):
     text = files.markdown.read_text()
     assert "| before | after |" in text.replace("|  | before | after |", "| before | after |")
     assert "| after | fwd | full:sdpa |" in text and "| before | fwd | full:sdpa |" in text
+    # the after run was built at half the time: before / after = 2x at every length
+    assert "## Run comparison" in text
+    expected = "| window:torch | fwd | before / after | 1K-4K (3) | 2.00x at 4K (mean 2.00x) | 1.00x at 4K (mean 1.00x) |"
+    assert expected in text
     for plot in files.plots:
         assert plot.path.stat().st_size > 1000
     frame, runs = load_runs([cpu, after])

@@ -10,6 +10,8 @@ import json
 import math
 import re
 from dataclasses import dataclass
+
+import numpy as np
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -283,6 +285,42 @@ def noise_rows(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def run_comparison_rows(frame: pd.DataFrame, runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """Each later run against the first (before vs after, CPU vs GPU): time and memory ratios per series and mode.
+
+    ``first / later``: above 1x the later run is faster (smaller). Given at the longest length both ran, and as
+    the geometric mean over every length both ran.
+    """
+    header = ["series", "mode", "runs (first / later)", "lengths both ran", "time ratio", "memory ratio"]
+    rows: list[list[str]] = []
+    if len(runs) < 2:
+        return header, rows
+    ok = frame[frame["status"] == "ok"]
+    keys = ["condition", "level", "mode", "series", "seq_len"]
+    first = ok[ok["run"] == runs[0].label].groupby(keys)[["time_ms", "peak_mem_bytes"]].median()
+    for later in runs[1:]:
+        other = ok[ok["run"] == later.label].groupby(keys)[["time_ms", "peak_mem_bytes"]].median()
+        both = first.reset_index().merge(other.reset_index(), on=keys, how="inner", suffixes=("_a", "_b"))
+        for (condition, _level, mode, series), group in _mode_sorted(both.assign(run="")).groupby(
+            ["condition", "level", "mode", "series"], sort=False
+        ):
+            group = group.sort_values("seq_len")
+            texts = []
+            for column in ("time_ms", "peak_mem_bytes"):
+                ratio = (group[f"{column}_a"] / group[f"{column}_b"]).dropna()
+                ratio = ratio[ratio > 0]
+                if ratio.empty:
+                    texts.append("-")
+                    continue
+                geo = math.exp(float(np.log(ratio).mean()))
+                texts.append(f"{ratio.iloc[-1]:.2f}x at {length_label(group['seq_len'].iloc[-1])} (mean {geo:.2f}x)")
+            lengths = f"{length_label(group['seq_len'].min())}-{length_label(group['seq_len'].max())} ({len(group)})"
+            rows.append(
+                [_name(str(condition), str(series)), str(mode), f"{runs[0].label} / {later.label}", lengths, *texts]
+            )
+    return header, rows
+
+
 def _flatten(meta: dict[str, Any], prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for key, value in meta.items():
@@ -349,6 +387,17 @@ def report_blocks(
     for plot in plots:
         blocks.append(Image(plot.path, plot.title, plot.caption))
 
+    if len(runs) > 1:
+        blocks.append(Heading(2, "Run comparison"))
+        blocks.append(
+            Para(
+                f"Each later run against the first ({runs[0].label}): first / later, so above 1x the later run is "
+                "faster (smaller). At the longest length both ran, and the geometric mean over all lengths both ran."
+            )
+        )
+        header, rows = run_comparison_rows(frame, runs)
+        blocks.append(Table(header, rows) if rows else Para("The runs share no series, mode and length."))
+
     blocks.append(Heading(2, "Scaling exponents"))
     blocks.append(
         Para(
@@ -364,11 +413,11 @@ def report_blocks(
         Para(
             "The length from which a variant is faster (or smaller) than a reference. *Measured*: the first measured "
             "length from which it wins at every longer measured length (a reference that ran out of memory or budget "
-            "counts as losing). *Fitted (CAB)*: the efficiency length of CAB (Zhang et al. 2023): a quadratic fitted to "
-            "the reference, a line to the variant (each fit's degree follows the series' own exponent: 2 above 1.5), "
-            "solved for the "
-            "crossing; 'always' = cheaper at every length, 'never' = not cheaper at long lengths. Each fit needs two more "
-            "lengths than its degree (4 for a quadratic); 'poor fit' = a fitted cost that falls with length (noise)."
+            "counts as losing). *Fitted (CAB)*: the efficiency length of CAB (Zhang et al. 2023): a quadratic fitted "
+            "to the reference, a line to the variant (each fit's degree follows the series' own exponent: 2 above "
+            "1.5), solved for the crossing; 'always' = cheaper at every length, 'never' = not cheaper at long "
+            "lengths. Each fit needs two more lengths than its degree (4 for a quadratic); 'poor fit' = a fitted "
+            "cost that falls with length (noise)."
         )
     )
     references = [(base_variant, base_backend)]
