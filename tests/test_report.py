@@ -332,16 +332,18 @@ def test_two_runs_overlay_with_labels(tmp_path):
 
 def test_cli_end_to_end(tmp_path, capsys):
     run_dir = small_run(tmp_path / "run")
-    assert main(["report", str(run_dir), "--dpi", "40"]) == 0
+    assert main(["report", str(run_dir), "--baseline", "full:sdpa", "--labels", "mine", "--dpi", "40"]) == 0
     out = capsys.readouterr().out
-    assert f"report: {run_dir / 'report.md'}" in out
+    assert f"report: {run_dir / 'report.md'}" in out  # written into the run folder by default
     assert (run_dir / "report.html").stat().st_size > 10_000
     assert sorted(p.name for p in run_dir.glob("*.png")) == sorted(
         f"{k}.png" for k in ("latency", "memory", "throughput", "flops", "speedup", "memory_ratio")
     )
-    assert main(["report", str(run_dir), "--out", str(tmp_path / "o"), "--baseline", "full:sdpa", "--dpi", "40"]) == 0
-    text = (tmp_path / "o" / "report.md").read_text()
+    text = (run_dir / "report.md").read_text()
     assert "Baseline: `full:sdpa`" in text and "### vs full:naive" not in text
+    assert "# Attention benchmark report: mine" in text
+    assert main(["report", str(run_dir), "--labels", "a", "b"]) == 2
+    assert "labels: got 2 label(s) for 1 run folder(s)" in capsys.readouterr().err
     assert main(["report", str(run_dir), "--baseline", "full:flex"]) == 2
     assert "not in these runs; available:" in capsys.readouterr().err
     assert main(["report", str(run_dir), "--baseline", "naive"]) == 2
