@@ -287,3 +287,16 @@ def test_run_metrics_on_partial_run(tiny_suite: Path, tmp_path: Path) -> None:
     trained = [r for r in _rows(errors_path) if r["source"] == "trained"]
     # full against itself: exactly zero error on every layer
     assert trained and all(float(r["rel_error"]) == 0.0 for r in trained)
+
+
+def test_default_suite_is_valid_for_every_registered_variant() -> None:
+    from efficient_attn.commands.quality_cmd import DEFAULT_SUITE
+
+    suite = load_suite(DEFAULT_SUITE)  # validates each variant's params against its config
+    assert suite.variants == list_attentions()
+    assert set(suite.tasks) == {"recall", "listops"} and suite.seeds == 3
+    assert suite.unused_params() == []
+    expected = len(suite.tasks) * len(suite.variants) * len(suite.lengths) * suite.seeds
+    sweep = suite.heads_sweep
+    assert sweep is not None
+    assert len(plan_cells(suite)) == expected + len([h for h in sweep.num_heads if h != suite.train.num_heads])

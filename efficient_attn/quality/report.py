@@ -146,7 +146,9 @@ def _error_section(errors: Any) -> list[str]:
              "Relative error ||y - y_full|| / ||y_full|| of each variant's core on the same q, k, v: random Gaussian "
              "inputs (all variants, untrained parameters), and the q, k, v each trained model's layers produce "
              "(its own trained core; mean over layers; padded queries ignored). Exact sparse variants are exact on "
-             "their pattern: their error is the attention mass outside it.", ""]
+             "their pattern: their error comes only from the pairs outside it. On random inputs full attention is "
+             "nearly uniform, so y_full is a small average and a variant that concentrates attention (a narrow "
+             "window) can exceed 1; trained activations are the realistic case.", ""]
     ok = errors[errors["status"] == "ok"]
     table = ok.groupby(["source", "task", "variant", "seq_len"], dropna=False)["rel_error"].mean().reset_index()
     table["task"] = table["task"].fillna("")
@@ -221,7 +223,8 @@ def _diversity_section(diversity: Any, num_heads: int, run_dir: Path) -> tuple[l
             title=f"head similarity vs number of heads: {variant} on {task}, n = {seq_len}"))
         trend = by_heads[by_heads["kind"] == "output"].groupby("num_heads")["mean_cos"].mean()
         lines += ["How it changes with the number of heads (model width fixed, so more heads = smaller heads): "
-                  "mean output similarity " + ", ".join(f"{h} heads {v:.2f}" for h, v in trend.items()) + ".", "",
+                  "mean output similarity " + ", ".join(f"{h} heads {v:.2f}" for h, v in trend.items())
+                  + " (one head has no pair to compare).", "",
                   "![similarity vs heads](similarity_vs_heads.png)", ""]
     return lines, figures
 
