@@ -527,14 +527,23 @@ def test_linformer_peak_memory_is_far_below_full_attention():
     assert linformer * 20 < full, (linformer, full)
 
 
-@pytest.mark.parametrize("key", LOWRANK)
-def test_query_blocks_compute_the_same_as_one_block(key, monkeypatch):
+@pytest.mark.parametrize(
+    "key, params",
+    [
+        ("linformer", {}),
+        ("performer", {}),
+        ("performer", dict(causal=True, chunk_size=3)),  # groups of 6 positions: the state is carried 7 times
+        ("performer", dict(causal=True, chunk_size=8)),  # chunk larger than the block: groups of one chunk
+        ("nystrom", dict(num_landmarks=8)),
+    ],
+)
+def test_blocks_compute_the_same_as_one_block(key, params, monkeypatch):
     module, name = {
         "linformer": (ea.attention.linformer, "QUERY_BLOCK"),
         "performer": (ea.attention.performer, "BLOCK"),  # keys (with a running maximum) and queries
         "nystrom": (ea.attention.nystrom, "QUERY_BLOCK"),
     }[key]
-    attn = (build(key, num_landmarks=8) if key == "nystrom" else build(key)).double()
+    attn = build(key, **params).double()
     q, k, v = random_qkv(2, 4, 45, 8, seed=12)
     kpm = random_padding(2, 45, seed=13)
     kpm[1] = kpm[1].flip(0)  # left padding: the first blocks of keys have no real key

@@ -8,9 +8,11 @@ directions made orthogonal in blocks of ``d`` (QR of Gaussian matrices) with chi
 ``out = phi(Q) (phi(K)^T V) / (phi(Q) phi(K)^T 1)``: O(n * m * d) time and O(n * m) memory, never n x n.
 
 Causal attention replaces ``phi(K)^T V`` by prefix sums over positions. Holding one ``(m, d)`` sum per position
-costs O(n * m * d) memory; here the sequence is cut into chunks of ``chunk_size``: the sum is carried across chunks
-(an exclusive cumulative sum over per-chunk ``(m, d)`` states) and within a chunk a lower-triangular
-``(chunk, chunk)`` product finishes the job, so memory is O(n * m + n * m * d / chunk_size + n * chunk_size).
+costs O(n * m * d) memory; here the sequence is cut into chunks of ``chunk_size`` c: the sum is carried across chunks
+(exclusive cumulative sums over per-chunk ``(m, d)`` states) and within a chunk a lower-triangular ``(c, c)``
+product finishes the job. Chunks are processed in groups of about ``BLOCK`` positions, the running ``(m, d)`` state
+carried from group to group. Memory: with autograd O(n * m + n * m * d / c + n * c) (what backward needs); forward
+alone O(n * d) plus one group's O(BLOCK * (m + m * d / c + c)).
 """
 
 from __future__ import annotations
@@ -188,16 +190,16 @@ class PerformerAttention(Attention):
 
         non-causal: feature projections of Q and K, ``phi(K)^T V`` and ``phi(Q) (.)`` at 2*n*m*d each, the
         normaliser ``phi(Q) z`` at 2*n*m: ``8*n*m*d + 2*n*m``.
-        causal, with c = chunk_size and N = ceil(n/c)*c padded positions: projections 4*N*m*d, per-chunk states
-        2*N*m*d, carried states into the later chunks 2*(N-c)*m*d and 2*(N-c)*m, in-chunk products
-        ``phi(Q) phi(K)^T`` 2*N*c*m and ``A V`` 2*N*c*d.
+        causal, with c = chunk_size and N = ceil(n/c)*c padded positions: the same ``8*N*m*d + 2*N*m`` (per-chunk
+        states, and every chunk's queries against the state before it) plus the in-chunk products
+        ``phi(Q) phi(K)^T`` (2*N*c*m) and ``A V`` (2*N*c*d).
         """
         n, m, d, heads = seq_len, self.config.num_features, self.config.head_dim, self.config.num_heads
         per_head = 8 * n * m * d + 2 * n * m
         if self.config.causal:
             c = self.config.chunk_size
             big_n = math.ceil(n / c) * c
-            per_head = 6 * big_n * m * d + 2 * (big_n - c) * (m * d + m) + 2 * big_n * c * (m + d)
+            per_head = 8 * big_n * m * d + 2 * big_n * m + 2 * big_n * c * (m + d)
         return batch * heads * per_head
 
     def _attend_torch(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
@@ -245,18 +247,36 @@ class PerformerAttention(Attention):
             inside = torch.arange(n + pad, device=q.device) < n
             real = inside[None, None, :, None] if real is None else F.pad(real, (0, 0, 0, pad)) & inside[:, None]
         self.last_padded_len = n + pad
-        phi_q = rearrange(self.feature_map(q, None, is_query=True), "b h (c i) m -> b h c i m", i=c)
-        phi_k = rearrange(self.feature_map(k, real, is_query=False), "b h (c j) m -> b h c j m", j=c)
-        v = rearrange(v, "b h (c j) d -> b h c j d", j=c)
-        # carried state: running sums over whole chunks (inclusive cumulative sum; chunk c reads chunk c-1's sum)
-        state = torch.cumsum(torch.matmul(phi_k.transpose(-1, -2), v), dim=2)  # (b, h, chunks, m, d)
-        k_sum = torch.cumsum(phi_k.sum(dim=-2, keepdim=True), dim=2)  # (b, h, chunks, 1, m)
-        # within a chunk: lower-triangular (i >= j) products
-        scores = torch.matmul(phi_q, phi_k.transpose(-1, -2)).tril_()  # (b, h, chunks, c, c)
-        num = torch.matmul(scores, v)  # (b, h, chunks, c, d)
-        den = scores.sum(dim=-1, keepdim=True)  # (b, h, chunks, c, 1)
-        del scores
-        num[:, :, 1:] += torch.matmul(phi_q[:, :, 1:], state[:, :, :-1])  # (b, h, chunks-1, c, d)
-        den[:, :, 1:] += torch.matmul(phi_q[:, :, 1:], k_sum[:, :, :-1].transpose(-1, -2))  # (b, h, chunks-1, c, 1)
-        out = num / _nonzero(den)
-        return rearrange(out, "b h c i d -> b h (c i) d")[:, :, :n]
+        group = max(c, BLOCK // c * c)  # positions per step of the loop: whole chunks
+        outs = []
+        state = k_sum = running = None  # sums over all earlier groups, in the scale of the running key maximum
+        for start in range(0, n + pad, group):
+            stop = start + group
+            exponent = self._key_exponents(k[:, :, start:stop], None if real is None else real[:, :, start:stop])
+            with torch.no_grad():  # constants for autograd: they cancel (see the non-causal path)
+                block_max = exponent.amax(dim=(-2, -1), keepdim=True)  # (b, h, 1, 1)
+                new = block_max if running is None else torch.maximum(running, block_max)
+                stab = _finite_or_zero(new)
+                alpha = None if running is None else torch.exp(running - stab)
+            running = new
+            phi_k = rearrange(exponent.sub_(stab).exp_(), "b h (c j) m -> b h c j m", j=c)
+            phi_q = self.feature_map(q[:, :, start:stop], None, is_query=True)
+            phi_q = rearrange(phi_q, "b h (c i) m -> b h c i m", i=c)
+            v_chunks = rearrange(v[:, :, start:stop], "b h (c j) d -> b h c j d", j=c)
+            # per-chunk sums, then exclusive prefix sums over the chunks of this group, plus the carried state
+            chunk_kv = torch.matmul(phi_k.transpose(-1, -2), v_chunks)  # (b, h, chunks, m, d)
+            chunk_sum = phi_k.sum(dim=-2, keepdim=True)  # (b, h, chunks, 1, m)
+            before_kv = torch.cumsum(chunk_kv, dim=2) - chunk_kv  # (b, h, chunks, m, d)
+            before_sum = torch.cumsum(chunk_sum, dim=2) - chunk_sum  # (b, h, chunks, 1, m)
+            if alpha is not None:
+                before_kv = before_kv + (state * alpha)[:, :, None]
+                before_sum = before_sum + (k_sum * alpha)[:, :, None]
+            state = before_kv[:, :, -1] + chunk_kv[:, :, -1]  # (b, h, m, d): everything up to this group's end
+            k_sum = before_sum[:, :, -1] + chunk_sum[:, :, -1]  # (b, h, 1, m)
+            # within a chunk: lower-triangular (i >= j) products
+            scores = torch.matmul(phi_q, phi_k.transpose(-1, -2)).tril_()  # (b, h, chunks, c, c)
+            num = torch.matmul(scores, v_chunks) + torch.matmul(phi_q, before_kv)  # (b, h, chunks, c, d)
+            den = scores.sum(dim=-1, keepdim=True) + torch.matmul(phi_q, before_sum.transpose(-1, -2))  # (.., c, 1)
+            outs.append(rearrange(num / _nonzero(den), "b h c i d -> b h (c i) d"))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+        return out[:, :, :n]
