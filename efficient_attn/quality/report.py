@@ -52,7 +52,6 @@ def write_report(run_dir: str | Path, *, num_heads: int | None = None) -> Path:
     import pandas as pd
 
     from efficient_attn.quality import plots
-    from efficient_attn.quality.metrics import mean_offdiagonal  # noqa: F401  (documents where the numbers come from)
 
     run_dir = Path(run_dir)
     results_all = pd.read_csv(run_dir / "results.csv", keep_default_na=True)

@@ -13,7 +13,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -149,7 +149,7 @@ def train_and_evaluate(
     config: TrainConfig,
     attention_params: dict[str, Any] | None = None,
     *,
-    task_fn: Any = None,
+    task_fn: Callable[[int, int, int], TaskBatch] | None = None,
 ) -> TrainResult:
     """Train ``variant`` on ``task`` at ``seq_len`` for the budget in ``config``, then score it on held-out data.
 
