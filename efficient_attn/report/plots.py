@@ -199,6 +199,8 @@ def _format_axes(
     ax.set_xscale("log", base=2)
     lo, hi = min(lengths), max(lengths)
     ticks = [2**k for k in range(int(math.floor(math.log2(lo))), int(math.ceil(math.log2(hi))) + 1)]
+    if sum(lo <= t <= hi for t in ticks) < 2:  # lengths that are not powers of two, or a single length
+        ticks = sorted(set(lengths))
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: length_label(v)))
     ax.xaxis.set_minor_locator(NullLocator())
@@ -451,7 +453,7 @@ def _metric_figure(
                     if r == 0 and c == 0:
                         extra.append(Line2D([], [], color=colour, linestyle=linestyle, label=label))
                 if not res.values:
-                    ax.text(0.5, 0.5, "no cell ran", transform=ax.transAxes, ha="center", color="0.4")
+                    ax.text(0.5, 0.62, "no cell ran", transform=ax.transAxes, ha="center", color="0.4")
                 head = f"{mode} ({MODE_TITLE[mode]})" if mode in MODE_TITLE else mode
                 ax.set_title(f"{row_title}: {head}" if row_title else head, fontsize=10)
                 ax.set_xlabel("sequence length (tokens)" if r == len(rows) - 1 else "")
