@@ -5,7 +5,9 @@ Choromanski et al. 2021, "Rethinking Attention with Performers", arXiv:2009.1479
 The softmax kernel ``exp(q . k / sqrt(d))`` is written as ``E_w[phi(q) . phi(k)]`` with the positive feature map
 ``phi(x) = exp(W x - |x|^2 / 2) / sqrt(m)`` on ``x = x / d^(1/4)``, where the ``m`` rows of ``W`` are Gaussian
 directions made orthogonal in blocks of ``d`` (QR of Gaussian matrices) with chi-distributed norms. Then
-``out = phi(Q) (phi(K)^T V) / (phi(Q) phi(K)^T 1)``: O(n * m * d) time and O(n * m) memory, never n x n.
+``out = phi(Q) (phi(K)^T V) / (phi(Q) phi(K)^T 1)``: O(n * m * d) time, never n x n; keys and queries are processed
+in blocks of ``BLOCK`` positions, so the forward pass holds O(n * d + BLOCK * m + m * d) (with autograd, the O(n * m)
+feature maps backward needs).
 
 Causal attention replaces ``phi(K)^T V`` by prefix sums over positions. Holding one ``(m, d)`` sum per position
 costs O(n * m * d) memory; here the sequence is cut into chunks of ``chunk_size`` c: the sum is carried across chunks
@@ -114,9 +116,11 @@ class PerformerAttention(Attention):
     """FAVOR+ attention on ``(batch, heads, seq, head_dim)`` q, k, v; one feature draw shared by all heads.
 
     Numerical stability (the paper's implementation): query features subtract their own row maximum of the
-    exponent, key features subtract one maximum over all real keys of each (batch, head); both factors cancel between
-    numerator and denominator, so the result is unchanged but ``exp`` never overflows. (In float32 a key whose
-    exponent lies ~87 below that maximum underflows to a zero feature.)
+    exponent, key features one maximum over the real keys of each (batch, head). Keys are streamed in blocks, so
+    that maximum is a running one: the partial sums are rescaled by ``exp(old - new)`` when it rises, which gives
+    exactly the sums under the global maximum (non-causal); causal groups use the maximum over keys so far. All these
+    factors cancel between numerator and denominator, so the result is unchanged but ``exp`` never overflows. (In
+    float32 a key whose exponent lies ~87 below that maximum underflows to a zero feature.)
 
     Key padding: padded keys get zero features, so they contribute nothing; a query with no real key (in its causal
     prefix) gets zeros. Attention dropout is not applied (the weights are never formed).
@@ -162,26 +166,36 @@ class PerformerAttention(Attention):
             exponent = exponent.masked_fill_(~real, -math.inf)
         return exponent
 
-    def feature_map(self, x: Tensor, real: Tensor | None, *, is_query: bool) -> Tensor:
-        """Positive random features of ``x`` ``(batch, heads, n, d)`` -> ``(batch, heads, n, m)``, stabilised.
+    def _query_features(self, q: Tensor) -> Tensor:
+        """Positive random features of queries ``(batch, heads, n, d)`` -> ``(batch, heads, n, m)``.
 
-        ``phi(x)_f = exp(w_f . x' - |x'|^2 / 2 - c)`` with ``x' = x / d^(1/4)``. Queries take ``c`` = their own row
-        maximum of ``w_f . x'`` (the ``|x'|^2 / 2`` term is a per-query constant too, and is dropped with it); keys
-        keep the norm term and take one ``c`` per (batch, head), the maximum over real keys. ``real``: bool
-        ``(batch, 1, n, 1)`` or None; non-real keys get zero features. Every constant factor (``1/sqrt(m)``, the
-        per-query terms, the per-(batch, head) key maximum) cancels in the attention normalisation.
+        ``phi(q)_f = exp(w_f . q' - |q'|^2 / 2 - c)`` with ``q' = q / d^(1/4)`` and ``c`` the row maximum of
+        ``w_f . q'``; the ``|q'|^2 / 2`` term and ``c`` are per-query constants that cancel in the attention
+        normalisation, so both are left out, as is ``1/sqrt(m)``: ``exp(w_f . q' - max_f w_f . q')``, all <= 1.
         """
-        if is_query:
-            d = x.shape[-1]
-            w = self.features.to(dtype=x.dtype, device=x.device) * d**-0.25  # (m, d)
-            exponent = torch.matmul(x, w.T)  # (b, h, n, m)
-            with torch.no_grad():  # a constant for autograd: it cancels
-                stab = exponent.amax(dim=-1, keepdim=True)  # (b, h, n, 1)
-            return exponent.sub_(stab).exp_()
-        exponent = self._key_exponents(x, real)
-        with torch.no_grad():
-            stab = _finite_or_zero(exponent.amax(dim=(-2, -1), keepdim=True))  # (b, h, 1, 1); 0 if no real key
+        d = q.shape[-1]
+        w = self.features.to(dtype=q.dtype, device=q.device) * d**-0.25  # (m, d), folds q / d^(1/4) into W
+        exponent = torch.matmul(q, w.T)  # (b, h, n, m); fresh, so updated in place below
+        with torch.no_grad():  # a constant for autograd: it cancels
+            stab = exponent.amax(dim=-1, keepdim=True)  # (b, h, n, 1)
         return exponent.sub_(stab).exp_()
+
+    def _key_features(
+        self, k: Tensor, real: Tensor | None, running: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Features of one block of keys under a running maximum.
+
+        Returns ``(phi_k, alpha, new_running)``: ``phi_k`` ``(batch, heads, block, m)`` = ``exp(exponent - max)``
+        with the maximum over real keys so far, ``alpha`` ``(batch, heads, 1, 1)`` = ``exp(old max - new max)`` (<= 1;
+        0 while no real key was seen; None for the first block) to rescale sums taken under the old maximum.
+        """
+        exponent = self._key_exponents(k, real)
+        with torch.no_grad():  # constants for autograd: they cancel between numerator and denominator
+            block_max = exponent.amax(dim=(-2, -1), keepdim=True)  # (b, h, 1, 1)
+            new = block_max if running is None else torch.maximum(running, block_max)
+            stab = _finite_or_zero(new)
+            alpha = None if running is None else torch.exp(running - stab)
+        return exponent.sub_(stab).exp_(), alpha, new
 
     # ------------------------------------------------------------------------------------------------- compute
     def useful_flops(self, batch: int, seq_len: int) -> int:
@@ -213,13 +227,8 @@ class PerformerAttention(Attention):
         kv = k_sum = running = None
         for start in range(0, k.shape[-2], BLOCK):
             stop = start + BLOCK
-            exponent = self._key_exponents(k[:, :, start:stop], None if real is None else real[:, :, start:stop])
-            with torch.no_grad():  # constants for autograd: they cancel
-                block_max = exponent.amax(dim=(-2, -1), keepdim=True)  # (b, h, 1, 1)
-                new = block_max if running is None else torch.maximum(running, block_max)
-                stab = _finite_or_zero(new)
-                alpha = None if running is None else torch.exp(running - stab)  # <= 1; 0 while no real key yet
-            phi_k = exponent.sub_(stab).exp_()  # (b, h, block, m)
+            block_real = None if real is None else real[:, :, start:stop]
+            phi_k, alpha, running = self._key_features(k[:, :, start:stop], block_real, running)  # (b, h, block, m)
             block_kv = torch.matmul(phi_k.transpose(-1, -2), v[:, :, start:stop])  # (b, h, m, d)
             block_sum = phi_k.sum(dim=-2, keepdim=True)  # (b, h, 1, m)
             if alpha is None:
@@ -227,11 +236,10 @@ class PerformerAttention(Attention):
             else:
                 kv = kv * alpha + block_kv
                 k_sum = k_sum * alpha + block_sum
-            running = new
         outs = []
         # query blocks: each query's features only need its own row maximum, so blocks are independent
         for start in range(0, q.shape[-2], BLOCK):
-            phi_q = self.feature_map(q[:, :, start : start + BLOCK], None, is_query=True)  # (b, h, block, m)
+            phi_q = self._query_features(q[:, :, start : start + BLOCK])  # (b, h, block, m)
             num = torch.matmul(phi_q, kv)  # (b, h, block, d)
             den = torch.matmul(phi_q, k_sum.transpose(-1, -2))  # (b, h, block, 1)
             outs.append(num / _nonzero(den))
@@ -252,15 +260,10 @@ class PerformerAttention(Attention):
         state = k_sum = running = None  # sums over all earlier groups, in the scale of the running key maximum
         for start in range(0, n + pad, group):
             stop = start + group
-            exponent = self._key_exponents(k[:, :, start:stop], None if real is None else real[:, :, start:stop])
-            with torch.no_grad():  # constants for autograd: they cancel (see the non-causal path)
-                block_max = exponent.amax(dim=(-2, -1), keepdim=True)  # (b, h, 1, 1)
-                new = block_max if running is None else torch.maximum(running, block_max)
-                stab = _finite_or_zero(new)
-                alpha = None if running is None else torch.exp(running - stab)
-            running = new
-            phi_k = rearrange(exponent.sub_(stab).exp_(), "b h (c j) m -> b h c j m", j=c)
-            phi_q = self.feature_map(q[:, :, start:stop], None, is_query=True)
+            block_real = None if real is None else real[:, :, start:stop]
+            phi_k, alpha, running = self._key_features(k[:, :, start:stop], block_real, running)
+            phi_k = rearrange(phi_k, "b h (c j) m -> b h c j m", j=c)
+            phi_q = self._query_features(q[:, :, start:stop])
             phi_q = rearrange(phi_q, "b h (c i) m -> b h c i m", i=c)
             v_chunks = rearrange(v[:, :, start:stop], "b h (c j) d -> b h c j d", j=c)
             # per-chunk sums, then exclusive prefix sums over the chunks of this group, plus the carried state
