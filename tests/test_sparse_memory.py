@@ -53,3 +53,21 @@ def test_naive_backend_is_quadratic_so_the_check_can_fail(key):
     peak_long, largest_long = measure(key, "naive", long, "fwd")
     assert peak_long >= 5 * peak_short
     assert largest_long >= long * long // 8
+
+
+@pytest.mark.parametrize("key", sorted(CASES))
+@pytest.mark.parametrize("padded", [False, True])
+def test_runs_under_fake_tensors_for_memory_prediction(key, padded):
+    """The harness predicts memory with FakeTensorMode: the pattern's index plan must still be built (for real)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    seq = 16 * W - 3
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        attn = build_for_test(key, dim=32, num_heads=2, causal=True, **CASES[key])
+        q, k, v = (torch.randn(1, 2, seq, 16, requires_grad=True) for _ in range(3))
+        kpm = torch.ones(1, seq, dtype=torch.bool) if padded else None
+        with StorageTracker() as tracker:
+            attn.attend(q, k, v, key_padding_mask=kpm).sum().backward()
+    assert tracker.peak_bytes > 0 and attn.last_padded_len == 16 * W
+    real_peak, _ = measure(key, "torch", 16 * W, "fwd_bwd", causal=True)
+    assert tracker.peak_bytes < 3 * real_peak

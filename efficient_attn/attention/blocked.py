@@ -29,6 +29,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.autograd.function import once_differentiable
 
 from efficient_attn.attention.patterns import (
@@ -62,9 +63,12 @@ class BlockedPlan:
     def build(
         cls, pattern: Pattern, seq_len: int, device: torch.device, rows_per_call: int = DEFAULT_ROWS_PER_CALL
     ) -> "BlockedPlan":
-        structure = pattern.structure(seq_len, device)
-        return cls(pattern, structure, pattern.mask_mod(seq_len, device),
-                   global_query_lookup(structure, device), rows_per_call)
+        # The plan is index arithmetic on lengths only: build it for real even under FakeTensorMode (memory
+        # prediction), where data-dependent steps such as BigBird's random draw could not run.
+        with unset_fake_temporarily():
+            structure = pattern.structure(seq_len, device)
+            return cls(pattern, structure, pattern.mask_mod(seq_len, device),
+                       global_query_lookup(structure, device), rows_per_call)
 
 
 @dataclass
@@ -92,18 +96,19 @@ def _calls(plan: BlockedPlan, batch: int, heads: int, key_padding_mask: Tensor |
     st = plan.structure
     n_pad = st.padded_len
     group = max(1, plan.rows_per_call // st.block_size)
-    head_offsets = torch.arange(heads, device=st.key_blocks.device)[None, :, None] * n_pad  # (1, h, 1)
     for start in range(0, st.num_query_blocks, group):
         stop = min(start + group, st.num_query_blocks)
         g = stop - start
         cache_key = (start, stop, heads)
         cached = plan.group_cache.get(cache_key)
         if cached is None:
-            tokens, allowed = plan.pattern.chunk_mask(st, plan.mask_mod, plan.is_global, start, stop)
-            # tokens (hp, g, kt); allowed (hp, g or 1, b or 1, kt): size-1 dims broadcast inside the fused kernel
-            safe = tokens.clamp_min(0)
-            flat = (safe.transpose(0, 1) + head_offsets).reshape(-1)  # (g * h * kt,) hp broadcast to h
-            allowed = allowed.transpose(0, 1)  # (g or 1, hp, b or 1, kt)
+            with unset_fake_temporarily():  # index arithmetic only: real even when predicting with fake tensors
+                tokens, allowed = plan.pattern.chunk_mask(st, plan.mask_mod, plan.is_global, start, stop)
+                # tokens (hp, g, kt); allowed (hp, g or 1, b or 1, kt): size-1 dims broadcast in the fused kernel
+                safe = tokens.clamp_min(0)
+                head_offsets = torch.arange(heads, device=safe.device)[None, :, None] * n_pad  # (1, h, 1)
+                flat = (safe.transpose(0, 1) + head_offsets).reshape(-1)  # (g * h * kt,) hp broadcast to h
+                allowed = allowed.transpose(0, 1)  # (g or 1, hp, b or 1, kt)
             small = allowed.shape[0] == 1 or allowed.shape[2] == 1
             cached = (safe, flat, allowed, {} if small else None)
             if small:
@@ -117,17 +122,19 @@ def _calls(plan: BlockedPlan, batch: int, heads: int, key_padding_mask: Tensor |
             allowed = allowed[None].expand(batch, g, *allowed.shape[1:]).flatten(0, 1)
             biases = None
         yield _Call("blocks", start, stop, flat, allowed, biases)
-    keys = torch.arange(n_pad, device=st.key_blocks.device)
     num_global = st.global_queries.numel()
     for start in range(0, num_global, GLOBAL_ROWS_PER_CALL):
         stop = min(start + GLOBAL_ROWS_PER_CALL, num_global)
-        allowed = global_rows_mask(plan.pattern, plan.mask_mod, st.global_queries[start:stop], keys)[None]
+        with unset_fake_temporarily():  # index arithmetic only; the simplifications below read its values
+            keys = torch.arange(n_pad, device=st.key_blocks.device)
+            allowed = global_rows_mask(plan.pattern, plan.mask_mod, st.global_queries[start:stop], keys)[None]
+            if bool(allowed.all()):
+                allowed = None
+            elif allowed.shape[1] > 1 and bool((allowed == allowed[:, :1]).all()):
+                allowed = allowed[:, :1]
         if key_padding_mask is not None:
-            allowed = allowed & key_padding_mask[:, None, None, :]
-        if bool(allowed.all()):
-            allowed = None
-        elif allowed.shape[1] > 1 and bool((allowed == allowed[:, :1]).all()):
-            allowed = allowed[:, :1]
+            padding = key_padding_mask[:, None, None, :]
+            allowed = padding if allowed is None else allowed & padding
         yield _Call("global", start, stop, None, allowed)
 
 
