@@ -139,6 +139,8 @@ def test_causal_refused_with_reason(key, reason):
         ("performer", dict(redraw=True), r"redraw must be False or a positive int interval"),
         ("nystrom", dict(num_landmarks=0), r"num_landmarks must be a positive int, got 0"),
         ("nystrom", dict(pinv_iterations=0), r"pinv_iterations must be a positive int, got 0"),
+        ("performer", dict(dropout=0.1), r"dropout must be 0 for performer, got 0.1: FAVOR\+ never forms"),
+        ("nystrom", dict(dropout=0.1), r"dropout must be 0 for nystrom, got 0.1: the Nystrom product never forms"),
     ],
 )
 def test_bad_values_are_errors_naming_the_parameter(key, params, message):

@@ -69,6 +69,11 @@ class NystromConfig(AttentionConfig):
         super().__post_init__()
         require_positive_int("num_landmarks", self.num_landmarks)
         require_positive_int("pinv_iterations", self.pinv_iterations)
+        if self.dropout != 0.0:
+            raise ValueError(
+                f"dropout must be 0 for nystrom, got {self.dropout!r}: the Nystrom product never forms the (n, n) "
+                "attention weights, so there is nothing to drop (use the model's residual dropout instead)"
+            )
 
 
 @register_attention(
@@ -95,7 +100,8 @@ class NystromAttention(Attention):
     are the same tokens) and from the keys of ``S(Q~, K)``; so their contents never reach the real outputs.
     A batch element with no real token gets zeros.
 
-    Causal masking is not supported (see ``causal_unsupported_reason``). Attention dropout is not applied.
+    Causal masking is not supported (see ``causal_unsupported_reason``). Attention dropout is refused (``dropout``
+    must be 0): the weights are never formed.
     """
 
     causal_unsupported_reason = (

@@ -93,6 +93,11 @@ class PerformerConfig(AttentionConfig):
         super().__post_init__()
         require_positive_int("num_features", self.num_features)
         require_positive_int("chunk_size", self.chunk_size)
+        if self.dropout != 0.0:
+            raise ValueError(
+                f"dropout must be 0 for performer, got {self.dropout!r}: FAVOR+ never forms the attention weights, "
+                "so there is nothing to drop (use the model's residual dropout instead)"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         if self.redraw is not False and (
@@ -123,7 +128,7 @@ class PerformerAttention(Attention):
     float32 a key whose exponent lies ~87 below that maximum underflows to a zero feature.)
 
     Key padding: padded keys get zero features, so they contribute nothing; a query with no real key (in its causal
-    prefix) gets zeros. Attention dropout is not applied (the weights are never formed).
+    prefix) gets zeros. Attention dropout is refused (``dropout`` must be 0): the weights are never formed.
 
     Buffers: ``features`` ``(num_features, head_dim)`` and ``draw`` (how many redraws happened) are saved in the
     state dict, so a loaded model uses the same features.
