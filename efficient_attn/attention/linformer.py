@@ -72,7 +72,7 @@ class LinformerAttention(Attention):
     value: with identity projections this is full attention over zero keys/values at the padded positions, not over
     the real keys only; no projected row can be masked when E mixes all positions.)
 
-    Parameters: ``E`` (and ``F`` unless ``share_kv``), shape ``(max_len, k)`` or ``(heads, max_len, k)`` when
+    Parameters: ``proj_k`` = ``E`` (and ``proj_v`` = ``F`` unless ``share_kv``; then ``proj_v`` is None), shape ``(max_len, k)`` or ``(heads, max_len, k)`` when
     ``headwise``, initialised from N(0, 1/k) so a projected row has the scale of a Johnson-Lindenstrauss sketch.
 
     Causal masking is not supported (see ``causal_unsupported_reason``). Attention dropout applies to the
