@@ -100,10 +100,15 @@ def compiled_flex_attention() -> Callable[..., Tensor]:
 
 @functools.cache
 def compiled_create_block_mask() -> Callable[..., "BlockMask"]:  # noqa: F821
-    """``torch.compile(create_block_mask)``, created on first use; never the plain call (it builds n x n)."""
+    """``torch.compile(create_block_mask)``, created on first use; never the plain call (it builds n x n).
+
+    Compiled without SIMD (``cpp.simdlen=1``): torch 2.13's vectorised CPU code for some mask_mods does not compile
+    (BigBird with a single block: "operands to ?: have different types VecMask<int> and VecMask<float>"), and the
+    mask is built once per length, so the scalar loop costs little (16K tokens: about 1 s on this machine).
+    """
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return torch.compile(create_block_mask, dynamic=False)
+    return torch.compile(create_block_mask, dynamic=False, options={"cpp.simdlen": 1})
 
 
 # ------------------------------------------------------------------------------------------- block-level helpers
