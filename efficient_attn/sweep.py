@@ -212,6 +212,10 @@ def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, r
             first_s = time_call(work.run, cell.device)
     else:
         first_s = time_call(work.run, cell.device)
+    compile_s = None
+    if work.last_backend in COMPILING_BACKENDS:
+        # the first call compiled: a second warm-up gives the steady call time the slow-cell decision needs
+        compile_s, first_s = first_s, time_call(work.run, cell.device)
     timed = time_callable(
         work.run, device=cell.device, min_run_time=timing.min_run_time, slow_call_s=timing.slow_call_s,
         slow_repeats=timing.slow_repeats, first_call_s=first_s,
@@ -239,7 +243,7 @@ def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, r
         "padded_len": work.last_padded_len if work.last_padded_len is not None else cell.seq_len,
         "time_ms": timed.median_ms,
         "time_iqr_ms": timed.iqr_ms,
-        "compile_ms": timed.first_call_ms if backend in COMPILING_BACKENDS else None,
+        "compile_ms": compile_s * 1e3 if compile_s is not None else None,
         "tokens_per_s": work.tokens / seconds,
         "peak_mem_bytes": peak_bytes,
         "peak_rss_bytes": probe.peak_bytes if rss else None,
@@ -316,7 +320,7 @@ def run_cell(
     try:
         prediction = predict_cell(cell, seed=seed, depth=depth)
     except Exception as error:  # noqa: BLE001 - the real run below decides the status
-        notes.append(f"memory not predicted ({_first_line(error)[:200]})")
+        notes.append(f"memory not predicted ({_first_line(error)[:120]})")
     predicted = prediction.peak_bytes if prediction is not None else None
     if prediction is not None and budget_bytes is not None and prediction.total_bytes > budget_bytes:
         note = (f"predicted {_gib(prediction.total_bytes)} (peak {_gib(prediction.peak_bytes)} + setup "
@@ -493,10 +497,14 @@ _SHORT = {"oom": "OOM", "skipped_budget": "budget", "skipped_after_oom": "after-
 def summary_table(rows: list[dict[str, str]]) -> str:
     """Median time (ms) per group and length, or the status where a cell did not run."""
     lengths = sorted({int(r["seq_len"]) for r in rows})
+    params_seen: dict[str, set[str]] = {}
+    for r in rows:
+        params_seen.setdefault(r["variant"], set()).add(r["params_json"])
     groups: dict[tuple[str, ...], dict[int, str]] = {}
     for r in rows:
         causal = " causal" if r["causal"] == "true" else ""
-        name = r["variant"] + ("" if r["params_json"] == "{}" else r["params_json"])
+        # params only where one variant ran with several (the CSV has them all)
+        name = r["variant"] + (r["params_json"] if len(params_seen[r["variant"]]) > 1 else "")
         group = (name, r["backend_requested"], f"{r['level']} {r['mode']}{causal}", f"{r['dtype']} b{r['batch_size']}")
         cell = f"{float(r['time_ms']):.1f}" if r["status"] == "ok" else _SHORT.get(r["status"], r["status"])
         groups.setdefault(group, {})[int(r["seq_len"])] = cell

@@ -3,7 +3,6 @@ nothing allocated at lengths that do not fit, and the longest length that fits a
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import DataDependentOutputException
 
 from efficient_attn.measure.memory import current_rss_bytes, measure_call
 from efficient_attn.measure.predict import longest_fitting_length, predict_cell
@@ -12,11 +11,6 @@ from efficient_attn.attention.base import BackendUnavailableError
 from efficient_attn.results import Cell
 from efficient_attn.sweep import UNCOUNTABLE_BACKENDS
 from efficient_attn.workloads import build_workload
-
-# The blocked pattern backend reads a tensor value in Python (`int(q_idx[-1, -1])` in attention/patterns.py
-# `_valid`), which fake tensors cannot do. Strict: when it is fixed these cases pass and the marker must go.
-_DATA_DEPENDENT = {("window", "torch"), ("bigbird", "torch"), ("longformer", "torch")}
-
 
 def _cases():
     cpu = torch.device("cpu")
@@ -28,11 +22,7 @@ def _cases():
             for mode in ("fwd", "fwd_bwd"):
                 if spec.module_cls.unavailable_reason(backend, cpu, mode != "fwd") is not None:
                     continue  # cannot run on this machine at all (e.g. CUDA-only)
-                marks = ()
-                if (key, backend) in _DATA_DEPENDENT:
-                    marks = pytest.mark.xfail(strict=True, raises=DataDependentOutputException,
-                                              reason="patterns.py reads a tensor value with int(); fake tensors can't")
-                yield pytest.param(key, backend, mode, marks=marks, id=f"{key}-{backend}-{mode}")
+                yield pytest.param(key, backend, mode, id=f"{key}-{backend}-{mode}")
 
 
 @pytest.mark.parametrize("key,backend,mode", list(_cases()))
