@@ -20,6 +20,7 @@ from efficient_attn.quality.tasks import (
     evaluate_listops,
     listops_batch,
     recall_batch,
+    recall_guess_accuracy,
     solve_listops,
     solve_recall,
 )
@@ -38,7 +39,7 @@ def one_thread():
 
 # --------------------------------------------------------------------------------------------------------- tasks
 @pytest.mark.parametrize("pair_format", ["fused", "split"])
-@pytest.mark.parametrize("seq_len", [16, 64, 300])
+@pytest.mark.parametrize("seq_len", [32, 64, 300])
 def test_recall_deterministic_and_solved(pair_format: str, seq_len: int) -> None:
     a = recall_batch(32, seq_len, seed=5, pair_format=pair_format)
     b = recall_batch(32, seq_len, seed=5, pair_format=pair_format)
@@ -55,6 +56,11 @@ def test_recall_distance_is_controlled() -> None:
     for row in batch.tokens.tolist():
         hits = [i for i in range(2, 200) if row[i] == row[1]]
         assert len(hits) == 1 and 150 <= hits[0] - 1 <= 160
+        # distractor keys share the answer's distance range: position gives nothing away
+        keys = [i for i in range(2, 200) if 3 <= row[i] < 11]
+        assert len(keys) == 4 and all(150 <= i - 1 <= 160 for i in keys)
+    # guessing among the four values present is right about a quarter of the time (more when values repeat)
+    assert 0.25 <= recall_guess_accuracy(batch.tokens, batch.labels) <= 0.45
 
 
 def test_recall_rejects_bad_parameters() -> None:
@@ -62,6 +68,8 @@ def test_recall_rejects_bad_parameters() -> None:
         recall_batch(2, 64, 0, num_pairs=9, num_keys=8)
     with pytest.raises(ValueError, match="max_distance"):
         recall_batch(2, 64, 0, min_distance=10, max_distance=100)
+    with pytest.raises(ValueError, match="fewer than"):
+        recall_batch(2, 64, 0, min_distance=50, max_distance=52)
     with pytest.raises(ValueError, match="pair_format"):
         recall_batch(2, 64, 0, pair_format="joined")
 

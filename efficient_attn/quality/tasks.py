@@ -35,6 +35,7 @@ __all__ = [
     "make_batch",
     "recall_batch",
     "solve_recall",
+    "recall_guess_accuracy",
     "listops_batch",
     "solve_listops",
     "evaluate_listops",
@@ -83,8 +84,10 @@ def recall_batch(
     """Associative-recall batch (see the module docstring).
 
     Layout per row: position 0 ``QUERY``, position 1 the queried key ``k*``; at position ``1 + distance`` the pair
-    ``k* v``; ``num_pairs - 1`` distractor pairs with other keys at random non-overlapping positions; filler tokens
-    elsewhere. No padding (the mask is all True).
+    ``k* v``; ``num_pairs - 1`` distractor pairs with other keys at non-overlapping positions drawn from the *same*
+    distance range (so a pair's position says nothing about whether it is the answer); filler tokens elsewhere. No
+    padding (the mask is all True). A model that cannot see the query can still guess among the values present:
+    :func:`recall_guess_accuracy` is that baseline (about ``1 / num_pairs``).
 
     Args:
         batch_size, seq_len: output shape ``(batch_size, seq_len)``.
@@ -113,6 +116,11 @@ def recall_batch(
         raise ValueError(
             f"need 1 <= min_distance <= max_distance <= seq_len - 3 = {seq_len - 3}, got [{lo}, {hi}]"
         )
+    if hi - lo + 2 < 2 * num_pairs:
+        raise ValueError(
+            f"the distance range [{lo}, {hi}] holds {hi - lo + 2} positions, fewer than the 2 * num_pairs = "
+            f"{2 * num_pairs} the pairs need; widen it or use fewer pairs"
+        )
     key0, value0, pair0, _ = _recall_layout(num_keys, num_fill)
     fused = pair_format == "fused"
     gen = torch.Generator().manual_seed(seed)
@@ -128,7 +136,7 @@ def recall_batch(
         _put_pair(tokens, row, query_pos, keys[0], int(labels[row]), fused, key0, value0, pair0)
         for key in keys[1:]:
             while True:
-                pos = rng.randint(2, seq_len - 2)
+                pos = 1 + rng.randint(lo, hi)
                 if not {pos, pos + 1} & occupied:
                     break
             occupied |= {pos, pos + 1}
@@ -144,6 +152,18 @@ def _put_pair(
     else:
         tokens[row, pos] = key0 + key
         tokens[row, pos + 1] = value0 + value
+
+
+def recall_guess_accuracy(tokens: Tensor, labels: Tensor, *, num_keys: int = 8, num_fill: int = 1) -> float:
+    """Expected accuracy of guessing uniformly among the pairs' values in each row -- what attention that never
+    connects the query to the pairs can reach (the local shortcut baseline of the recall task)."""
+    key0, value0, pair0, vocab = _recall_layout(num_keys, num_fill)
+    total = 0.0
+    for row, label in zip(tokens.tolist(), labels.tolist()):
+        values = [row[i + 1] - value0 for i in range(2, len(row) - 1) if key0 <= row[i] < value0]
+        values += [(t - pair0) % RECALL_NUM_VALUES for t in row[2:] if pair0 <= t < vocab]
+        total += values.count(label) / len(values)
+    return total / len(labels)
 
 
 def solve_recall(tokens: Tensor, *, num_keys: int = 8, num_fill: int = 1) -> Tensor:
