@@ -98,7 +98,9 @@ def write_report(run_dir: str | Path, *, num_heads: int | None = None) -> Path:
             verdict = ("so `full` does retrieve" if margin >= COUNT_MARGIN / 2 else
                        "so retrieval is not demonstrated at this budget: recall accuracies there mostly measure the "
                        "guess shortcut")
-            lines.append(f"- Recall at {seq_len}: `full` is {100 * margin:+.1f} points from the guess baseline, {verdict}.")
+            lines.append(
+                f"- Recall at {seq_len}: `full` is {100 * margin:+.1f} points from the guess baseline, {verdict}."
+            )
     lines.append("")
     if not_counting:
         lines += [f"**Does not count: {', '.join(not_counting)}** -- `full` did not beat the majority class by "

@@ -341,7 +341,9 @@ def _fmt(value: Any) -> Any:
     return value
 
 
-def run_metrics(suite: QualitySuite, out: str | Path, *, eval_rows: int = 4, progress: bool = True) -> tuple[Path, Path]:
+def run_metrics(
+    suite: QualitySuite, out: str | Path, *, eval_rows: int = 4, progress: bool = True
+) -> tuple[Path, Path]:
     """Approximation error and head diversity for a finished (or partial) run; writes ``errors.csv`` and
     ``diversity.csv`` in ``out`` (recomputed on every call: they derive from the saved seed-0 models).
 
@@ -377,7 +379,9 @@ def run_metrics(suite: QualitySuite, out: str | Path, *, eval_rows: int = 4, pro
                  **row}
             )
     errors_path, diversity_path = out / "errors.csv", out / "diversity.csv"
-    _write_csv(errors_path, error_rows, ["source", "task", "variant", "seq_len", "layer", "rel_error", "status", "note"])
+    _write_csv(
+        errors_path, error_rows, ["source", "task", "variant", "seq_len", "layer", "rel_error", "status", "note"]
+    )
     _write_csv(
         diversity_path,
         diversity_rows,
