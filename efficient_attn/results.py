@@ -48,6 +48,7 @@ __all__ = [
     "format_value",
     "make_row",
     "params_to_json",
+    "read_rows",
 ]
 
 CONFIG_COLUMNS: tuple[str, ...] = (
@@ -370,6 +371,3 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as handle:
         return [row for row in csv.DictReader(handle) if None not in row.values()]
 
-
-def iter_keys(rows: Iterable[dict[str, str]]) -> list[tuple[str, ...]]:
-    return [tuple(r[c] for c in CONFIG_COLUMNS) for r in rows]

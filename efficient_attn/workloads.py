@@ -22,7 +22,6 @@ mode, so peers are timed in train mode, and our variants likewise for a like-for
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -253,7 +252,3 @@ def build_workload(
     return Workload(run=run, module=module, attentions=attentions, tokens=b * n, mode=cell.mode, seq_len=n,
                     batch_size=b)
 
-
-def with_device(cell: Cell, device: str) -> Cell:
-    """``cell`` with another device (configuration copy)."""
-    return dataclasses.replace(cell, device=device)

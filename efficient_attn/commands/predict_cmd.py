@@ -23,7 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", default="default", help="suite whose variants, params and shapes are the "
                         "defaults (default: default)")
     add_cell_options(parser)
-    parser.add_argument("--max-search", default="4m", help="longest length the search tries (default 4m)")
+    parser.add_argument("--max-search", default="1m", help="longest length the search tries (default 1m)")
     parser.set_defaults(lengths=None)
 
 
@@ -38,7 +38,6 @@ def run(args: argparse.Namespace) -> int:
     from efficient_attn.sweep import PlannedCell, default_budget_bytes, expand_cells, resolve_device, static_status
 
     try:
-        args.min_run_time = None
         if args.lengths is None:
             args.lengths = _DEFAULT_LENGTHS
         if args.modes is None:
