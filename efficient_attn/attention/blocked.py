@@ -40,6 +40,8 @@ from efficient_attn.attention.patterns import (
     global_rows_mask,
 )
 
+__all__ = ["BlockedPlan", "sparse_attention", "sparse_attention_autograd"]
+
 #: Query rows per fused call in the block-wise part (several query blocks are folded into one call).
 DEFAULT_ROWS_PER_CALL = 1024
 #: Dense global query rows per call (bounds the ``(rows, n)`` mask).
@@ -309,6 +311,7 @@ def sparse_attention_autograd(
     q: Tensor, k: Tensor, v: Tensor, plan: BlockedPlan, key_padding_mask: Tensor | None, scale: float,
     dropout_p: float = 0.0,
 ) -> Tensor:
+
     """The same chunks as :func:`sparse_attention` through ``F.scaled_dot_product_attention`` and plain autograd.
 
     Supports attention dropout; autograd keeps every chunk's gathered keys and values for backward (O(n * keys)).

@@ -36,6 +36,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+__all__ = [
+    "EMPTY",
+    "BigBirdPattern",
+    "BlockStructure",
+    "LongformerPattern",
+    "MaskMod",
+    "Pattern",
+    "WindowPattern",
+    "chunk_mask",
+    "global_query_lookup",
+    "global_rows_mask",
+]
+
 #: ``mask_mod(b, h, q_idx, kv_idx) -> bool Tensor`` (arguments broadcast against each other).
 MaskMod = Callable[[Tensor | int, Tensor | int, Tensor, Tensor], Tensor]
 
@@ -188,6 +201,7 @@ def global_query_lookup(structure: BlockStructure, device: torch.device | str | 
 def chunk_mask(
     structure: BlockStructure, mod: MaskMod, is_global: Tensor, start: int, stop: int
 ) -> tuple[Tensor, Tensor]:
+
     """Key tokens and allowed mask of the query-block rows ``start:stop`` of ``structure``.
 
     Returns:

@@ -29,6 +29,8 @@ from efficient_attn.attention.blocked import BlockedPlan, sparse_attention, spar
 from efficient_attn.attention.functional import combine_masks, default_scale, dense_attention
 from efficient_attn.attention.patterns import BlockStructure, MaskMod, Pattern
 
+__all__ = ["PatternAttention"]
+
 
 class PatternAttention(Attention):
     """An attention variant defined by a sparse pattern (see the module docstring)."""
