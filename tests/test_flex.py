@@ -26,13 +26,6 @@ PATTERN_PARAMS = {
 }
 
 
-def flex_runner(attn) -> FlexRunner:
-    """The module's own runner when it has the ``flex`` backend, else one over its pattern's ``mask_mod``."""
-    if hasattr(attn, "_flex"):
-        return attn._flex
-    return FlexRunner(attn.pattern.mask_mod, mask_heads=attn.pattern.mask_heads)
-
-
 def padding_with_empty_rows(batch: int, seq: int) -> torch.Tensor:
     """Batch 0 all padding (every row empty); batch 1 real up to 130 (late window rows see no real key)."""
     kpm = random_padding(batch, seq, seed=3)
@@ -73,11 +66,12 @@ def test_full_causal_matches_reference(padded):
     [("window", False, False), ("window", True, True), ("bigbird", False, False), ("longformer", False, True)],
 )
 def test_pattern_matches_reference(key, causal, padded):
-    attn = ea.build_attention(key, dim=32, num_heads=4, causal=causal, backend="naive", **PATTERN_PARAMS[key])
+    attn = ea.build_attention(key, dim=32, num_heads=4, causal=causal, backend="flex", **PATTERN_PARAMS[key])
     q, k, v = random_qkv(3, 4, SEQ, 8, dtype=torch.float32, seed=2)
     kpm = padding_with_empty_rows(3, SEQ) if padded else None
     with torch.no_grad():
-        out = flex_runner(attn)(q, k, v, kpm)
+        out = attn.attend(q, k, v, key_padding_mask=kpm)
+    assert attn.last_backend == "flex"
     check_close(out, q, k, v, pattern_with_padding(attn.dense_mask(SEQ), kpm))
     if padded:
         assert (out[0] == 0).all()
@@ -147,10 +141,9 @@ def test_block_mask_cache_hits_and_no_recompile():
 @pytest.mark.slow
 def test_no_n_by_n_tensor_for_mask_building_and_forward():
     n = 2048
-    attn = ea.build_attention("window", dim=64, num_heads=4, backend="naive", window_size=64)
+    attn = ea.build_attention("window", dim=64, num_heads=4, backend="flex", window_size=64)
     q, k, v = random_qkv(1, 4, n, 16, dtype=torch.float32, seed=5)
-    warm = flex_runner(attn)
-    warm.warmup(batch=1, heads=4, seq_len=n, head_dim=16)  # compile outside the measured call
+    attn._flex.warmup(batch=1, heads=4, seq_len=n, head_dim=16)  # compile outside the measured call
     fresh = FlexRunner(attn.pattern.mask_mod, mask_heads=1)  # its block mask is built inside the measured call
     with torch.no_grad():
         largest = max_allocation_bytes(lambda: fresh(q, k, v))
@@ -160,3 +153,14 @@ def test_no_n_by_n_tensor_for_mask_building_and_forward():
     with torch.no_grad():
         dense = max_allocation_bytes(lambda: attn.dense_mask(n))
     assert dense >= n * n
+
+
+def test_bigbird_redraw_never_reuses_a_stale_block_mask():
+    attn = ea.build_attention("bigbird", dim=32, num_heads=4, backend="flex", redraw=True, **PATTERN_PARAMS["bigbird"])
+    attn.train()
+    q, k, v = random_qkv(3, 4, SEQ, 8, dtype=torch.float32, seed=2)
+    with torch.no_grad():
+        attn.attend(q, k, v)  # draw 1
+        out = attn.attend(q, k, v)  # draw 2: a new plan, so a new block mask
+    assert attn._flex.misses == 2 and attn.pattern.draw == 2
+    check_close(out, q, k, v, pattern_with_padding(attn.dense_mask(SEQ), None))

@@ -120,6 +120,28 @@ def test_window_plumbing_with_padding_matches_reference(fake_op, causal):
     assert (out[1, :, 15:] == 0).all()  # rows whose window holds only padding
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_module_plumbing(fake_op, causal):
+    attn = ea.build_attention("window", dim=32, num_heads=4, causal=causal, window_size=4, backend="xformers").double()
+    q, k, v = random_qkv(2, 4, 19, 8, seed=11)
+    kpm = random_padding(2, 19, seed=12)
+    out = attn._attend_xformers(q, k, v, kpm)  # the method attend() dispatches to on CUDA
+    ref = reference_attention(q, k, v, pattern_with_padding(attn.dense_mask(19), kpm))
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-7)
+    (call,) = fake_op.calls
+    assert call["bias"].__class__ is type(attention_bias(causal, 4))
+
+
+def test_only_a_plain_window_may_use_xformers():
+    assert "xformers" in ea.get_spec("window").backends
+    for key in ("bigbird", "longformer"):
+        assert "xformers" not in ea.get_spec(key).backends
+        attn = ea.build_attention(key, dim=32, num_heads=4)
+        q, k, v = random_qkv(1, 4, 16, 8)
+        with pytest.raises(ValueError, match="plain sliding window only"):
+            attn._attend_xformers(q, k, v, None)
+
+
 def test_gradients_flow_through_the_padding_column(fake_op):
     q, k, v = random_qkv(2, 2, 12, 8, seed=9)
     kpm = random_padding(2, 12, seed=10)

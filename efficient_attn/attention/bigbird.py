@@ -57,7 +57,7 @@ class BigBirdConfig(AttentionConfig):
     description="BigBird block-sparse attention: window + random + global blocks (Zaheer et al. 2020)",
     paper="Zaheer et al. 2020, arXiv:2007.14062",
     complexity="O(n*b*(w+r+g))",
-    backends=("torch", "naive"),
+    backends=("torch", "naive", "flex"),
     length_multiple=64,
 )
 class BigBirdAttention(PatternAttention):

@@ -113,7 +113,10 @@ def compiled_create_block_mask() -> Callable[..., "BlockMask"]:  # noqa: F821
 
 # ------------------------------------------------------------------------------------------- block-level helpers
 def ordered_to_dense(num_blocks: Tensor, indices: Tensor, num_kv_blocks: int) -> Tensor:
-    """Block lists -> bool ``(..., q_blocks, num_kv_blocks)``; ``num_blocks (..., q_blocks)``, ``indices (..., q_blocks, s)``."""
+    """Block lists -> bool ``(..., q_blocks, num_kv_blocks)``.
+
+    ``num_blocks`` is ``(..., q_blocks)``, ``indices`` ``(..., q_blocks, slots)`` (the first ``num_blocks`` are used).
+    """
     slots = torch.arange(indices.shape[-1], device=indices.device)
     used = slots < num_blocks[..., None]  # (..., q_blocks, s)
     target = torch.where(used, indices.long(), num_kv_blocks)  # unused slots go to a spare column

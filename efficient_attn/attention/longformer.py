@@ -54,7 +54,7 @@ class LongformerConfig(AttentionConfig):
     description="Longformer: sliding window plus global tokens (Beltagy et al. 2020)",
     paper="Beltagy et al. 2020, arXiv:2004.05150",
     complexity="O(n*(w+g))",
-    backends=("torch", "naive"),
+    backends=("torch", "naive", "flex"),
     length_multiple=256,
 )
 class LongformerAttention(PatternAttention):

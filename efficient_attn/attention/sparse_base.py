@@ -6,7 +6,14 @@ with every backend:
 * ``naive``: the dense ``(seq, seq)`` mask from ``pattern.dense_mask`` through
   :func:`~efficient_attn.attention.functional.dense_attention`: O(n^2), the correctness oracle.
 * ``torch``: the blocked kernels of :mod:`efficient_attn.attention.blocked`: O(n * keys per block) time, O(n * d)
-  memory, forward and backward on any device; ``auto`` picks it.
+  memory, forward and backward on any device.
+* ``flex``: compiled FlexAttention over ``pattern.mask_mod`` (:mod:`efficient_attn.attention.flex`); forward-only and
+  float32/16/bf16-only on CPU.
+* ``xformers``: ``memory_efficient_attention`` with a local-attention bias
+  (:mod:`efficient_attn.attention.xformers_backend`); CUDA only, and only for a plain sliding window (``window`` lists
+  it in its registration; the others do not).
+
+``auto`` reads :data:`efficient_attn.attention.auto.AUTO_TABLE` (per device, mode, dtype and length).
 
 A new backend for all pattern variants is one ``_attend_<name>`` method here (plus its name in each registration).
 
@@ -24,15 +31,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from efficient_attn.attention import flex as flex_backend
+from efficient_attn.attention.auto import FusedBackendsMixin
 from efficient_attn.attention.base import Attention, AttentionConfig
 from efficient_attn.attention.blocked import BlockedPlan, sparse_attention, sparse_attention_autograd
 from efficient_attn.attention.functional import combine_masks, default_scale, dense_attention
-from efficient_attn.attention.patterns import BlockStructure, MaskMod, Pattern
+from efficient_attn.attention.patterns import BlockStructure, MaskMod, Pattern, WindowPattern
+from efficient_attn.attention.xformers_backend import xformers_attention
 
 __all__ = ["PatternAttention"]
 
 
-class PatternAttention(Attention):
+class PatternAttention(FusedBackendsMixin, Attention):
     """An attention variant defined by a sparse pattern (see the module docstring)."""
 
     def __init__(self, config: AttentionConfig) -> None:
@@ -40,6 +50,7 @@ class PatternAttention(Attention):
         #: The pattern this module computes; ``dense_mask``, ``mask_mod`` and the block cover all come from it.
         self.pattern: Pattern = self._make_pattern()
         self._plans: dict[tuple, BlockedPlan] = {}
+        self._flex = flex_backend.FlexRunner(self.pattern.mask_mod, mask_heads=self.pattern.mask_heads)
 
     @abstractmethod
     def _make_pattern(self) -> Pattern:
@@ -83,9 +94,6 @@ class PatternAttention(Attention):
         return blocked + dense
 
     # -------------------------------------------------------------------------------------------------- backends
-    def auto_backend(self, device: torch.device, needs_grad: bool) -> str:
-        return "torch"
-
     def _before_attend(self) -> None:
         """Hook run at the start of every backend call (BigBird uses it to redraw its random plan)."""
 
@@ -118,3 +126,19 @@ class PatternAttention(Attention):
         else:
             out = sparse_attention(q, k, v, plan, key_padding_mask, scale)
         return out[:, :, :seq_len]
+
+    def _attend_flex(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        self._before_attend()
+        flex_backend.check_supported(q, self.dropout_p)
+        return self._flex(q, k, v, key_padding_mask, tag=getattr(self.pattern, "draw", 0))
+
+    def _attend_xformers(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        if type(self.pattern) is not WindowPattern:
+            raise ValueError(
+                f"backend 'xformers' has a bias for a plain sliding window only, not for {type(self.pattern).__name__}"
+            )
+        self._before_attend()
+        return xformers_attention(
+            q, k, v, causal=self.config.causal, window=self.pattern.window_size,
+            key_padding_mask=key_padding_mask, dropout_p=self.dropout_p,
+        )

@@ -39,7 +39,7 @@ class WindowConfig(AttentionConfig):
     description="Sliding-window local attention (Beltagy et al. 2020), |i - j| <= window_size",
     paper="Beltagy et al. 2020, arXiv:2004.05150",
     complexity="O(n*w)",
-    backends=("torch", "naive"),
+    backends=("torch", "naive", "flex", "xformers"),
     length_multiple=256,
 )
 class WindowAttention(PatternAttention):
