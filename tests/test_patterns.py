@@ -265,10 +265,10 @@ def test_registry_specs():
                                       ("bigbird", "O(n*b*(w+r+g))", 64)):
         spec = ea.get_spec(key)
         assert spec.complexity == complexity and spec.length_multiple == multiple
-        assert set(spec.backends) == {"naive", "torch"} and spec.exact
+        assert {"naive", "torch"} <= set(spec.backends) and spec.exact
         attn = build_for_test(key)
         assert attn.block_size == multiple
-        assert attn.auto_backend(torch.device("cpu"), True) == "torch"
+        assert attn.resolve_backend(torch.device("cpu"), True) == "torch", "the blocked backend trains on CPU"
 
 
 def test_structure_marks_unused_slots_and_covered_globals_empty():

@@ -161,3 +161,17 @@ def test_hypothesis_shapes_and_parameters(key_params, batch, heads, seq, head_di
     q, k, v = random_qkv(batch, heads, seq, head_dim, seed=seq)
     kpm = random_padding(batch, seq, seed=seq + 1) if padded else None
     check_against_reference(attn, q, k, v, kpm)
+
+
+@pytest.mark.parametrize("key", sorted(SMALL))
+@pytest.mark.parametrize("fused", [True, False])
+def test_small_call_limits_split_work_without_changing_results(key, fused, monkeypatch):
+    """Global rows' backward in key slices and few query blocks per call (the limits used at long lengths)."""
+    monkeypatch.setattr(blocked, "GLOBAL_KEYS_PER_BACKWARD", 8)
+    monkeypatch.setattr(blocked, "GLOBAL_ROWS_PER_CALL", 3)
+    monkeypatch.setattr(blocked, "KEY_ROWS_PER_CALL", 64)
+    if not fused:
+        monkeypatch.setattr(blocked, "_use_cpu_flash", lambda q: False)
+    attn = build_for_test(key, dim=32, num_heads=4, causal=True, **SMALL[key]).double()
+    q, k, v = random_qkv(2, 4, 46, 8, seed=8)
+    check_against_reference(attn, q, k, v, random_padding(2, 46, seed=4, empty_row=True))

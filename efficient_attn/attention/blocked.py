@@ -44,8 +44,12 @@ __all__ = ["BlockedPlan", "sparse_attention", "sparse_attention_autograd"]
 
 #: Query rows per fused call in the block-wise part (several query blocks are folded into one call).
 DEFAULT_ROWS_PER_CALL = 1024
+#: Gathered key rows (groups * heads * keys per block) per call: bounds the gathered k and v of one call.
+KEY_ROWS_PER_CALL = 16384
 #: Dense global query rows per call (bounds the ``(rows, n)`` mask).
 GLOBAL_ROWS_PER_CALL = 64
+#: Keys per backward call of the dense global rows: their key gradients are computed in slices of this many keys.
+GLOBAL_KEYS_PER_BACKWARD = 4096
 
 
 @dataclass
@@ -97,7 +101,8 @@ class _Call:
 def _calls(plan: BlockedPlan, batch: int, heads: int, key_padding_mask: Tensor | None) -> Iterator[_Call]:
     st = plan.structure
     n_pad = st.padded_len
-    group = max(1, plan.rows_per_call // st.block_size)
+    # query blocks per call: up to rows_per_call query rows, and at most KEY_ROWS_PER_CALL gathered key rows
+    group = max(1, min(plan.rows_per_call // st.block_size, KEY_ROWS_PER_CALL // (heads * st.keys_per_block)))
     for start in range(0, st.num_query_blocks, group):
         stop = min(start + group, st.num_query_blocks)
         g = stop - start
@@ -279,6 +284,9 @@ class _SparseAttentionFunction(torch.autograd.Function):
         grad_k = torch.zeros_like(k, dtype=acc)
         grad_v = torch.zeros_like(v, dtype=acc)
         for call, lse in zip(_calls(plan, q.shape[0], q.shape[1], kpm), lses):
+            if call.kind == "global":
+                _global_backward(grad_out, q, k, v, out, lse, plan, call, scale, grad_q, grad_k, grad_v)
+                continue
             gq, gk, gv = _chunk_backward(
                 _query_rows(grad_out, plan, call), _query_rows(q, plan, call), _key_rows(k, call),
                 _key_rows(v, call), _query_rows(out, plan, call), lse, call, scale,
@@ -287,6 +295,27 @@ class _SparseAttentionFunction(torch.autograd.Function):
             _add_key_rows(grad_k, gk, call)
             _add_key_rows(grad_v, gv, call)
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None
+
+
+def _global_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, plan: BlockedPlan, call: _Call,
+    scale: float, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor,
+) -> None:
+    """Backward of dense global rows in key slices, so no full-length key gradient is held per call.
+
+    Exact: given the rows' final output and log-sum-exp, ``P = exp(S - lse)`` and ``delta = rowsum(dO * O)`` are the
+    true ones for any subset of the keys, so each slice yields its keys' gradients and its share of ``dq``.
+    """
+    rows = (_query_rows(grad_out, plan, call), _query_rows(q, plan, call), _query_rows(out, plan, call))
+    n_pad = k.shape[2]
+    for k0 in range(0, n_pad, GLOBAL_KEYS_PER_BACKWARD):
+        k1 = min(k0 + GLOBAL_KEYS_PER_BACKWARD, n_pad)
+        allowed = None if call.allowed is None else call.allowed[..., k0:k1]
+        part = _Call("global", call.start, call.stop, None, allowed)
+        gq, gk, gv = _chunk_backward(rows[0], rows[1], k[:, :, k0:k1], v[:, :, k0:k1], rows[2], lse, part, scale)
+        _put_query_rows(grad_q, gq, plan, call, accumulate=True)
+        grad_k[:, :, k0:k1] += gk
+        grad_v[:, :, k0:k1] += gv
 
 
 def sparse_attention(
