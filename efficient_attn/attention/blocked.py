@@ -132,13 +132,17 @@ def _calls(plan: BlockedPlan, batch: int, heads: int, key_padding_mask: Tensor |
     num_global = st.global_queries.numel()
     for start in range(0, num_global, GLOBAL_ROWS_PER_CALL):
         stop = min(start + GLOBAL_ROWS_PER_CALL, num_global)
-        with unset_fake_temporarily():  # index arithmetic only; the simplifications below read its values
-            keys = torch.arange(n_pad, device=st.key_blocks.device)
-            allowed = global_rows_mask(plan.pattern, plan.mask_mod, st.global_queries[start:stop], keys)[None]
-            if bool(allowed.all()):
-                allowed = None
-            elif allowed.shape[1] > 1 and bool((allowed == allowed[:, :1]).all()):
-                allowed = allowed[:, :1]
+        cache_key = ("global", start, stop)
+        if cache_key not in plan.group_cache:
+            with unset_fake_temporarily():  # index arithmetic only; the simplifications below read its values
+                keys = torch.arange(n_pad, device=st.key_blocks.device)
+                allowed = global_rows_mask(plan.pattern, plan.mask_mod, st.global_queries[start:stop], keys)[None]
+                if bool(allowed.all()):
+                    allowed = None
+                elif allowed.shape[1] > 1 and bool((allowed == allowed[:, :1]).all()):
+                    allowed = allowed[:, :1]
+            plan.group_cache[cache_key] = allowed  # (1, 1 or hp, rows, n): O(g * n), kept with the plan
+        allowed = plan.group_cache[cache_key]
         if key_padding_mask is not None:
             padding = key_padding_mask[:, None, None, :]
             allowed = padding if allowed is None else allowed & padding
@@ -254,7 +258,9 @@ def _chunk_backward(
 def _rows_buffer(like: Tensor, plan: BlockedPlan, dtype: torch.dtype) -> Tensor:
     """A ``like``-shaped buffer: rows of the block-wise part left uninitialised (each is written exactly once, by
     copy; global rows inside it are written as zeros there), rows before it zeroed (global calls add into them)."""
-    buffer = torch.empty_like(like, dtype=dtype)
+    batch, heads, seq, d = like.shape
+    # (batch, seq, heads, d) in memory: the layout the fused CPU kernel writes its outputs in, so rows copy as blocks
+    buffer = torch.empty(batch, seq, heads, d, dtype=dtype, device=like.device).transpose(1, 2)
     buffer[:, :, : plan.structure.first_query_block * plan.structure.block_size].zero_()
     return buffer
 
