@@ -11,7 +11,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import efficient_attn as ea
-from efficient_attn.attention import flex as flex_backend
 from efficient_attn.attention.base import BackendUnavailableError
 from efficient_attn.attention.flex import FlexRunner, dense_to_ordered, ordered_to_dense
 from efficient_attn.measure.storage import StorageTracker
@@ -63,7 +62,8 @@ def test_full_causal_matches_reference(padded):
 
 @pytest.mark.parametrize(
     "key, causal, padded",
-    [("window", False, False), ("window", True, True), ("bigbird", False, False), ("longformer", False, True)],
+    # non-causal unpadded window: test_auto compares it (through auto) with the blocked backend at 2048 tokens
+    [("window", True, True), ("bigbird", False, False), ("longformer", False, True)],
 )
 def test_pattern_matches_reference(key, causal, padded):
     attn = ea.build_attention(key, dim=32, num_heads=4, causal=causal, backend="flex", **PATTERN_PARAMS[key])
