@@ -268,6 +268,7 @@ def parse_suite(data: dict[str, Any], name: str, where: str | None = None) -> Su
         if not isinstance(entry.get("params", {}), dict):
             raise SuiteError(f"{at}.params: expected a table")
         peers.append(PeerEntry(name=entry["name"], params=dict(entry.get("params", {}))))
+    _check_unique(variants, where)
     return Suite(
         name=name,
         description=str(data.get("description", "")),
@@ -287,6 +288,19 @@ def parse_suite(data: dict[str, Any], name: str, where: str | None = None) -> Su
         slow_repeats=_positive_int(data.get("slow_repeats", 3), f"{where}: slow_repeats"),
         depth=_positive_int(data.get("depth", 2), f"{where}: depth"),
     )
+
+
+def _check_unique(variants: tuple[VariantEntry, ...] | list[VariantEntry], where: str) -> None:
+    """Two entries must not produce the same cells (same key, backend and params)."""
+    seen: dict[tuple[str, str, str], int] = {}
+    for i, entry in enumerate(variants):
+        params = repr(sorted(entry.params.items()))
+        for backend in entry.backends:
+            mark = (entry.key, backend, params)
+            if mark in seen:
+                raise SuiteError(f"{where}: variants[{seen[mark]}] and variants[{i}] both run {entry.key!r} with "
+                                 f"backend {backend!r} and the same params; merge them or change the params")
+            seen[mark] = i
 
 
 def load_suite(name_or_path: str | Path) -> Suite:
@@ -382,6 +396,28 @@ def parse_variant_params(items: list[str]) -> dict[str, dict[str, Any]]:
     return result
 
 
+def _filter_backends(entries: list[VariantEntry], wanted: list[str]) -> list[VariantEntry]:
+    """Per variant key: each entry keeps its own backends that are wanted (with its caps); a wanted backend that no
+    entry of the key lists (``auto`` included) gets a new entry, uncapped, with the key's first entry's params."""
+    result: list[VariantEntry] = []
+    for key in dict.fromkeys(e.key for e in entries):
+        spec = get_spec(key)
+        same = [e for e in entries if e.key == key]
+        valid = [b for b in wanted if b == "auto" or b in spec.backends]
+        if not valid:
+            raise SuiteError(f"--backends: variant {key!r} has none of {', '.join(wanted)}; "
+                             f"its backends: auto, {', '.join(spec.backends)}")
+        for entry in same:
+            kept = tuple(b for b in entry.backends if b in valid)
+            if kept:
+                result.append(dataclasses.replace(entry, backends=kept))
+        listed = {b for e in same for b in e.backends}
+        new = tuple(b for b in valid if b not in listed)
+        if new:
+            result.append(VariantEntry(key=key, backends=new, params=dict(same[0].params)))
+    return result
+
+
 def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -460,17 +496,13 @@ def override_suite(
         raise SuiteError(f"--variant-params: {', '.join(unknown)} not among the variants of this run "
                          f"({', '.join(e.key for e in entries)})")
     wanted_backends = _split(backends) if backends is not None else None
+    if wanted_backends is not None:
+        entries = _filter_backends(entries, wanted_backends)
     checked = []
-    for i, entry in enumerate(entries):
-        chosen: Any = list(entry.backends)
-        if wanted_backends is not None:
-            spec = get_spec(entry.key)
-            chosen = [b for b in wanted_backends if b == "auto" or b in spec.backends]
-            if not chosen:
-                raise SuiteError(f"--backends: variant {entry.key!r} has none of {', '.join(wanted_backends)}; "
-                                 f"its backends: auto, {', '.join(spec.backends)}")
+    for entry in entries:
         params = {**entry.params, **overrides.get(entry.key, {})}
-        checked.append(validate_variant(entry.key, chosen, params, dict(entry.max_len), heads=new_heads,
-                                        head_dim=new_head_dim, where=f"variant {entry.key!r}"))
+        checked.append(validate_variant(entry.key, list(entry.backends), params, dict(entry.max_len),
+                                        heads=new_heads, head_dim=new_head_dim, where=f"variant {entry.key!r}"))
     data["variants"] = tuple(checked)
+    _check_unique(data["variants"], "after the command-line options")
     return dataclasses.replace(suite, **data)

@@ -145,3 +145,14 @@ def test_suite_path_resolution(tmp_path):
     with pytest.raises(SuiteError, match="invalid TOML"):
         load_suite(bad)
     assert Path(load_suite("quick").name) == Path("quick")
+
+
+def test_backend_filter_keeps_each_cap_with_its_own_backend():
+    default = load_suite("default")
+    only_sdpa = override_suite(default, variants="full", backends="sdpa")
+    assert [(v.backends, v.max_len) for v in only_sdpa.variants] == [(("sdpa",), {})]  # naive's cap not inherited
+    flex = override_suite(default, variants="full", backends="flex")
+    assert [(v.backends, v.max_len) for v in flex.variants] == [(("flex",), {})]
+    with pytest.raises(SuiteError, match=r"variants\[0\] and variants\[1\] both run 'full' with backend 'sdpa'"):
+        parse_suite({"lengths": [64], "variants": [{"key": "full", "backends": ["sdpa"]},
+                                                   {"key": "full", "backends": ["naive", "sdpa"]}]}, "x")
