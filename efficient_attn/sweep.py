@@ -11,10 +11,13 @@ plus ``peers x ...`` at layer level when peers are included. For each cell, in t
    whose predicted total (setup + peak) exceeds the memory budget -> ``skipped_budget``, predicted bytes in the note.
    The budget defaults to 80% of free RAM (``MemAvailable``) or of free GPU memory: on CPU the kernel's OOM killer
    kills the process instead of raising, so a cell must not be tried when it will not fit.
-3. **Measurement**, in this process or (``isolate=True``) in a fresh subprocess per cell: build, the warm-up call
-   (its time is ``compile_ms`` for compiling backends; with isolation the peak RSS change around it is
-   ``peak_rss_bytes``), the timed runs (:mod:`efficient_attn.measure.timing`), then one instrumented call measuring
-   peak memory and FLOPs together (:mod:`efficient_attn.measure.memory`). Nothing heavy precedes the measured calls.
+3. **Measurement**, in this process or (``isolate=True``) in a fresh subprocess per cell: build, then one
+   instrumented call that is also the warm-up, measuring the first call's peak memory and FLOPs together
+   (:mod:`efficient_attn.measure.memory`; with isolation the peak RSS change around it is ``peak_rss_bytes``), then
+   the timed runs (:mod:`efficient_attn.measure.timing`). One instrumented call per cell keeps slow cells cheap (a
+   16K SDPA forward+backward is 6.5 s per call on 2 cores). Compiled backends (flex) refuse dispatch modes: their
+   first call compiles (``compile_ms``), a second warms up (and gives the allocator peak on CUDA). Nothing heavy
+   precedes the measured calls. ``predicted_mem_bytes`` is the prediction of that same first call.
 
 ``torch.OutOfMemoryError`` -> ``oom`` (and the longer lengths of that group -> ``skipped_after_oom``); a
 ``BackendUnavailableError`` (``auto`` on a device with nothing usable) or a missing peer package -> ``unsupported``;
@@ -24,6 +27,7 @@ ends (:class:`efficient_attn.results.RunFolder`), and rerunning with the same fo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -207,35 +211,44 @@ def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, r
     Raises whatever the cell raises (the caller turns it into a status).
     """
     work = build_workload(cell, seed=seed, depth=depth)
-    if rss:
-        with rss_probe() as probe:
-            first_s = time_call(work.run, cell.device)
+    if work.attentions:
+        backend = work.attentions[0].resolve_backend(torch.device(cell.device), cell.mode != "fwd")
     else:
-        first_s = time_call(work.run, cell.device)
-    compile_s = None
-    if work.last_backend in COMPILING_BACKENDS:
-        # the first call compiled: a second warm-up gives the steady call time the slow-cell decision needs
-        compile_s, first_s = first_s, time_call(work.run, cell.device)
-    timed = time_callable(
-        work.run, device=cell.device, min_run_time=timing.min_run_time, slow_call_s=timing.slow_call_s,
-        slow_repeats=timing.slow_repeats, first_call_s=first_s,
-    )
-    backend = work.last_backend if not cell.is_peer else "peer"
+        backend = "peer"
     notes = []
+    probe = contextlib.nullcontext() if not rss else rss_probe()
+    compile_s = None
     if backend in UNCOUNTABLE_BACKENDS:
-        # compiled kernels refuse to run under a dispatch mode (tracker, FLOP counter): allocator peak on CUDA only
+        # compiled kernels refuse to run under a dispatch mode (tracker, FLOP counter): the first call compiles,
+        # the second is the warm-up (and, on CUDA, the allocator's peak)
+        with probe as rss_result:
+            compile_s = time_call(work.run, cell.device)
+        start = time.perf_counter()
         peak_bytes = measure_call(work.run, cell.device, count_flops=False).peak_bytes if cell.device == "cuda" else None
+        if peak_bytes is None:
+            time_call(work.run, cell.device)
+        first_s = time.perf_counter() - start
         flops_computed = work.useful_flops
         notes.append(f"flops_computed is the pattern's count: FlopCounterMode cannot see {backend}")
         if peak_bytes is None:
             notes.append(f"peak_mem_bytes not measured: {backend} cannot run under the storage tracker "
                          "(--isolate gives peak_rss_bytes)")
     else:
-        instrumented = measure_call(work.run, cell.device, count_flops=True)
+        # one instrumented call is the warm-up: peak memory and FLOPs of the first call, outside the timed runs
+        with probe as rss_result:
+            start = time.perf_counter()
+            instrumented = measure_call(work.run, cell.device, count_flops=True)
+            first_s = time.perf_counter() - start
         peak_bytes, flops_computed = instrumented.peak_bytes, instrumented.flops
+    timed = time_callable(
+        work.run, device=cell.device, min_run_time=timing.min_run_time, slow_call_s=timing.slow_call_s,
+        slow_repeats=timing.slow_repeats, first_call_s=first_s,
+    )
+    if work.attentions and work.last_backend != backend:
+        raise RuntimeError(f"backend resolved to {backend!r} before the run but {work.last_backend!r} ran")
     if timed.method == "slow_repeats":
         notes.append(f"slow cell ({timed.first_call_ms / 1e3:.1f} s first call): {timed.runs} timed calls")
-    if rss and not probe.exact:
+    if rss and not rss_result.exact:
         notes.append("peak_rss_bytes is an upper bound (the call did not raise the process high-water mark)")
     seconds = timed.median_ms / 1e3
     measured: dict[str, Any] = {
@@ -246,7 +259,7 @@ def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, r
         "compile_ms": compile_s * 1e3 if compile_s is not None else None,
         "tokens_per_s": work.tokens / seconds,
         "peak_mem_bytes": peak_bytes,
-        "peak_rss_bytes": probe.peak_bytes if rss else None,
+        "peak_rss_bytes": rss_result.peak_bytes if rss else None,
         "flops_useful": work.useful_flops,
         "flops_computed": flops_computed,
         "flops_per_s": flops_computed / seconds if flops_computed else None,
@@ -321,7 +334,7 @@ def run_cell(
         prediction = predict_cell(cell, seed=seed, depth=depth)
     except Exception as error:  # noqa: BLE001 - the real run below decides the status
         notes.append(f"memory not predicted ({_first_line(error)[:120]})")
-    predicted = prediction.peak_bytes if prediction is not None else None
+    predicted = prediction.first_call_bytes if prediction is not None else None
     if prediction is not None and budget_bytes is not None and prediction.total_bytes > budget_bytes:
         note = (f"predicted {_gib(prediction.total_bytes)} (peak {_gib(prediction.peak_bytes)} + setup "
                 f"{_gib(prediction.setup_bytes)}) > budget {_gib(budget_bytes)}")
@@ -483,10 +496,10 @@ def dry_run(
             plan.append((p, None, "run", f"memory not predicted: {_classify(error)[1]}"))
             continue
         if prediction.total_bytes > budget:
-            plan.append((p, prediction.peak_bytes, "skipped_budget",
+            plan.append((p, prediction.first_call_bytes, "skipped_budget",
                          f"predicted {_gib(prediction.total_bytes)} > budget {_gib(budget)}"))
         else:
-            plan.append((p, prediction.peak_bytes, "run", ""))
+            plan.append((p, prediction.first_call_bytes, "run", ""))
     return plan
 
 

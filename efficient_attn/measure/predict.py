@@ -9,8 +9,9 @@ buffers are converted to fake tensors.
 Fake tensors live on the CPU here, whatever device the cell will run on. The ``meta`` device is *not* used: SDPA on
 meta takes the math path and predicts the full score matrix (131 GB at 64K tokens instead of ~65 MB).
 
-The workload is called twice: the first call's peak includes one-time state (caches, the optimizer's state), the
-second is the steady state that the harness measures (it measures after a warm-up). :class:`Prediction` keeps both.
+The workload is called twice: the first call's peak includes one-time state (caches, the optimizer's state) and is
+what the harness measures (its instrumented call is the warm-up); the second is the steady state. :class:`Prediction`
+keeps both.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ class Prediction:
     """Predicted memory of one cell, in bytes.
 
     Attributes:
-        peak_bytes: peak of a steady-state call above what existed before it (compare with ``peak_mem_bytes``).
-        first_call_bytes: peak of the first call (one-time state included).
+        peak_bytes: peak of a steady-state (second) call above what existed before it.
+        first_call_bytes: peak of the first call (one-time state included): compare with ``peak_mem_bytes``.
         setup_bytes: parameters, buffers and inputs (alive before and during every call).
     """
 
