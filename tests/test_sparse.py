@@ -106,6 +106,14 @@ def test_dropout_in_training_changes_output_and_stays_finite(key):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_bigbird_shorter_than_its_global_blocks_is_all_global_rows(causal):
+    attn = build_for_test("bigbird", dim=32, num_heads=4, causal=causal, block_size=8).double()  # 2 global blocks
+    assert attn.structure(13).num_query_blocks == 0
+    q, k, v = random_qkv(2, 4, 13, 8, seed=6)
+    check_against_reference(attn, q, k, v, random_padding(2, 13, seed=1, empty_row=True))
+
+
 def test_fully_padded_batch_gives_zero_output_and_zero_gradients():
     for key in SMALL:
         attn = build_for_test(key, dim=32, num_heads=4, causal=True, **SMALL[key]).double()

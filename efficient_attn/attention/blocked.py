@@ -102,7 +102,7 @@ def _calls(plan: BlockedPlan, batch: int, heads: int, key_padding_mask: Tensor |
     st = plan.structure
     n_pad = st.padded_len
     # query blocks per call: up to rows_per_call query rows, and at most KEY_ROWS_PER_CALL gathered key rows
-    group = max(1, min(plan.rows_per_call // st.block_size, KEY_ROWS_PER_CALL // (heads * st.keys_per_block)))
+    group = max(1, min(plan.rows_per_call // st.block_size, KEY_ROWS_PER_CALL // max(1, heads * st.keys_per_block)))
     for start in range(0, st.num_query_blocks, group):
         stop = min(start + group, st.num_query_blocks)
         g = stop - start
