@@ -9,7 +9,8 @@ Examples::
     effattn bench --dry-run                         # the cells, their predicted memory and status; runs nothing
 
 Options given on the command line replace the suite's values. Rerunning with the same ``--out`` resumes: finished
-cells are kept, the rest run; a different configuration for the same folder is refused.
+cells are kept, the rest run; a different configuration for the same folder is refused. Exit status: 0, 1 when a
+cell ended in ``error``, 2 for bad options or a config mismatch, 130 when interrupted (rerun to resume).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from efficient_attn.suites import SuiteError, load_suite, override_suite
 def add_cell_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``bench`` and ``predict`` that shape the cells."""
     parser.add_argument("--variants", help="comma-separated registry keys (default: the suite's)")
-    parser.add_argument("--backends", help="comma-separated backends kept for every variant (auto always allowed)")
+    parser.add_argument("--backends", help="comma-separated backends to run for every variant that has them (auto "
+                        "for all); a suite entry's max_len stays with its own backends")
     parser.add_argument("--lengths", help="e.g. 1024,2048 or 1k:16k (powers of two); suffixes k and m")
     parser.add_argument("--modes", help="comma-separated: fwd, fwd_bwd, train_step")
     parser.add_argument("--level", choices=("core", "layer", "model"), help="core: attend(q,k,v); layer: with "
