@@ -350,8 +350,13 @@ class RunFolder:
         os.replace(tmp, self.meta_path)
 
     def end_session(self, *, started: str, wall_s: float, timed_window_s: float, cells_run: int,
-                    interrupted: bool = False) -> None:
-        """Record one session (a run or a resume) and update the totals in ``meta.json``."""
+                    interrupted: bool = False, budget_bytes: int | None = None,
+                    device_memory_bytes: int | None = None) -> None:
+        """Record one session (a run or a resume) and update the totals in ``meta.json``.
+
+        ``budget_bytes`` (the memory budget in force) and ``device_memory_bytes`` (total RAM or GPU memory) are
+        stored per session and, from the latest session, at the top level, where the report reads them.
+        """
         self.meta["sessions"].append(
             {
                 "started": started,
@@ -359,8 +364,14 @@ class RunFolder:
                 "timed_window_s": round(timed_window_s, 3),
                 "cells_run": cells_run,
                 "interrupted": interrupted,
+                "budget_bytes": budget_bytes,
+                "device_memory_bytes": device_memory_bytes,
             }
         )
+        if budget_bytes is not None:
+            self.meta["budget_bytes"] = budget_bytes
+        if device_memory_bytes is not None:
+            self.meta["device_memory_bytes"] = device_memory_bytes
         self.meta["wall_s"] = round(sum(s["wall_s"] for s in self.meta["sessions"]), 3)
         self.meta["timed_window_s"] = round(sum(s["timed_window_s"] for s in self.meta["sessions"]), 3)
         self._write_meta()

@@ -85,13 +85,30 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def mem_available_bytes() -> int:
-    """``MemAvailable`` from ``/proc/meminfo``: RAM the kernel can give without swapping."""
+def _meminfo_bytes(field_name: str) -> int:
     with open("/proc/meminfo", encoding="ascii") as handle:
         for line in handle:
-            if line.startswith("MemAvailable:"):
+            if line.startswith(f"{field_name}:"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/meminfo has no MemAvailable line")
+    raise RuntimeError(f"/proc/meminfo has no {field_name} line")
+
+
+def mem_available_bytes() -> int:
+    """``MemAvailable`` from ``/proc/meminfo``: RAM the kernel can give without swapping."""
+    return _meminfo_bytes("MemAvailable")
+
+
+def mem_total_bytes() -> int:
+    """``MemTotal`` from ``/proc/meminfo``."""
+    return _meminfo_bytes("MemTotal")
+
+
+def device_memory_bytes(device: str) -> int:
+    """Total GPU memory (CUDA) or ``MemTotal`` (CPU)."""
+    if device == "cuda":
+        _free, total = torch.cuda.mem_get_info()
+        return int(total)
+    return mem_total_bytes()
 
 
 def default_budget_bytes(device: str) -> int:
@@ -460,7 +477,8 @@ def run_sweep(
     finally:
         bar.close()
         folder.end_session(started=started, wall_s=time.perf_counter() - t0, timed_window_s=window_total,
-                           cells_run=cells_run, interrupted=interrupted)
+                           cells_run=cells_run, interrupted=interrupted, budget_bytes=budget,
+                           device_memory_bytes=device_memory_bytes(device))
     rows = folder.rows()
     statuses: dict[str, int] = {}
     for row in rows:
