@@ -49,7 +49,7 @@ def test_extra_repr_shows_config(key):
 def test_backend_forward_shape_or_reports_unavailable(key, backend):
     attn = build_for_test(key, backend=backend)
     q, k, v = random_qkv(1, 4, 24, 8, dtype=torch.float32)
-    reason = attn.unavailable_reason(backend, CPU, False)
+    reason = attn.unavailable_reason(backend, CPU, False, q.dtype)
     if reason is not None:
         with pytest.raises(BackendUnavailableError, match=reason[:20]):
             with torch.no_grad():
@@ -70,11 +70,11 @@ def test_exact_variant_matches_reference(key, backend, causal, padded, seq):
     attn = build_for_test(key, causal=causal, backend=backend).double()
     q, k, v = random_qkv(2, 4, seq, 8, seed=seq)
     kpm = random_padding(2, seq, seed=seq + 1) if padded else None
-    if attn.unavailable_reason(backend, CPU, False) is not None:
+    if attn.unavailable_reason(backend, CPU, False, q.dtype) is not None:
         pytest.skip(f"{backend} does not run on CPU")
     allowed = pattern_with_padding(attn.dense_mask(seq), kpm)
     ref = reference_attention(q, k, v, allowed)
-    backward_reason = attn.unavailable_reason(backend, CPU, True)
+    backward_reason = attn.unavailable_reason(backend, CPU, True, q.dtype)
     if backward_reason is not None:
         # forward-only backend: backward must be reported unsupported, not silently wrong
         with pytest.raises(BackendUnavailableError):

@@ -98,7 +98,7 @@ def test_backward_reported_unsupported_on_cpu():
 
 def test_float64_reported_unsupported_on_cpu():
     attn = ea.build_attention("full", dim=32, num_heads=4, backend="flex").double()
-    assert "float64" in attn.unavailable_reason("flex", CPU, False)
+    assert "float64" in attn.unavailable_reason("flex", CPU, False, torch.float64)
     assert type(attn).unavailable_reason("flex", CPU, False, torch.float32) is None
     q, k, v = random_qkv(1, 4, 16, 8)
     with torch.no_grad(), pytest.raises(BackendUnavailableError, match="float32, float16 and bfloat16"):

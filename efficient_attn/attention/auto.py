@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import Tensor
 
 from efficient_attn.attention import flex as flex_backend
 from efficient_attn.attention import xformers_backend
@@ -139,14 +138,9 @@ def choose_backend(
 class FusedBackendsMixin:
     """Gives a variant ``auto`` from :data:`AUTO_TABLE` and dtype-aware availability of ``flex`` / ``xformers``.
 
-    Mix in before :class:`~efficient_attn.attention.base.Attention`. ``Attention.attend`` resolves the backend from
-    the device and mode only; FlexAttention on CPU also depends on the input's dtype (no float64 kernel) and only
-    pays off for long inputs, so :meth:`attend` notes q's dtype and length for the duration of the call, and
-    ``unavailable_reason`` called on a module without ``dtype`` uses that (or the module's parameter dtype).
+    Mix in before :class:`~efficient_attn.attention.base.Attention`. FlexAttention on CPU depends on the input's
+    dtype (no float64 kernel) and only pays off for long inputs; ``Attention.resolve_backend`` passes both.
     """
-
-    #: ``(dtype, seq_len)`` of the ``attend`` call in progress, else None.
-    _call_input: tuple[torch.dtype, int] | None = None
 
     @property
     def auto_family(self) -> str:
@@ -156,25 +150,10 @@ class FusedBackendsMixin:
             return "full-causal" if self.config.causal else "full"  # type: ignore[attr-defined]
         return key
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """The core (see :meth:`Attention.attend`); notes q's dtype and length for ``auto`` while it runs."""
-        self._call_input = (q.dtype, q.shape[-2])
-        try:
-            return super().attend(q, k, v, key_padding_mask)  # type: ignore[misc]
-        finally:
-            self._call_input = None
-
-    def _module_dtype(self) -> torch.dtype | None:
-        if self._call_input is not None:
-            return self._call_input[0]
-        for param in self.parameters():  # type: ignore[attr-defined]
-            return param.dtype
-        return None
-
-    def auto_backend(self, device: torch.device, needs_grad: bool) -> str:
-        """The backend :data:`AUTO_TABLE` picks for this module, device, mode and input."""
-        dtype = self._module_dtype()
-        seq_len = self._call_input[1] if self._call_input is not None else None
+    def auto_backend(
+        self, device: torch.device, needs_grad: bool, *, seq_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> str:
+        """The backend :data:`AUTO_TABLE` picks for this module, device, mode, length and dtype."""
 
         def is_available(backend: str) -> bool:
             if backend == "flex" and self.dropout_p > 0.0:  # type: ignore[attr-defined]
@@ -183,18 +162,9 @@ class FusedBackendsMixin:
 
         return choose_backend(self.auto_family, device, needs_grad, seq_len=seq_len, is_available=is_available)
 
-    class _Reason:
-        """``unavailable_reason(backend, device, needs_grad, dtype=None)``, on the class or on a module."""
-
-        def __get__(self, module: "FusedBackendsMixin | None", owner: type) -> Callable[..., str | None]:
-            def unavailable_reason(
-                backend: str, device: torch.device | str, needs_grad: bool, dtype: torch.dtype | None = None
-            ) -> str | None:
-                """Why ``backend`` cannot run on ``device`` (None when it can); ``dtype`` defaults to the module's."""
-                if dtype is None and module is not None:
-                    dtype = module._module_dtype()
-                return backend_unavailable_reason(backend, torch.device(device), needs_grad, dtype)
-
-            return unavailable_reason
-
-    unavailable_reason = _Reason()
+    @classmethod
+    def unavailable_reason(
+        cls, backend: str, device: torch.device | str, needs_grad: bool, dtype: torch.dtype | None = None
+    ) -> str | None:
+        """Why ``backend`` cannot run on ``device`` for ``dtype`` (None = any dtype); None when it can."""
+        return backend_unavailable_reason(backend, torch.device(device), needs_grad, dtype)

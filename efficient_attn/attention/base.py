@@ -131,36 +131,57 @@ class Attention(nn.Module):
         """The core: ``(batch, heads, seq, head_dim)`` q, k, v -> output of the same shape."""
         self._check_inputs(q, k, v, key_padding_mask)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        backend = self.resolve_backend(q.device, needs_grad)
+        backend = self.resolve_backend(q.device, needs_grad, seq_len=q.shape[-2], dtype=q.dtype)
         self.last_backend = backend
         self.last_padded_len = q.shape[-2]
         return getattr(self, f"_attend_{backend}")(q, k, v, key_padding_mask)
 
-    def resolve_backend(self, device: torch.device | str, needs_grad: bool) -> str:
-        """The backend ``attend`` will run for inputs on ``device``.
+    def resolve_backend(
+        self,
+        device: torch.device | str,
+        needs_grad: bool,
+        *,
+        seq_len: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> str:
+        """The backend ``attend`` will run for an input of ``seq_len`` tokens and ``dtype`` on ``device``.
+
+        ``seq_len`` and ``dtype`` default to unknown (``auto`` then skips choices that depend on them; the dtype
+        falls back to the module's parameters'). The harness calls this before a cell runs, with the cell's shape.
 
         Raises:
-            BackendUnavailableError: an explicit backend that cannot run here, with the reason.
+            BackendUnavailableError: a backend that cannot run here, with the reason.
         """
         device = torch.device(device)
+        dtype = dtype if dtype is not None else self._parameter_dtype()
         backend = self.config.backend
         if backend == AUTO:
-            backend = self.auto_backend(device, needs_grad)
-        reason = self.unavailable_reason(backend, device, needs_grad)
+            backend = self.auto_backend(device, needs_grad, seq_len=seq_len, dtype=dtype)
+        reason = self.unavailable_reason(backend, device, needs_grad, dtype)
         if reason is not None:
             raise BackendUnavailableError(f"backend {backend!r} of attention {self.spec_key!r}: {reason}")
         return backend
 
-    def auto_backend(self, device: torch.device, needs_grad: bool) -> str:
-        """The backend ``auto`` picks on ``device`` (and for backward when ``needs_grad``). Override per variant."""
+    def auto_backend(
+        self, device: torch.device, needs_grad: bool, *, seq_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> str:
+        """The backend ``auto`` picks on ``device`` (for backward too when ``needs_grad``). Override per variant."""
         return self.spec.backends[0]
 
     @classmethod
-    def unavailable_reason(cls, backend: str, device: torch.device, needs_grad: bool) -> str | None:
+    def unavailable_reason(
+        cls, backend: str, device: torch.device, needs_grad: bool, dtype: torch.dtype | None = None
+    ) -> str | None:
         """Why ``backend`` cannot run on ``device`` (None when it can). Override for device- or mode-bound backends.
 
-        ``needs_grad`` asks about backward as well (e.g. a forward-only kernel returns its reason then).
+        ``needs_grad`` asks about backward as well (e.g. a forward-only kernel returns its reason then); ``dtype``
+        (None = any) about the input's dtype (e.g. a kernel without float64).
         """
+        return None
+
+    def _parameter_dtype(self) -> torch.dtype | None:
+        for param in self.parameters():
+            return param.dtype
         return None
 
     @property
