@@ -1,10 +1,11 @@
 """Sweeps: a suite expanded into cells, each cell run and recorded as one row, resumable, never lying.
 
 Cells are ``variants x backends x modes x causal x dtypes x batch sizes x lengths`` (lengths innermost, ascending),
-plus ``peers x ...`` at layer level when peers are included. For each cell, in this order:
+plus ``peers x ...`` at the suite's level when peers are included. For each cell, in this order:
 
 1. **Static checks**: a variant that cannot be causal, a backend that cannot run on the device or cannot do backward
-   (the module's ``unavailable_reason``), a peer at another level than ``layer`` -> ``unsupported`` with the reason;
+   (the module's ``unavailable_reason``), a peer at a level it cannot run at (``peer_info(name)["levels"]``) or causal
+   without a causal mode -> ``unsupported`` with the reason;
    a length above the suite's per-mode ``max_len`` -> ``skipped_budget``; a longer length of a variant/backend/mode
    that already ran out of memory -> ``skipped_after_oom``.
 2. **Prediction** (:func:`efficient_attn.measure.predict.predict_cell`, CPU fake tensors, nothing allocated): a cell
@@ -49,7 +50,7 @@ from efficient_attn.measure.timing import time_call, time_callable
 from efficient_attn.registry import get_spec
 from efficient_attn.results import CONFIG_COLUMNS, Cell, RunFolder, make_row, params_to_json
 from efficient_attn.suites import Suite
-from efficient_attn.workloads import build_workload
+from efficient_attn.workloads import build_workload, parse_dtype
 
 __all__ = [
     "COMPILING_BACKENDS",
@@ -154,8 +155,8 @@ def expand_cells(suite: Suite, device: str, *, include_peers: bool = False) -> l
                     for dtype in suite.dtypes:
                         for batch in suite.batch_sizes:
                             for length in suite.lengths:
-                                cell = Cell(peer.name, params_json, "peer", "layer", mode, causal, device, dtype,
-                                            batch, length, suite.heads, suite.head_dim, True)
+                                cell = Cell(peer.name, params_json, "peer", suite.level, mode, causal, device,
+                                            dtype, batch, length, suite.heads, suite.head_dim, True)
                                 planned.append(PlannedCell(cell))
     return planned
 
@@ -164,21 +165,22 @@ def static_status(planned: PlannedCell) -> tuple[str, str] | None:
     """``(status, note)`` when the cell must not run, decided without building anything; None when it may run."""
     cell = planned.cell
     if cell.is_peer:
-        if cell.level != "layer":
-            return "unsupported", f"peers are measured at level 'layer', not {cell.level!r}"
-        if cell.causal:
-            return "unsupported", "peers run non-causal only (build_peer takes no causal flag)"
         try:
-            import efficient_attn.peers  # noqa: F401
+            from efficient_attn.peers import peer_info
         except ImportError as error:
             return "unsupported", f"efficient_attn.peers is not importable: {error}"
+        info = peer_info(cell.variant)
+        if cell.level not in info["levels"]:
+            return "unsupported", f"peer {cell.variant!r} runs at level {' or '.join(info['levels'])}, not {cell.level!r}"
+        if cell.causal and "causal" not in info["params"]:
+            return "unsupported", f"peer {cell.variant!r} has no causal mode"
     else:
         spec = get_spec(cell.variant)
         if cell.causal and not spec.supports_causal:
             return "unsupported", f"{cell.variant} cannot be causal: {spec.module_cls.causal_unsupported_reason}"
         if cell.backend_requested != "auto":
             reason = spec.module_cls.unavailable_reason(
-                cell.backend_requested, torch.device(cell.device), cell.mode != "fwd"
+                cell.backend_requested, torch.device(cell.device), cell.mode != "fwd", parse_dtype(cell.dtype)
             )
             if reason is not None:
                 return "unsupported", f"backend {cell.backend_requested!r}: {reason}"
@@ -229,10 +231,12 @@ def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, r
     """
     work = build_workload(cell, seed=seed, depth=depth)
     if work.attentions:
-        backend = work.attentions[0].resolve_backend(torch.device(cell.device), cell.mode != "fwd")
+        backend = work.attentions[0].resolve_backend(
+            torch.device(cell.device), cell.mode != "fwd", seq_len=cell.seq_len, dtype=parse_dtype(cell.dtype)
+        )
     else:
         backend = "peer"
-    notes = []
+    notes: list[str] = []
     probe = contextlib.nullcontext() if not rss else rss_probe()
     compile_s = None
     if backend in UNCOUNTABLE_BACKENDS:
@@ -263,6 +267,8 @@ def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, r
     )
     if work.attentions and work.last_backend != backend:
         raise RuntimeError(f"backend resolved to {backend!r} before the run but {work.last_backend!r} ran")
+    if cell.is_peer and getattr(work.module, "last_note", None):
+        notes.append(work.module.last_note)  # e.g. HF BigBird's fallback to full attention, padding it added
     if timed.method == "slow_repeats":
         notes.append(f"slow cell ({timed.first_call_ms / 1e3:.1f} s first call): {timed.runs} timed calls")
     if rss and not rss_result.exact:

@@ -66,7 +66,8 @@ class Workload:
     Attributes:
         run: one unit of work (no arguments).
         module: the module that runs (attention, peer or model).
-        attentions: the attention modules inside (to read ``last_backend`` / ``last_padded_len``); empty for peers.
+        attentions: the attention modules inside (to read ``last_backend`` / ``last_padded_len``); empty for peers
+            (a peer module records ``last_padded_len`` and ``last_note`` itself).
         tokens: ``batch * seq_len`` per call.
         mode: the cell's mode (for :attr:`useful_flops`).
     """
@@ -95,7 +96,9 @@ class Workload:
 
     @property
     def last_padded_len(self) -> int | None:
-        return getattr(self.attentions[0], "last_padded_len", None) if self.attentions else None
+        # our attention modules and peers alike record the length they padded to in their last call
+        source = self.attentions[0] if self.attentions else self.module
+        return getattr(source, "last_padded_len", None)
 
 
 def attention_params_for(cell: Cell) -> dict:
@@ -141,11 +144,13 @@ def build_cell_module(cell: Cell, *, depth: int = 2, vocab_size: int = 256) -> t
         raise ValueError(f"level must be one of {', '.join(LEVELS)}; got {cell.level!r}")
     h, n = cell.num_heads, cell.seq_len
     if cell.is_peer:
-        if cell.level != "layer":
-            raise ValueError(f"peers are measured at level 'layer', not {cell.level!r}")
-        from efficient_attn.peers import build_peer  # lazy: optional packages behind it
+        from efficient_attn.peers import build_peer, peer_info  # lazy: optional packages behind it
 
-        return build_peer(cell.variant, dim=cell.dim, num_heads=h, seq_len=n, params=cell.params), []
+        levels = peer_info(cell.variant)["levels"]
+        if cell.level not in levels:
+            raise ValueError(f"peer {cell.variant!r} runs at level {' or '.join(levels)}, not {cell.level!r}")
+        params = {**cell.params, "causal": True} if cell.causal else cell.params
+        return build_peer(cell.variant, dim=cell.dim, num_heads=h, seq_len=n, params=params), []
     if cell.level == "model":
         model = build_model(
             cell.variant,

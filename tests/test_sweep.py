@@ -183,7 +183,7 @@ def test_suite_length_caps_and_unsupported_cells(tmp_path):
 
 
 def test_backend_unavailable_is_unsupported_with_the_reason(tmp_path):
-    def reason(cls, backend, device, needs_grad):
+    def reason(cls, backend, device, needs_grad, dtype=None):
         return "needs a GPU (injected)" if backend == "sdpa" and needs_grad else None
 
     with mock.patch.object(FullAttention, "unavailable_reason", classmethod(reason)):
@@ -213,12 +213,12 @@ def test_dry_run_runs_nothing_and_writes_nothing(tmp_path):
 
 
 def test_peers_are_cells_only_when_asked():
-    suite = tiny_suite(peers=[{"name": "some-peer", "params": {"a": 1}}], causal=[False, True])
+    suite = tiny_suite(peers=[{"name": "linformer", "params": {"k": 16}}], causal=[False, True], level="layer")
     assert not any(p.cell.is_peer for p in expand_cells(suite, "cpu"))
     peers = [p for p in expand_cells(suite, "cpu", include_peers=True) if p.cell.is_peer]
     assert len(peers) == len(LENGTHS) * 2 and all(p.cell.level == "layer" for p in peers)
     causal = next(p for p in peers if p.cell.causal)
-    assert sweep.static_status(causal)[0] == "unsupported"
+    assert sweep.static_status(causal) == ("unsupported", "peer 'linformer' has no causal mode")
 
 
 @pytest.mark.slow

@@ -56,7 +56,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "(adds peak_rss_bytes; slower)")
     parser.add_argument("--dry-run", action="store_true", help="list the cells with predicted memory and status; "
                         "run nothing")
-    parser.add_argument("--peers", action="store_true", help="also run the suite's [[peers]] (layer level)")
+    parser.add_argument("--peers", action="store_true", help="also run the suite's [[peers]] (at the suite's level, where the peer supports it)")
     parser.add_argument("--out", type=Path, help="run folder (default: runs/<suite>-<timestamp>/); an existing "
                         "one is resumed")
     parser.add_argument("--min-run-time", type=float, help="seconds of timed runs per fast cell (default: the "
