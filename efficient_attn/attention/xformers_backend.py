@@ -32,7 +32,10 @@ from einops import rearrange
 from torch import Tensor
 
 #: Why the backend cannot run on CPU (recorded as the ``unsupported`` note).
-CPU_REASON = "xformers' memory_efficient_attention kernels are CUDA-only; on CPU use backend 'sdpa', 'flex' or 'torch'"
+CPU_REASON = (
+    "xformers' memory_efficient_attention kernels are CUDA-only; on CPU pick another of this variant's backends "
+    "(see effattn list)"
+)
 #: Score drop of a padded key after scaling (exp(-1e4) == 0 in every float dtype).
 PADDING_PENALTY = 1.0e4
 
