@@ -118,8 +118,7 @@ def test_suite_validation_names_the_bad_key_and_the_nearest():
     assert suite.modes == ("fwd",) and suite.device == "auto" and suite.variants[0].backends[0] == "naive"
 
 
-# bench/quality.toml configures `effattn quality` (another format), not a benchmark suite
-@pytest.mark.parametrize("name", [n for n in available_suites() if n != "quality"])
+@pytest.mark.parametrize("name", available_suites())
 def test_every_committed_suite_loads(name):
     suite = load_suite(name)
     assert suite.lengths and (suite.variants or suite.peers)

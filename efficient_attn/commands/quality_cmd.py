@@ -3,7 +3,7 @@ attention and its head diversity, and write a report.
 
 Example::
 
-    effattn quality --out runs/quality                       # the default suite, bench/quality.toml
+    effattn quality --out runs/quality                       # the default suite, bench/quality/default.toml
     effattn quality --tasks recall --variants full window --lengths 256 --seeds 1 --steps 50 --out /tmp/q
 
 Re-running with the same ``--out`` resumes: finished cells are skipped, metrics and the report are rebuilt.
@@ -15,11 +15,11 @@ import argparse
 import time
 from pathlib import Path
 
-DEFAULT_SUITE = Path(__file__).resolve().parents[2] / "bench" / "quality.toml"
+DEFAULT_SUITE = Path(__file__).resolve().parents[2] / "bench" / "quality" / "default.toml"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--suite", default=str(DEFAULT_SUITE), help="quality suite TOML (default: bench/quality.toml)")
+    parser.add_argument("--suite", default=str(DEFAULT_SUITE), help="quality suite TOML (default: bench/quality/default.toml)")
     parser.add_argument("--tasks", nargs="+", default=None, help="tasks to run (recall, listops); default: the suite's")
     parser.add_argument("--variants", nargs="+", default=None, help="registry keys; default: the suite's")
     parser.add_argument("--lengths", nargs="+", type=int, default=None, help="sequence lengths; default: the suite's")

@@ -1,6 +1,6 @@
 """The resumable quality sweep: tasks x variants x lengths x seeds (+ a head-count sweep), one tidy CSV row per cell.
 
-A suite is a TOML file (``bench/quality.toml``)::
+A suite is a TOML file (``bench/quality/default.toml``)::
 
     description = "..."
     tasks = ["recall", "listops"]
