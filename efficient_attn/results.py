@@ -51,6 +51,10 @@ __all__ = [
     "read_rows",
 ]
 
+#: file names inside a run folder
+RESULTS_FILE = "results.csv"
+META_FILE = "meta.json"
+
 CONFIG_COLUMNS: tuple[str, ...] = (
     "variant",
     "params_json",
@@ -86,20 +90,7 @@ MEASURED_COLUMNS: tuple[str, ...] = (
 ALL_COLUMNS: tuple[str, ...] = CONFIG_COLUMNS + MEASURED_COLUMNS
 STATUSES: tuple[str, ...] = ("ok", "oom", "skipped_budget", "skipped_after_oom", "unsupported", "error")
 #: measured columns that are numbers (left empty unless status is ok)
-NUMERIC_COLUMNS: tuple[str, ...] = (
-    "padded_len",
-    "time_ms",
-    "time_iqr_ms",
-    "compile_ms",
-    "tokens_per_s",
-    "peak_mem_bytes",
-    "peak_rss_bytes",
-    "predicted_mem_bytes",
-    "flops_useful",
-    "flops_computed",
-    "flops_per_s",
-    "timed_runs",
-)
+NUMERIC_COLUMNS: tuple[str, ...] = tuple(c for c in MEASURED_COLUMNS if c not in ("backend", "status", "note"))
 SCHEMA_VERSION = 1
 
 
@@ -272,8 +263,8 @@ class RunFolder:
 
     def __init__(self, path: Path, config: dict[str, Any], *, environment: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
-        self.csv_path = self.path / "results.csv"
-        self.meta_path = self.path / "meta.json"
+        self.csv_path = self.path / RESULTS_FILE
+        self.meta_path = self.path / META_FILE
         self.config = json.loads(json.dumps(config))  # normalise (tuples -> lists) like a reload would
         self.path.mkdir(parents=True, exist_ok=True)
         if self.meta_path.exists():

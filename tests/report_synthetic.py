@@ -14,34 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-COLUMNS = [
-    "variant",
-    "params_json",
-    "backend_requested",
-    "level",
-    "mode",
-    "causal",
-    "device",
-    "dtype",
-    "batch_size",
-    "seq_len",
-    "num_heads",
-    "head_dim",
-    "is_peer",
-    "backend",
-    "status",
-    "note",
-    "padded_len",
-    "time_ms",
-    "time_iqr_ms",
-    "compile_ms",
-    "tokens_per_s",
-    "peak_mem_bytes",
-    "peak_rss_bytes",
-    "predicted_mem_bytes",
-    "flops_useful",
-    "flops_computed",
-]
+from efficient_attn.results import ALL_COLUMNS
+
+COLUMNS = list(ALL_COLUMNS)  # the harness's schema
 HEADS, HEAD_DIM, BATCH = 4, 64, 1
 
 

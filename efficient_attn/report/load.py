@@ -21,48 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from efficient_attn import results as schema
+
 if TYPE_CHECKING:
     import pandas as pd
 
-RESULTS_FILE = "results.csv"
-META_FILE = "meta.json"
-
-CONFIG_COLUMNS = (
-    "variant",
-    "params_json",
-    "backend_requested",
-    "level",
-    "mode",
-    "causal",
-    "device",
-    "dtype",
-    "batch_size",
-    "seq_len",
-    "num_heads",
-    "head_dim",
-    "is_peer",
-)
+# The harness (efficient_attn.results) owns the schema; the report reads it from there.
+RESULTS_FILE = schema.RESULTS_FILE
+META_FILE = schema.META_FILE
+CONFIG_COLUMNS = schema.CONFIG_COLUMNS
+STATUSES = schema.STATUSES
 REQUIRED_COLUMNS = ("variant", "mode", "seq_len", "status")
-NUMERIC_COLUMNS = (
-    "batch_size",
-    "seq_len",
-    "num_heads",
-    "head_dim",
-    "padded_len",
-    "time_ms",
-    "time_iqr_ms",
-    "compile_ms",
-    "tokens_per_s",
-    "peak_mem_bytes",
-    "peak_rss_bytes",
-    "predicted_mem_bytes",
-    "flops_useful",
-    "flops_computed",
-    "flops_per_s",
-    "timed_runs",
-)
+NUMERIC_COLUMNS = ("batch_size", "seq_len", "num_heads", "head_dim") + schema.NUMERIC_COLUMNS
 TEXT_COLUMNS = ("variant", "params_json", "backend_requested", "backend", "level", "mode", "device", "dtype", "note")
-STATUSES = ("ok", "oom", "skipped_budget", "skipped_after_oom", "unsupported", "error")
 # Statuses that mean "this length does not fit": the cell is drawn as a marker, and a baseline that failed this
 # way counts as infinitely expensive when deciding where a variant overtakes it.
 FAILED_TO_FIT = ("oom", "skipped_budget", "skipped_after_oom")
