@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from efficient_attn.registry import suggest
+from efficient_attn.registry import check_parameter_names, suggest
 
 __all__ = [
     "PEERS",
@@ -559,17 +559,7 @@ def peer_info(name: str) -> dict[str, Any]:
 
 
 def _resolve_params(spec: PeerSpec, seq_len: int, params: dict[str, Any]) -> dict[str, Any]:
-    allowed = list(spec.params)
-    unknown = [p for p in params if p not in allowed]
-    if unknown:
-        parts = []
-        for p in unknown:
-            near = suggest(p, allowed, n=1)
-            parts.append(f"{p!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-        raise TypeError(
-            f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(parts)} for peer {spec.name!r}; "
-            f"allowed: {', '.join(allowed)}"
-        )
+    check_parameter_names(params, list(spec.params), f"peer {spec.name!r}")
     resolved = {**spec.params, **params}
     if "max_len" in resolved and resolved["max_len"] is None:
         resolved["max_len"] = seq_len

@@ -28,6 +28,7 @@ __all__ = [
     "register_attention",
     "build_attention",
     "build_config",
+    "check_parameter_names",
     "list_attentions",
     "get_spec",
     "suggest",
@@ -171,17 +172,24 @@ def build_config(key: str, **fields: Any) -> "AttentionConfig":
     """
     spec = get_spec(key)
     allowed = [f.name for f in dataclasses.fields(spec.config_cls) if f.init]
-    unknown = [name for name in fields if name not in allowed]
-    if unknown:
-        parts = []
-        for name in unknown:
-            near = suggest(name, allowed, n=1)
-            parts.append(f"{name!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-        raise TypeError(
-            f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(parts)} for attention {key!r}; "
-            f"allowed: {', '.join(allowed)}"
-        )
+    check_parameter_names(fields, allowed, f"attention {key!r}")
     return spec.config_cls(**fields)
+
+
+def check_parameter_names(given: Any, allowed: list[str], owner: str) -> None:
+    """Raise a ``TypeError`` naming every name in ``given`` that is not in ``allowed``, with the nearest spelling
+    and the allowed list; ``owner`` says whose parameters they are (e.g. ``"attention 'window'"``)."""
+    unknown = [name for name in given if name not in allowed]
+    if not unknown:
+        return
+    parts = []
+    for name in unknown:
+        near = suggest(name, allowed, n=1)
+        parts.append(f"{name!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    raise TypeError(
+        f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(parts)} for {owner}; "
+        f"allowed: {', '.join(allowed)}"
+    )
 
 
 def build_attention(
