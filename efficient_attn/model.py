@@ -4,7 +4,8 @@ Token embedding -> positions (sinusoidal | learned | none) -> ``depth`` pre-LN b
 
 * ``task="lm"``: causal language model; ``model(tokens)`` returns logits ``(batch, seq, vocab_size)``.
 * ``task="classify"``: encoder classifier; ``model(tokens, key_padding_mask)`` returns ``(batch, num_classes)``,
-  pooling by the mean over real tokens.
+  pooling by the mean over real tokens (``pooling="mean"``) or taking the first token's state (``pooling="first"``,
+  BERT's [CLS] convention: the first token must gather what the answer needs through attention).
 
 Each block is ``x + Attention(LN(x))`` then ``x + MLP(LN(x))`` (pre-LN, Xiong et al. 2020, arXiv:2002.04745), with the
 attention built from the registry by key, so every variant runs in exactly the same network.
@@ -23,6 +24,7 @@ from efficient_attn.registry import build_attention, get_spec
 
 TASKS = ("lm", "classify")
 POSITIONALS = ("sinusoidal", "learned", "none")
+POOLINGS = ("mean", "first")
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
@@ -88,11 +90,13 @@ class TransformerModel(nn.Module):
         num_classes: int | None,
         activation: str,
         tie_weights: bool,
+        pooling: str,
         attention_params: dict[str, Any],
     ) -> None:
         super().__init__()
         self.attention_key = attention_key
         self.task = task
+        self.pooling = pooling
         self.max_len = max_len
         self.positional = positional
         self.token_embedding = nn.Embedding(vocab_size, dim)
@@ -147,7 +151,9 @@ class TransformerModel(nn.Module):
         hidden = self.features(tokens, key_padding_mask)
         if self.task == "lm":
             return self.head(hidden)
-        if key_padding_mask is None:
+        if self.pooling == "first":
+            pooled = hidden[:, 0]
+        elif key_padding_mask is None:
             pooled = hidden.mean(dim=1)
         else:
             weights = key_padding_mask.to(hidden.dtype).unsqueeze(-1)  # (b, n, 1)
@@ -170,6 +176,7 @@ def build_model(
     num_classes: int | None = None,
     activation: str = "gelu",
     tie_weights: bool = False,
+    pooling: str = "mean",
     **attention_params: Any,
 ) -> TransformerModel:
     """Build the shared backbone with the attention registered under ``attention_key`` in every block.
@@ -195,6 +202,8 @@ def build_model(
         raise ValueError("num_classes is only used with task='classify'")
     if tie_weights and task != "lm":
         raise ValueError("tie_weights only applies to task='lm'")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if task == "lm" and not spec.supports_causal:
         reason = spec.module_cls.causal_unsupported_reason
         raise ValueError(f"attention {attention_key!r} cannot be used with task='lm' (causal): {reason}")
@@ -217,5 +226,6 @@ def build_model(
         num_classes=num_classes,
         activation=activation,
         tie_weights=tie_weights,
+        pooling=pooling,
         attention_params=attention_params,
     )

@@ -112,3 +112,13 @@ def test_attention_params_reach_every_block():
     assert [b.attn.config.backend for b in model.blocks] == ["naive", "naive"]
     assert all(b.attn.config.causal for b in model.blocks)
     assert model.blocks[0].attn is not model.blocks[1].attn
+
+
+def test_first_token_pooling_and_its_errors():
+    torch.manual_seed(0)
+    model = ea.build_model("full", task="classify", num_classes=3, pooling="first", **SMALL).eval()
+    tokens = torch.randint(0, 50, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), model.head(model.features(tokens)[:, 0]))
+    with pytest.raises(ValueError, match=r"pooling must be one of \('mean', 'first'\)"):
+        ea.build_model("full", task="classify", num_classes=3, pooling="cls", **SMALL)
