@@ -8,11 +8,12 @@ Families: ``full`` (non-causal), ``full-causal``, and the pattern variants by ke
 ``longformer``; causal or not, same row). A row lists :class:`Choice` entries in order of preference, and
 ``evidence`` says which measurement put them in that order (or ``"unmeasured"``).
 
-The CPU rows come from forward timings on this machine class (2 shared cores, torch 2.13 CPU, batch 1, 4 heads,
-head_dim 64, float32, ``torch.utils.benchmark`` median; the machine was shared with other jobs, so the numbers are
-noisy; see each row's ``evidence``). FlexAttention is forward-only on CPU, so every CPU ``needs_grad=True`` row
-starts with a backend that has a backward. ``flex`` is only chosen from ``FLEX_MIN_LEN`` tokens on: each new shape
-costs 5-50 s of compilation here, which a short input never earns back.
+The CPU rows come from forward timings on this machine class (2 cores, torch 2.13 CPU, batch 1, 4 heads,
+head_dim 64, float32, ``effattn bench`` medians on a quiet machine; see each row's ``evidence``): the blocked
+``torch`` backend leads every pattern row there, and ``sdpa`` every full-attention row. FlexAttention is
+forward-only on CPU, so every CPU ``needs_grad=True`` row starts with a backend that has a backward. Where ``flex``
+is preferred (the CUDA rows) it is only chosen from ``FLEX_MIN_LEN`` tokens on: each new shape costs seconds of
+compilation, which a short input never earns back. ``backend="flex"`` always remains selectable explicitly.
 
 CUDA rows are *unmeasured* (no GPU was available): they follow the kernels' published behaviour (fused
 FlashAttention-style kernels first, the blocked PyTorch backend last) until a GPU run replaces them.
@@ -52,17 +53,19 @@ def _pattern_rows(key: str, cpu_forward: tuple[Choice, ...], evidence: str) -> d
     return {
         (key, "cpu", False): AutoRow(cpu_forward, evidence),
         (key, "cpu", True): AutoRow((Choice("torch"),), "only backend with a backward on CPU (flex is forward-only)"),
-        (key, "cuda", False): AutoRow((Choice("flex"), Choice("torch")), "unmeasured"),
-        (key, "cuda", True): AutoRow((Choice("flex"), Choice("torch")), "unmeasured"),
+        (key, "cuda", False): AutoRow(_FLEX_THEN_TORCH, "unmeasured"),
+        (key, "cuda", True): AutoRow(_FLEX_THEN_TORCH, "unmeasured"),
     }
 
 
 _FLEX_THEN_TORCH = (Choice("flex", FLEX_MIN_LEN), Choice("torch"))
 
-#: The table ``auto`` reads (see the module docstring). Evidence: forward ms, median [IQR], measured 2026-11-25 on
-#: 2 cores shared with other jobs (load average 10-13, so absolute numbers are several times too slow; the ratio
-#: between two backends timed back to back is what decided the order). Pattern parameters are the defaults
-#: (window/longformer ``window_size=256``, longformer 1 global token, bigbird block 64, 3 random, 2 global, 3 window).
+#: The table ``auto`` reads (see the module docstring). Evidence: forward ms, median, ``effattn bench`` on the
+#: quiet 2-core reference machine, 2026-11-25 (batch 1, 4 heads, head_dim 64, float32, default pattern parameters:
+#: window/longformer ``window_size=256``, longformer 1 global token, bigbird block 64, 3 random, 2 global, 3 window).
+#: On this CPU the blocked ``torch`` backend (per-chunk fused flash kernels) is as fast as or faster than compiled
+#: FlexAttention at every measured length, and compiles nothing, so it leads every CPU row. (Earlier measurements
+#: on a machine loaded by other jobs favoured flex for window and longformer; they did not survive a quiet rerun.)
 AUTO_TABLE: dict[tuple[str, str, bool], AutoRow] = {
     ("full", "cpu", False): AutoRow((Choice("sdpa"),), "flex skips nothing for all pairs; not measured apart"),
     ("full", "cpu", True): AutoRow((Choice("sdpa"),), "sdpa has a fused backward; flex has none on CPU"),
@@ -76,16 +79,11 @@ AUTO_TABLE: dict[tuple[str, str, bool], AutoRow] = {
     ("full-causal", "cuda", True): AutoRow((Choice("sdpa"), Choice("flex")), "unmeasured"),
     **_pattern_rows(
         "window",
-        _FLEX_THEN_TORCH,
-        "1K: flex 56 [17] vs torch 264 [32] (compile 77 s); 4K: flex 335 [43] vs torch 755 [150], again 356 [44] vs "
-        "588 [312]; 16K: flex 1860 [8] vs torch 3102",
+        (Choice("torch"),),
+        "4K: torch 37.0 vs flex 37.8 (flex compile 8.8 s); 16K: torch 126 vs flex 179",
     ),
-    **_pattern_rows(
-        "bigbird", (Choice("torch"),), "4K: torch 1142 [187] vs flex 1312 [206]; 16K: torch 3098 vs flex 3932"
-    ),
-    **_pattern_rows(
-        "longformer", _FLEX_THEN_TORCH, "4K: flex 860 [59] vs torch 1881 [146]; 16K: flex 2548 [4] vs torch 6260"
-    ),
+    **_pattern_rows("bigbird", (Choice("torch"),), "4K: torch 33.2 vs flex 128; 16K: torch 156 vs flex 541"),
+    **_pattern_rows("longformer", (Choice("torch"),), "4K: torch 49.7 vs flex 71.5; 16K: torch 208 vs flex 320"),
 }
 
 
