@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from efficient_attn.registry import check_parameter_names, suggest
+from efficient_attn.registry import check_parameter_names, unknown_name_error
 
 __all__ = [
     "PEERS",
@@ -519,9 +519,7 @@ def _get(name: str) -> PeerSpec:
     try:
         return PEERS[name]
     except KeyError:
-        near = suggest(name, list(PEERS))
-        hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
-        raise KeyError(f"unknown peer {name!r}{hint} (peers: {', '.join(list_peers())})") from None
+        raise unknown_name_error("peer", name, list_peers(), "peers") from None
 
 
 def _installed_version(distribution: str) -> str | None:

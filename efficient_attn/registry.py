@@ -29,6 +29,7 @@ __all__ = [
     "build_attention",
     "build_config",
     "check_parameter_names",
+    "unknown_name_error",
     "list_attentions",
     "get_spec",
     "suggest",
@@ -155,11 +156,14 @@ def get_spec(key: str) -> AttentionSpec:
     try:
         return _REGISTRY[key]
     except KeyError:
-        near = suggest(key, list(_REGISTRY))
-        hint = f"; did you mean {', '.join(repr(k) for k in near)}?" if near else ""
-        raise KeyError(
-            f"unknown attention key {key!r}{hint} (registered: {', '.join(sorted(_REGISTRY))})"
-        ) from None
+        raise unknown_name_error("attention key", key, sorted(_REGISTRY), "registered") from None
+
+
+def unknown_name_error(kind: str, name: str, known: list[str], known_label: str) -> KeyError:
+    """A ``KeyError`` for an unknown ``name`` that suggests the nearest of ``known`` and lists them all."""
+    near = suggest(name, known)
+    hint = f"; did you mean {', '.join(repr(k) for k in near)}?" if near else ""
+    return KeyError(f"unknown {kind} {name!r}{hint} ({known_label}: {', '.join(known)})")
 
 
 def build_config(key: str, **fields: Any) -> "AttentionConfig":
