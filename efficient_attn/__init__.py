@@ -8,7 +8,8 @@ Quick start::
     model = ea.build_model("full", task="lm", vocab_size=256, dim=256, depth=4, num_heads=4, max_len=4096)
 """
 
-from efficient_attn.attention.base import Attention, AttentionConfig, BackendUnavailableError
+from efficient_attn.attention.base import Attention, AttentionConfig
+from efficient_attn.errors import BackendUnavailableError
 from efficient_attn.model import TransformerModel, build_model
 from efficient_attn.registry import (
     AttentionSpec,

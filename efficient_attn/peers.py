@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from efficient_attn.registry import check_parameter_names, unknown_name_error
+from efficient_attn.errors import check_parameter_names, unknown_name_error
 
 __all__ = [
     "PEERS",

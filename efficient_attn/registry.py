@@ -15,10 +15,11 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fnmatch
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from efficient_attn.errors import check_parameter_names, unknown_name_error
 
 if TYPE_CHECKING:  # pragma: no cover - import only for type checkers
     from efficient_attn.attention.base import Attention, AttentionConfig
@@ -28,11 +29,8 @@ __all__ = [
     "register_attention",
     "build_attention",
     "build_config",
-    "check_parameter_names",
-    "unknown_name_error",
     "list_attentions",
     "get_spec",
-    "suggest",
 ]
 
 
@@ -78,11 +76,6 @@ class AttentionSpec:
 _REGISTRY: dict[str, AttentionSpec] = {}
 
 T = TypeVar("T")
-
-
-def suggest(name: str, candidates: list[str] | tuple[str, ...], n: int = 3) -> list[str]:
-    """Nearest spellings of ``name`` among ``candidates`` (for error messages)."""
-    return difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)
 
 
 def register_attention(
@@ -159,13 +152,6 @@ def get_spec(key: str) -> AttentionSpec:
         raise unknown_name_error("attention key", key, sorted(_REGISTRY), "registered") from None
 
 
-def unknown_name_error(kind: str, name: str, known: list[str], known_label: str) -> KeyError:
-    """A ``KeyError`` for an unknown ``name`` that suggests the nearest of ``known`` and lists them all."""
-    near = suggest(name, known)
-    hint = f"; did you mean {', '.join(repr(k) for k in near)}?" if near else ""
-    return KeyError(f"unknown {kind} {name!r}{hint} ({known_label}: {', '.join(known)})")
-
-
 def build_config(key: str, **fields: Any) -> "AttentionConfig":
     """Create the config dataclass of ``key`` from keyword fields.
 
@@ -178,22 +164,6 @@ def build_config(key: str, **fields: Any) -> "AttentionConfig":
     allowed = [f.name for f in dataclasses.fields(spec.config_cls) if f.init]
     check_parameter_names(fields, allowed, f"attention {key!r}")
     return spec.config_cls(**fields)
-
-
-def check_parameter_names(given: Any, allowed: list[str], owner: str) -> None:
-    """Raise a ``TypeError`` naming every name in ``given`` that is not in ``allowed``, with the nearest spelling
-    and the allowed list; ``owner`` says whose parameters they are (e.g. ``"attention 'window'"``)."""
-    unknown = [name for name in given if name not in allowed]
-    if not unknown:
-        return
-    parts = []
-    for name in unknown:
-        near = suggest(name, allowed, n=1)
-        parts.append(f"{name!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-    raise TypeError(
-        f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(parts)} for {owner}; "
-        f"allowed: {', '.join(allowed)}"
-    )
 
 
 def build_attention(

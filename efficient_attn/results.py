@@ -36,6 +36,17 @@ from typing import Any, Iterable
 
 import torch
 
+from efficient_attn.harness.schema import (
+    ALL_COLUMNS,
+    CONFIG_COLUMNS,
+    META_FILE,
+    MEASURED_COLUMNS,
+    NUMERIC_COLUMNS,
+    RESULTS_FILE,
+    SCHEMA_VERSION,
+)
+from efficient_attn.vocab import STATUSES
+
 __all__ = [
     "ALL_COLUMNS",
     "CONFIG_COLUMNS",
@@ -51,47 +62,6 @@ __all__ = [
     "read_rows",
 ]
 
-#: file names inside a run folder
-RESULTS_FILE = "results.csv"
-META_FILE = "meta.json"
-
-CONFIG_COLUMNS: tuple[str, ...] = (
-    "variant",
-    "params_json",
-    "backend_requested",
-    "level",
-    "mode",
-    "causal",
-    "device",
-    "dtype",
-    "batch_size",
-    "seq_len",
-    "num_heads",
-    "head_dim",
-    "is_peer",
-)
-MEASURED_COLUMNS: tuple[str, ...] = (
-    "backend",
-    "status",
-    "note",
-    "padded_len",
-    "time_ms",
-    "time_iqr_ms",
-    "compile_ms",
-    "tokens_per_s",
-    "peak_mem_bytes",
-    "peak_rss_bytes",
-    "predicted_mem_bytes",
-    "flops_useful",
-    "flops_computed",
-    "flops_per_s",
-    "timed_runs",
-)
-ALL_COLUMNS: tuple[str, ...] = CONFIG_COLUMNS + MEASURED_COLUMNS
-STATUSES: tuple[str, ...] = ("ok", "oom", "skipped_budget", "skipped_after_oom", "unsupported", "error")
-#: measured columns that are numbers (left empty unless status is ok)
-NUMERIC_COLUMNS: tuple[str, ...] = tuple(c for c in MEASURED_COLUMNS if c not in ("backend", "status", "note"))
-SCHEMA_VERSION = 1
 
 
 def params_to_json(params: dict[str, Any]) -> str:

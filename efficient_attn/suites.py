@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from efficient_attn.registry import build_config, get_spec, suggest
+from efficient_attn.errors import suggest
+from efficient_attn.registry import build_config, get_spec
 
 __all__ = [
     "PeerEntry",

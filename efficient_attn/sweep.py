@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 import torch
 
-from efficient_attn.attention.base import BackendUnavailableError
+from efficient_attn.errors import BackendUnavailableError
 from efficient_attn.measure.memory import measure_call, rss_probe
 from efficient_attn.measure.predict import Prediction, predict_cell
 from efficient_attn.measure.timing import time_call, time_callable

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from efficient_attn.results import ALL_COLUMNS
+from efficient_attn.harness.schema import ALL_COLUMNS
 
 COLUMNS = list(ALL_COLUMNS)  # the harness's schema
 HEADS, HEAD_DIM, BATCH = 4, 64, 1

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import efficient_attn as ea
-from efficient_attn.attention.base import BackendUnavailableError
+from efficient_attn.errors import BackendUnavailableError
 from helpers import build_for_test, pattern_with_padding, random_padding, random_qkv, reference_attention
 
 KEYS = ea.list_attentions()

@@ -11,7 +11,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import efficient_attn as ea
-from efficient_attn.attention.base import BackendUnavailableError
+from efficient_attn.errors import BackendUnavailableError
 from efficient_attn.attention.flex import FlexRunner, dense_to_ordered, ordered_to_dense
 from efficient_attn.measure.storage import StorageTracker
 from helpers import pattern_with_padding, random_padding, random_qkv, reference_attention

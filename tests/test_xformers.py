@@ -17,7 +17,7 @@ import torch
 
 import efficient_attn as ea
 from efficient_attn.attention import xformers_backend
-from efficient_attn.attention.base import BackendUnavailableError
+from efficient_attn.errors import BackendUnavailableError
 from efficient_attn.attention.xformers_backend import attention_bias, rows_without_keys, xformers_attention
 from helpers import pattern_with_padding, random_padding, random_qkv, reference_attention
 

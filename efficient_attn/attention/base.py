@@ -25,13 +25,10 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from efficient_attn.registry import AttentionSpec, get_spec, suggest
+from efficient_attn.errors import BackendUnavailableError, require_positive_int, suggest
+from efficient_attn.registry import AttentionSpec, get_spec
 
 AUTO = "auto"
-
-
-class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run here (device, mode or missing package); the message says why."""
 
 
 @dataclass(kw_only=True)
@@ -76,12 +73,6 @@ class AttentionConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def require_positive_int(name: str, value: object) -> None:
-    """Raise a ``ValueError`` unless ``value`` is a positive int (bools rejected)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 class Attention(nn.Module):

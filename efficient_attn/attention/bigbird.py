@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from efficient_attn.attention.base import AttentionConfig, require_positive_int
+from efficient_attn.attention.base import AttentionConfig
+from efficient_attn.errors import require_positive_int
 from efficient_attn.attention.patterns import BigBirdPattern, Pattern
 from efficient_attn.attention.sparse_base import PatternAttention
 from efficient_attn.registry import register_attention

@@ -272,7 +272,7 @@ class FlexRunner:
 def _refuse_dispatch_modes() -> None:
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-    from efficient_attn.attention.base import BackendUnavailableError
+    from efficient_attn.errors import BackendUnavailableError
 
     mode = _get_current_dispatch_mode()
     if mode is not None:
@@ -299,7 +299,7 @@ def check_supported(q: Tensor, dropout_p: float) -> None:
         BackendUnavailableError: q's dtype has no FlexAttention kernel on its device.
         ValueError: attention dropout is active (FlexAttention has none).
     """
-    from efficient_attn.attention.base import BackendUnavailableError
+    from efficient_attn.errors import BackendUnavailableError
 
     reason = unavailable_reason(q.device, False, q.dtype)
     if reason is not None:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from efficient_attn.attention.base import Attention, AttentionConfig, require_positive_int
+from efficient_attn.attention.base import Attention, AttentionConfig
+from efficient_attn.errors import require_positive_int
 from efficient_attn.attention.functional import default_scale
 from efficient_attn.registry import register_attention
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from efficient_attn.attention.base import AttentionConfig, require_positive_int
+from efficient_attn.attention.base import AttentionConfig
+from efficient_attn.errors import require_positive_int
 from efficient_attn.attention.patterns import LongformerPattern, Pattern
 from efficient_attn.attention.sparse_base import PatternAttention
 from efficient_attn.registry import register_attention

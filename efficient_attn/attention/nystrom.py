@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from efficient_attn.attention.base import Attention, AttentionConfig, require_positive_int
+from efficient_attn.attention.base import Attention, AttentionConfig
+from efficient_attn.errors import require_positive_int
 from efficient_attn.attention.functional import default_scale, masked_softmax
 from efficient_attn.registry import register_attention
 

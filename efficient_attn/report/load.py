@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from efficient_attn import results as schema
+from efficient_attn import vocab
+from efficient_attn.harness import schema
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 RESULTS_FILE = schema.RESULTS_FILE
 META_FILE = schema.META_FILE
 CONFIG_COLUMNS = schema.CONFIG_COLUMNS
-STATUSES = schema.STATUSES
+STATUSES = vocab.STATUSES
 REQUIRED_COLUMNS = ("variant", "mode", "seq_len", "status")
 NUMERIC_COLUMNS = ("batch_size", "seq_len", "num_heads", "head_dim") + schema.NUMERIC_COLUMNS
 TEXT_COLUMNS = ("variant", "params_json", "backend_requested", "backend", "level", "mode", "device", "dtype", "note")

@@ -1,0 +1,1 @@
+"""The benchmark harness: suites, cells, workloads, the sweep and its run folder. Import the submodules you need."""

@@ -1,0 +1,20 @@
+"""The project's vocabulary: every mode, level, status, dtype and device name, defined once.
+
+A leaf module: it imports nothing from the package, so every layer (registry, attention, harness, report, quality)
+can use it. Order matters where it is used for display: :data:`MODES` is also the order reports list modes in.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DEVICES", "DTYPE_NAMES", "LEVELS", "MODES", "STATUSES"]
+
+#: what a benchmark cell measures: forward only, forward+backward, one optimiser step (in display order)
+MODES: tuple[str, ...] = ("fwd", "fwd_bwd", "train_step")
+#: what a cell runs: ``attend`` on q, k, v; the attention module with its projections; the whole backbone
+LEVELS: tuple[str, ...] = ("core", "layer", "model")
+#: the status of a result row (benchmark and quality); numbers are empty unless ``ok``
+STATUSES: tuple[str, ...] = ("ok", "oom", "skipped_budget", "skipped_after_oom", "unsupported", "error")
+#: dtype names accepted by suites and the CLI
+DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+#: device names accepted by suites and the CLI (``auto`` = CUDA when available, else CPU)
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
