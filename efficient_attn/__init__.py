@@ -13,7 +13,7 @@ Quick start::
 import efficient_attn.attention  # noqa: F401  (registers the built-in variants)
 from efficient_attn.attention.base import Attention, AttentionConfig
 from efficient_attn.errors import BackendUnavailableError
-from efficient_attn.model import TransformerModel, build_model
+from efficient_attn.model import ModelConfig, TransformerModel, build_model
 from efficient_attn.registry import (
     AttentionSpec,
     build_attention,
@@ -30,6 +30,7 @@ __all__ = [
     "AttentionConfig",
     "AttentionSpec",
     "BackendUnavailableError",
+    "ModelConfig",
     "TransformerModel",
     "build_attention",
     "build_config",
