@@ -53,8 +53,9 @@ def runtime_imports(source: str, module: str) -> set[str]:
                 base = ".".join(parts + ((node.module,) if node.module else ()))
             else:
                 base = node.module or ""
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import submodule`
+            for alias in node.names:  # `from pkg import submodule` imports the submodule, else a name of `base`
+                submodule = f"{base}.{alias.name}"
+                found.add(submodule if _is_package_module(submodule) else base)
         for child in ast.iter_child_nodes(node):
             visit(child)
 
@@ -62,16 +63,17 @@ def runtime_imports(source: str, module: str) -> set[str]:
     return found
 
 
+def _is_package_module(name: str) -> bool:
+    """Whether ``name`` is a module of ``efficient_attn`` below the top (it names one of its files)."""
+    if not name.startswith("efficient_attn."):
+        return False
+    relative = Path(*name.split(".")[1:])
+    return (PACKAGE / relative).with_suffix(".py").exists() or (PACKAGE / relative / "__init__.py").exists()
+
+
 def package_imports(source: str, module: str) -> set[str]:
-    """The run-time imports of ``module`` that are modules of ``efficient_attn`` (they name one of its files)."""
-    modules = set()
-    for name in runtime_imports(source, module):
-        if name == "efficient_attn" or not name.startswith("efficient_attn."):
-            continue
-        relative = Path(*name.split(".")[1:])
-        if (PACKAGE / relative).with_suffix(".py").exists() or (PACKAGE / relative / "__init__.py").exists():
-            modules.add(name)
-    return modules
+    """The run-time imports of ``module`` that are modules of ``efficient_attn``."""
+    return {name for name in runtime_imports(source, module) if _is_package_module(name)}
 
 
 def module_imports(filename: str) -> set[str]:
@@ -89,7 +91,6 @@ def test_the_import_reader_sees_lazy_and_type_checking_imports_apart():
     assert package_imports(source, "efficient_attn.probe") == {
         "efficient_attn.attention",
         "efficient_attn.peers",
-        "efficient_attn.harness",
         "efficient_attn.harness.schema",
     }
 
@@ -128,3 +129,54 @@ def test_an_unregistered_attention_class_is_refused_by_name():
 
     with pytest.raises(TypeError, match="Unregistered is not a registered attention"):
         Unregistered(ea.AttentionConfig(dim=8, num_heads=2))
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    graph = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = _module_name(path)
+        # a package's __init__ resolves relative imports against the package itself
+        as_module = f"{name}.__init__" if path.name == "__init__.py" else name
+        graph[name] = package_imports(path.read_text(), as_module)
+    return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (as a path that returns to its start), or None."""
+    state: dict[str, str] = {}  # "open" while on the DFS stack, "done" after
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)) is not None:
+                return cycle
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)) is not None:
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_package_has_no_import_cycle():
+    # Run-time imports (lazy ones inside functions included) of every module of the package form no circle.
+    graph = _import_graph()
+    assert "efficient_attn.registry" in graph and graph["efficient_attn.attention.base"]
+    cycle = _find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
