@@ -288,6 +288,17 @@ def test_report_markdown_has_every_section_and_html_embeds_images(realistic_repo
     assert "published, other hardware" in text
     assert "**oom** - predicted 19.3 GB > budget 8.0 GB" in text
     assert "Synthetic CPU @ 2.0GHz" in text
+    environment = text.split("## Environment")[1].split("## Plots")[0]
+    for row in (
+        "| CPU | Synthetic CPU @ 2.0GHz, 2 cores |",
+        "| torch threads | 2 |",
+        "| versions | python 3.12.0, torch 2.13.0, efficient_attn 0.1.0 |",
+        "| git commit | 0123456789abcdef |",
+        "| memory budget | 8,000,000,000 (8 GB) |",
+        "| wall time | 321.5 s (1 session) |",
+    ):
+        assert row in environment, row
+    assert "config." not in environment and environment.count("\n|") < 25  # the config stays in meta.json
     for plot in files.plots:
         assert f"]({plot.path.name})" in text
     page = files.html.read_text()
