@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from efficient_attn.harness.schema import META_FILE, RESULTS_FILE, SCHEMA_VERSION
+from efficient_attn.harness.schema import META_FILE, RESULTS_FILE
 
 __all__ = ["ConfigMismatchError", "RunFolder", "csv_line", "format_value", "read_rows"]
 
@@ -64,7 +64,8 @@ class RunFolder:
 
     Example::
 
-        folder = RunFolder(Path("runs/x"), config, columns=ALL_COLUMNS, key_columns=CONFIG_COLUMNS)
+        folder = RunFolder(Path("runs/x"), config, columns=ALL_COLUMNS, key_columns=CONFIG_COLUMNS,
+                           schema_version=SCHEMA_VERSION)
         if folder.key(row) not in folder.finished: folder.append(row)   # row: column -> formatted string
         folder.end_session(started=..., wall_s=..., cells_run=...)
 
@@ -73,6 +74,7 @@ class RunFolder:
         config: the run's configuration, stored in ``meta.json`` (JSON-serialisable).
         columns: the CSV header, in order.
         key_columns: the columns (a subset of ``columns``) that identify a row.
+        schema_version: the version of these columns, recorded in a new ``meta.json``.
         fixed: the keys of ``config`` a resume must match; None (the default): all of them. When a resume may change
             the others, ``meta.json`` keeps the latest session's config.
         totals: session fields whose sum over the sessions is kept at the top level of ``meta.json``.
@@ -90,6 +92,7 @@ class RunFolder:
         *,
         columns: tuple[str, ...],
         key_columns: tuple[str, ...],
+        schema_version: int,
         fixed: tuple[str, ...] | None = None,
         totals: tuple[str, ...] = ("wall_s",),
         environment: dict[str, Any] | None = None,
@@ -117,7 +120,7 @@ class RunFolder:
 
                 environment = environment_info(self.config.get("device", "cpu"))
             self.meta = {
-                "schema_version": SCHEMA_VERSION,
+                "schema_version": schema_version,
                 "config": self.config,
                 "environment": environment,
                 "sessions": [],

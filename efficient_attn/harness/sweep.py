@@ -23,7 +23,7 @@ from efficient_attn.harness.cell import Timing, make_row, precheck, run_cell
 from efficient_attn.harness.host import budget_bytes, device_memory_bytes, resolve_device
 from efficient_attn.harness.plan import PlannedCell, plan_cells
 from efficient_attn.harness.runfolder import RunFolder, read_rows
-from efficient_attn.harness.schema import ALL_COLUMNS, CONFIG_COLUMNS, RESULTS_FILE
+from efficient_attn.harness.schema import ALL_COLUMNS, CONFIG_COLUMNS, RESULTS_FILE, SCHEMA_VERSION
 from efficient_attn.harness.suite import Suite
 from efficient_attn.harness.worker import measure_isolated
 
@@ -59,7 +59,7 @@ def sweep_config(suite: Suite, *, device: str, include_peers: bool, isolate: boo
 def open_run_folder(path: Path, config: dict[str, Any]) -> RunFolder:
     """A benchmark run folder: the results schema's columns, keyed by the configuration columns, the sessions'
     wall time and timed windows totalled."""
-    return RunFolder(path, config, columns=ALL_COLUMNS, key_columns=CONFIG_COLUMNS,
+    return RunFolder(path, config, columns=ALL_COLUMNS, key_columns=CONFIG_COLUMNS, schema_version=SCHEMA_VERSION,
                      totals=("wall_s", "timed_window_s"))
 
 
