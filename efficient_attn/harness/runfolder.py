@@ -17,17 +17,20 @@ the quality suite (its own key and result columns). The folder knows nothing abo
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from efficient_attn.harness.schema import META_FILE, RESULTS_FILE
 
-__all__ = ["ConfigMismatchError", "RunFolder", "csv_line", "format_value", "read_rows"]
+__all__ = ["ConfigMismatchError", "RunFolder", "Session", "csv_line", "format_value", "read_rows"]
 
 
 def format_value(value: Any) -> str:
@@ -50,6 +53,21 @@ def csv_line(values: Iterable[str]) -> str:
     return buffer.getvalue()
 
 
+@dataclass
+class Session:
+    """One run or resume of a folder: its loop fills in the counts, :meth:`RunFolder.session` records it at the end.
+
+    ``timed_window_s``, ``budget_bytes`` and ``device_memory_bytes`` are the benchmark's (see
+    :meth:`RunFolder.end_session`); None is not recorded.
+    """
+
+    started: str
+    cells_run: int = 0
+    timed_window_s: float | None = None
+    budget_bytes: int | None = None
+    device_memory_bytes: int | None = None
+
+
 class ConfigMismatchError(ValueError):
     """The run folder holds a run with a different configuration (or a table with other columns)."""
 
@@ -66,8 +84,8 @@ class RunFolder:
 
         folder = RunFolder(Path("runs/x"), config, columns=ALL_COLUMNS, key_columns=CONFIG_COLUMNS,
                            schema_version=SCHEMA_VERSION)
-        if folder.key(row) not in folder.finished: folder.append(row)   # row: column -> formatted string
-        folder.end_session(started=..., wall_s=..., cells_run=...)
+        with folder.session() as session:                # recorded in meta.json when the block ends
+            if folder.key(row) not in folder.finished: folder.append(row); session.cells_run += 1
 
     Args:
         path: the folder (created when missing).
@@ -207,6 +225,23 @@ class RunFolder:
         tmp = self.meta_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.meta, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, self.meta_path)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """Record the session run inside the ``with`` block (wall time, what the block counted in the
+        :class:`Session`, whether a ``KeyboardInterrupt`` ended it) when the block ends, however it ends."""
+        session = Session(started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        t0 = time.perf_counter()
+        interrupted = False
+        try:
+            yield session
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        finally:
+            self.end_session(started=session.started, wall_s=time.perf_counter() - t0, cells_run=session.cells_run,
+                             interrupted=interrupted, timed_window_s=session.timed_window_s,
+                             budget_bytes=session.budget_bytes, device_memory_bytes=session.device_memory_bytes)
 
     def end_session(self, *, started: str, wall_s: float, cells_run: int, interrupted: bool = False,
                     timed_window_s: float | None = None, budget_bytes: int | None = None,

@@ -104,14 +104,14 @@ def run_sweep(
         row = folder.finished.get(p.cell.key())
         if row is not None and row["status"] == "oom":
             oom_at[p.group] = min(oom_at.get(p.group, p.cell.seq_len), p.cell.seq_len)
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     t0 = time.perf_counter()
-    window_total, cells_run, resumed = 0.0, 0, 0
+    resumed = 0
     from tqdm import tqdm
 
-    bar = tqdm(planned, disable=not progress, unit="cell", dynamic_ncols=True, file=sys.stderr)
-    interrupted = False
-    try:
+    with folder.session() as session, \
+            tqdm(planned, disable=not progress, unit="cell", dynamic_ncols=True, file=sys.stderr) as bar:
+        session.timed_window_s, session.budget_bytes = 0.0, budget
+        session.device_memory_bytes = device_memory_bytes(device)
         for p in bar:
             if p.cell.key() in folder.finished:
                 resumed += 1
@@ -127,23 +127,16 @@ def run_sweep(
                 if row["status"] == "oom":
                     oom_at[p.group] = p.cell.seq_len
             folder.append(row)
-            window_total += window
-            cells_run += 1
+            session.timed_window_s += window
+            session.cells_run += 1
             if on_row is not None:
                 on_row(row)
-    except KeyboardInterrupt:
-        interrupted = True
-        raise
-    finally:
-        bar.close()
-        folder.end_session(started=started, wall_s=time.perf_counter() - t0, timed_window_s=window_total,
-                           cells_run=cells_run, interrupted=interrupted, budget_bytes=budget,
-                           device_memory_bytes=device_memory_bytes(device))
     rows = folder.rows()
     statuses: dict[str, int] = {}
     for row in rows:
         statuses[row["status"]] = statuses.get(row["status"], 0) + 1
-    return SweepResult(folder.path, rows, cells_run, resumed, time.perf_counter() - t0, window_total, statuses)
+    return SweepResult(folder.path, rows, session.cells_run, resumed, time.perf_counter() - t0,
+                       session.timed_window_s, statuses)
 
 
 def dry_run(

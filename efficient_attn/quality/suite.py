@@ -346,25 +346,14 @@ def run_suite(
 
     folder = open_run_folder(Path(out), suite)
     todo = [c for c in plan_cells(suite) if c.key() not in folder.finished]
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    t0 = time.perf_counter()
-    cells_run, interrupted = 0, False
-    bar = tqdm(todo, desc="quality", unit="cell", disable=not progress)
-    try:
+    with folder.session() as session, tqdm(todo, desc="quality", unit="cell", disable=not progress) as bar:
         for cell in bar:
             bar.set_postfix_str(f"{cell.task} {cell.variant} n={cell.seq_len} s={cell.seed} h={cell.num_heads}")
             row = run_cell(suite, cell, folder.path, save_model=cell.seed == 0)
             folder.append({c: _fmt(row.get(c)) for c in RESULT_COLUMNS})
-            cells_run += 1
+            session.cells_run += 1
             if on_row is not None:
                 on_row(row)
-    except KeyboardInterrupt:
-        interrupted = True
-        raise
-    finally:
-        bar.close()
-        folder.end_session(started=started, wall_s=time.perf_counter() - t0, cells_run=cells_run,
-                           interrupted=interrupted)
     return folder.csv_path
 
 
