@@ -220,6 +220,15 @@ def test_mask_function_describes_causal_and_bidirectional_masks_compactly():
     assert not bidirectional.causal and bidirectional.key_padding is None  # nothing padded: no mask at all
 
 
+def test_mask_function_takes_the_older_cache_position_form():
+    mask = hf.describe_mask(2, 7, cache_position=torch.arange(7), attention_mask=torch.ones(2, 7))
+    assert (mask.causal, mask.q_length, mask.q_offset, mask.key_padding) == (True, 7, 0, None)
+    decode = hf.describe_mask(2, 8, cache_position=torch.tensor([7]))
+    assert (decode.q_length, decode.q_offset, decode.kv_length) == (1, 7, 8)
+    with pytest.raises(TypeError, match="does not know"):
+        hf.describe_mask(2, 7, q_length=7, new_transformers_flag=True)
+
+
 def test_model_without_our_mask_function_is_an_error_not_a_bidirectional_run():
     # The trap: an attention function registered without its mask function gets no mask and would lose causality.
     variant = hf._VARIANTS[hf.register_hf("full")]
@@ -326,6 +335,11 @@ def test_model_the_interface_does_not_reach_is_an_error_naming_its_class():
     model = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=4))
     with pytest.raises(ValueError, match="BloomForCausalLM does not route its attention"):
         hf.check_hf_model(model)
+
+
+def test_llama_builder_rejects_an_unregistered_implementation():
+    with pytest.raises(ValueError, match="register ours first"):
+        build_hf_llama(attn_implementation="efficient_attn:not-registered")
 
 
 def test_transformers_version_outside_the_range_is_an_error_naming_it():

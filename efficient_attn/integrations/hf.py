@@ -39,8 +39,9 @@ How the pieces meet:
   query against cached keys) or cross-attention is a clear error. ``model.generate(..., use_cache=False)`` recomputes
   the whole prefix each step and so runs through our attention.
 
-Supported: transformers ``>= 5.0, < 6`` (:data:`SUPPORTED_TRANSFORMERS`; tested with 5.24). ``AttentionInterface``
-arrived in 4.48 and ``AttentionMaskInterface`` in 4.53, but only 5.x builds encoder masks through it too. Linformer's
+Supported: transformers ``>= 5.0, < 6`` (:data:`SUPPORTED_TRANSFORMERS`); tested with 5.24 only. ``AttentionInterface``
+arrived in 4.48 and ``AttentionMaskInterface`` in 4.53, but 4.x builds encoder (BERT) masks outside it; early 5.x
+passes the mask function ``cache_position`` instead of ``q_length`` / ``q_offset``, which :func:`describe_mask` accepts. Linformer's
 learned projections live in our cached module (see :func:`attention_modules`), not in the transformers model's
 parameters.
 """
@@ -465,7 +466,7 @@ class HFVariant:
             heads,
             head_dim,
             mask.causal,
-            tuple(sorted(params.items())),
+            repr(sorted(params.items())),
             float(dropout),
             like.device,
             like.dtype,
