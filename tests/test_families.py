@@ -222,6 +222,18 @@ def test_moba_blocked_equals_reference_on_its_selection(causal, padded, seq, blo
     assert attn.last_padded_len == math.ceil(seq / block_size) * block_size
 
 
+@pytest.mark.parametrize("batch, seq", [(1, 48), (1, 44), (2, 48)])
+def test_moba_causal_split_path_equals_reference(batch, seq):
+    """Causal rows with every slot used run as two mask-free calls merged by log-sum-exp (written straight into the
+    output for batch 1); partial lengths take the masked path."""
+    q, k, v = random_qkv(batch, 4, seq, 8, seed=seq + batch)
+    attn = build("moba", causal=True, backend="torch", block_size=8, top_k=3)
+    ref = reference_attention(q, k, v, attn.dense_mask_for(q, k))
+    weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = (ref, *torch.autograd.grad((ref * weight).sum(), (q, k, v)))
+    assert_all_close(run(attn, q, k, v), want, atol=1e-10, rtol=1e-8)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "naive"])
 def test_moba_with_every_block_is_full_attention(causal, backend):

@@ -50,7 +50,13 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from efficient_attn.attention.base import Attention, AttentionConfig
-from efficient_attn.attention.blocked import KEY_ROWS_PER_CALL, _Call, _chunk_backward, _chunk_forward
+from efficient_attn.attention.blocked import (
+    KEY_ROWS_PER_CALL,
+    _Call,
+    _chunk_backward,
+    _chunk_forward,
+    _use_cpu_flash,
+)
 from efficient_attn.attention.functional import combine_masks, default_scale, dense_attention
 from efficient_attn.attention.patterns import EMPTY
 from efficient_attn.errors import require_positive_int
@@ -161,6 +167,10 @@ class _Chunk:
         offsets = (torch.arange(b, device=sel.device)[:, None] * h + torch.arange(h, device=sel.device)) * nb
         flat = sel.clamp_min(0) + offsets[:, :, None, None]  # into (b * h * nb) key blocks
         self.index = rearrange(flat, "b h g s -> (b g h s)")
+        #: Causal rows with every slot used and every key real run as two mask-free calls merged by their
+        #: log-sum-exp: the own block with the kernel's causal flag, the earlier blocks with no mask at all.
+        self.split = causal and real is None and start >= s - 1
+        self.history_index = rearrange(flat[..., 1:], "b h g s -> (b g h s)") if self.split and s > 1 else None
         # every slot used and every key real: the mask is the constant causal triangle of the own slot (or none)
         if real is None and (not causal or start >= s - 1):
             allowed, call_biases = triangle, biases
@@ -181,23 +191,71 @@ class _Chunk:
     def rows(self, x: Tensor, block_size: int) -> Tensor:
         """Query-side rows ``(batch * g, heads, g_rows, d)`` of ``x`` ``(batch, heads, padded, d)``."""
         part = x[:, :, self.start * block_size:self.stop * block_size]
-        return rearrange(part, "b h (g c) d -> (b g) h c d", c=block_size).contiguous()
+        return rearrange(part, "b h (g c) d -> (b g) h c d", c=block_size)  # a view when b or g is 1
 
     def put_rows(self, dest: Tensor, value: Tensor, block_size: int) -> None:
         g = self.stop - self.start
         target = dest[:, :, self.start * block_size:self.stop * block_size]
         target.copy_(rearrange(value, "(b g) h c d -> b h (g c) d", g=g))
 
-    def keys(self, x: Tensor, block_size: int) -> Tensor:
-        """Gathered key blocks ``(batch * g, heads, slots * block_size, d)``."""
+    def row_view(self, dest: Tensor, block_size: int) -> Tensor | None:
+        """``dest``'s rows as a ``(batch * g, heads, c, d)`` view to write into, or None when no view exists."""
+        if dest.shape[0] != 1 and self.stop - self.start != 1:
+            return None
+        return self.rows(dest, block_size)
+
+    def add_rows(self, dest: Tensor, value: Tensor, block_size: int) -> None:
+        g = self.stop - self.start
+        target = dest[:, :, self.start * block_size:self.stop * block_size]
+        target += rearrange(value, "(b g) h c d -> b h (g c) d", g=g).to(dest.dtype)
+
+    def keys(self, x: Tensor, block_size: int, history: bool = False) -> Tensor:
+        """Gathered key blocks ``(batch * g, heads, slots * block_size, d)`` (``history``: slots 1.. only)."""
         b, h, _, d = x.shape
         g = self.stop - self.start
-        rows = x.reshape(-1, block_size, d).index_select(0, self.index)  # (b * g * h * s, c, d)
+        index = self.history_index if history else self.index
+        rows = x.reshape(-1, block_size, d).index_select(0, index)  # (b * g * h * s, c, d)
         return rows.view(b * g, h, -1, d)
 
-    def add_keys(self, dest: Tensor, value: Tensor, block_size: int) -> None:
+    def add_keys(self, dest: Tensor, value: Tensor, block_size: int, history: bool = False) -> None:
         d = dest.shape[-1]
-        dest.view(-1, block_size, d).index_add_(0, self.index, value.reshape(-1, block_size, d).to(dest.dtype))
+        index = self.history_index if history else self.index
+        dest.view(-1, block_size, d).index_add_(0, index, value.reshape(-1, block_size, d).to(dest.dtype))
+
+
+def _own_call(q: Tensor) -> _Call:
+    """The own block's causal mask as a call (for the matmul path off CPU)."""
+    c = q.shape[-2]
+    return _Call("blocks", 0, 0, None, torch.ones(c, c, dtype=torch.bool, device=q.device).tril_()[None, None])
+
+
+def _part_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """Mask-free exact attention of one part (``causal``: the own block, queries and keys aligned)."""
+    if _use_cpu_flash(q):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)[:2]
+        return out, lse
+    return _chunk_forward(q, k, v, _own_call(q) if causal else _Call("blocks", 0, 0, None, None), scale)
+
+
+def _part_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one part given the *merged* output and log-sum-exp: the part's probabilities are
+    ``exp(scores - lse)`` of the whole row, so the part's share of every gradient comes out exactly."""
+    if _use_cpu_flash(q):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.contiguous(), q, k, v, out, lse, 0.0, causal, scale=scale
+        )
+    call = _own_call(q) if causal else _Call("blocks", 0, 0, None, None)
+    return _chunk_backward(grad_out, q, k, v, out, lse, call, scale)
+
+
+def _merge(own: tuple[Tensor, Tensor], history: tuple[Tensor, Tensor], out: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Combine two partial softmax attentions over disjoint keys by their log-sum-exps (rows never empty here);
+    written into ``out`` when given."""
+    (o1, l1), (o2, l2) = own, history
+    share = torch.sigmoid(l1 - l2)[..., None]  # exp(l1) / (exp(l1) + exp(l2))
+    merged = torch.lerp(o2, o1, share) if out is None else torch.lerp(o2, o1, share, out=out)
+    return merged, torch.logaddexp(l1, l2)
 
 
 def _triangle(slots: int, block_size: int, causal: bool, device) -> Tensor | None:
@@ -220,8 +278,19 @@ class _MobaFunction(torch.autograd.Function):
         lses = []
         for start, stop in _groups(nb, block_size, h, slots):
             chunk = _Chunk(selected, real, start, stop, block_size, causal, triangle, biases)
-            o, lse = _chunk_forward(chunk.rows(q, block_size), chunk.keys(k, block_size),
-                                    chunk.keys(v, block_size), chunk.call, scale)
+            qc = chunk.rows(q, block_size)
+            if chunk.split:
+                o, lse = _part_forward(qc, chunk.rows(k, block_size), chunk.rows(v, block_size), True, scale)
+                if chunk.history_index is not None:
+                    history = _part_forward(qc, chunk.keys(k, block_size, history=True),
+                                            chunk.keys(v, block_size, history=True), False, scale)
+                    target = chunk.row_view(out, block_size)
+                    o, lse = _merge((o, lse), history, target)
+                    if target is not None:
+                        lses.append(lse)
+                        continue  # merged straight into the output
+            else:
+                o, lse = _chunk_forward(qc, chunk.keys(k, block_size), chunk.keys(v, block_size), chunk.call, scale)
             chunk.put_rows(out, o, block_size)
             lses.append(lse)
         ctx.block_size, ctx.causal, ctx.scale = block_size, causal, scale
@@ -242,6 +311,19 @@ class _MobaFunction(torch.autograd.Function):
         biases: dict = {}
         for (start, stop), lse in zip(_groups(nb, bs, h, slots), lses):
             chunk = _Chunk(selected, real, start, stop, bs, ctx.causal, triangle, biases)
+            if chunk.split:
+                go, qc, oc = chunk.rows(grad_out, bs), chunk.rows(q, bs), chunk.rows(out, bs)
+                gq, gk, gv = _part_backward(go, qc, chunk.rows(k, bs), chunk.rows(v, bs), oc, lse, True, ctx.scale)
+                chunk.add_rows(grad_k, gk, bs)
+                chunk.add_rows(grad_v, gv, bs)
+                if chunk.history_index is not None:
+                    hq, hk, hv = _part_backward(go, qc, chunk.keys(k, bs, history=True),
+                                                chunk.keys(v, bs, history=True), oc, lse, False, ctx.scale)
+                    gq = gq + hq
+                    chunk.add_keys(grad_k, hk, bs, history=True)
+                    chunk.add_keys(grad_v, hv, bs, history=True)
+                chunk.put_rows(grad_q, gq, bs)
+                continue
             gq, gk, gv = _chunk_backward(
                 chunk.rows(grad_out, bs), chunk.rows(q, bs), chunk.keys(k, bs), chunk.keys(v, bs),
                 chunk.rows(out, bs), lse, chunk.call, ctx.scale,
