@@ -2,8 +2,11 @@
 
 Usage (one thread, as the quality suite runs)::
 
-    PYTHONPATH=$PWD python scripts/calibrate_mqar.py --variant full --seeds 0 1 2 --steps 800
+    PYTHONPATH=$PWD python scripts/calibrate_mqar.py            # the calibrated default, full, seeds 0 1 2
     PYTHONPATH=$PWD python scripts/calibrate_mqar.py --variant window --params '{"window_size": 8}'
+
+    # a state-size curve (efficient_attn.quality.curves.run_curve): the variant's capacity knob over values
+    PYTHONPATH=$PWD python scripts/calibrate_mqar.py --variant window --curve 4 8 16 32 64
 
 Every run ends with one markdown table row (settings and results) to paste into
 ``reports/quality/mqar_calibration.md``; ``--log-every N`` prints the training loss every N steps (where the
@@ -19,16 +22,41 @@ import time
 
 import torch
 
+from efficient_attn.quality.curves import MQAR_SEQ_LEN, MQAR_TRAIN
 from efficient_attn.quality.tasks import MQAR_DEFAULTS
 from efficient_attn.quality.train import TrainConfig, train_and_evaluate
 
 
+def run_curve_command(
+    args: argparse.Namespace, config: TrainConfig, task_params: dict, params: dict
+) -> None:
+    """Print one markdown row per knob value (mean ± std over the seeds, every seed's accuracy)."""
+    from efficient_attn.quality.curves import run_curve
+
+    if args.seeds != list(range(len(args.seeds))):
+        raise SystemExit("--curve runs seeds 0 .. N-1: pass --seeds 0 1 2 ...")
+
+    def show(row: dict) -> None:
+        accuracies = " / ".join(f"{100 * a:.1f}" for a in json.loads(row["accuracies"]))
+        print(
+            f"| {row['variant']} {row['knob']}={row['value']} {row['attention_params']} | {row['status']} | "
+            f"{accuracies} | {100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_std']:.1f} | "
+            f"{row['train_s_mean']:.0f} | {row['note']} |",
+            flush=True,
+        )
+
+    started = time.perf_counter()
+    run_curve(args.variant, args.curve, seq_len=args.seq_len, config=config, param=args.knob,
+              seeds=len(args.seeds), attention_params=params, task_params=task_params, on_row=show)
+    print(f"curve done in {time.perf_counter() - started:.0f} s wall")
+
+
 def parse_args() -> argparse.Namespace:
-    defaults = TrainConfig()
+    defaults = MQAR_TRAIN  # the calibrated default: running with no options reproduces it
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variant", default="full")
     parser.add_argument("--params", default="{}", help="attention parameters as JSON, e.g. '{\"window_size\": 8}'")
-    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=MQAR_SEQ_LEN)
     parser.add_argument("--num-pairs", type=int, default=MQAR_DEFAULTS["num_pairs"])
     parser.add_argument("--num-keys", type=int, default=MQAR_DEFAULTS["num_keys"])
     parser.add_argument("--num-values", type=int, default=MQAR_DEFAULTS["num_values"])
@@ -45,6 +73,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-size", type=int, default=defaults.eval_size)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--curve", type=int, nargs="+", default=None,
+                        help="run the variant's capacity-knob curve over these values (seeds = --seeds count)")
+    parser.add_argument("--knob", default=None, help="parameter the curve sweeps (default: the variant's KNOBS entry)")
     parser.add_argument("--log-every", type=int, default=0, help="print the training loss every N steps (0: never)")
     return parser.parse_args()
 
@@ -71,6 +102,9 @@ def main() -> None:
         "num_queries": args.num_queries,
     }
     params = json.loads(args.params)
+    if args.curve is not None:
+        run_curve_command(args, config, task_params, params)
+        return
     accuracies, walls = [], []
     for seed in args.seeds:
         def log(step: int, loss: float, seed: int = seed) -> None:

@@ -62,6 +62,18 @@ def test_mqar_layout_and_oracle(seq_len: int, pairs: int, queries: int | None) -
     assert correct == total == 50 * asked
 
 
+def test_mqar_registry_defaults_match_the_calibrated_setting() -> None:
+    from efficient_attn.quality.curves import MQAR_SEQ_LEN
+    from efficient_attn.quality.tasks import make_batch
+
+    info = TASKS["mqar"]
+    batch = make_batch("mqar", 8, MQAR_SEQ_LEN, seed=0)
+    assert torch.equal(info.solve(batch.tokens), batch.labels)
+    assert int(batch.tokens.max()) < info.vocab_size == mqar_vocab_size()
+    assert int((batch.labels != IGNORE).sum()) == 8 * 4  # four pairs, each queried once
+    assert info.num_classes == 16
+
+
 def test_mqar_oracle_rejects_a_broken_row() -> None:
     batch = mqar_batch(2, 32, seed=0, num_pairs=4)
     broken = batch.tokens.clone()
@@ -127,12 +139,13 @@ def _repeat_task(batch_size: int, seq_len: int, seed: int) -> TaskBatch:
 
 
 def test_lm_training_learns_a_trivial_task() -> None:
-    config = TrainConfig(dim=32, depth=1, num_heads=2, batch_size=16, steps=120, lr=1e-2, eval_size=64)
-    result = train_and_evaluate("full", "mqar", 16, seed=0, config=config, task_fn=_repeat_task)
+    config = TrainConfig(dim=16, depth=1, num_heads=2, batch_size=16, steps=40, lr=2e-2, warmup_steps=5,
+                         eval_size=64)
+    result = train_and_evaluate("full", "mqar", 8, seed=0, config=config, task_fn=_repeat_task)
     assert result.accuracy >= 0.95, result
     assert result.model.task == "lm" and result.majority_accuracy < 0.2
     with pytest.raises(ValueError, match="either task_fn or task_params"):
-        train_and_evaluate("full", "mqar", 16, 0, config, task_fn=_repeat_task, task_params={"num_pairs": 2})
+        train_and_evaluate("full", "mqar", 8, 0, config, task_fn=_repeat_task, task_params={"num_pairs": 2})
 
 
 def test_mqar_task_params_reach_generator_and_vocabulary() -> None:

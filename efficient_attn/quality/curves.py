@@ -29,7 +29,25 @@ from efficient_attn.quality.tasks import TASKS
 from efficient_attn.quality.train import TrainConfig, TrainResult, train_and_evaluate
 from efficient_attn.registry import build_config, get_spec
 
-__all__ = ["Knob", "KNOBS", "CURVE_COLUMNS", "run_point", "run_curve"]
+__all__ = ["Knob", "KNOBS", "CURVE_COLUMNS", "MQAR_SEQ_LEN", "MQAR_TRAIN", "run_point", "run_curve"]
+
+#: The calibrated MQAR setting (``reports/quality/mqar_calibration.md``): 64 tokens with the task's default
+#: difficulty (4 pairs over 16 keys, 16 values, every pair queried once), and this backbone and budget. One
+#: 64-wide head: at this budget 2 or 4 heads of the same width stayed on the "guess a value not yet asked"
+#: plateau (~52%) where one head found the lookup.
+MQAR_SEQ_LEN = 64
+MQAR_TRAIN = TrainConfig(
+    dim=64,
+    depth=2,
+    num_heads=1,
+    batch_size=32,
+    steps=1000,
+    lr=3e-3,
+    weight_decay=0.01,
+    warmup_steps=50,
+    eval_size=256,
+    positional="sinusoidal",
+)
 
 
 @dataclass(frozen=True)

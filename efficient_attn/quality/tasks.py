@@ -329,7 +329,7 @@ def solve_listops(tokens: Tensor) -> Tensor:
 
 # -------------------------------------------------------------------------------------- multi-query associative recall
 MQAR_BLANK = 0
-MQAR_DEFAULTS = {"num_pairs": 8, "num_keys": 16, "num_values": 16, "num_queries": None}
+MQAR_DEFAULTS = {"num_pairs": 4, "num_keys": 16, "num_values": 16, "num_queries": None}
 
 
 def mqar_vocab_size(num_keys: int = MQAR_DEFAULTS["num_keys"], num_values: int = MQAR_DEFAULTS["num_values"]) -> int:
