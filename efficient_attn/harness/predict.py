@@ -209,8 +209,8 @@ def fit_growth(
     on_sample: Callable[[int], None] | None = None,
     made: dict[int, Prediction] | None = None,
 ) -> Growth:
-    """Fit ``cell``'s memory as a polynomial in ``seq_len`` from fake runs at ``start`` (rounded up to
-    ``multiple``), doubling up to ``max_len``; stops at the first fit that checks out (see the module docstring).
+    """Fit ``cell``'s memory as a polynomial in ``seq_len`` from fake runs at ``start`` (or ``max_len / 8`` when
+    shorter; rounded up to ``multiple``), doubling up to ``max_len``; stops at the first fit that checks out (see the module docstring).
 
     ``on_sample(n)`` is called before each fake run (progress); ``made`` (length -> prediction) holds fake runs
     already done and receives the new ones.
@@ -219,7 +219,8 @@ def fit_growth(
         ValueError: ``max_len`` leaves fewer than two sample lengths. Whatever :func:`predict_cell` raises.
     """
     made = {} if made is None else made
-    first = -(-max(start, multiple) // multiple) * multiple
+    # at least four doublings up to max_len when the multiple allows (a quadratic and its check)
+    first = -(-max(min(start, max_len // 8), multiple) // multiple) * multiple
     lengths = []
     n = first
     while n <= max_len:
@@ -251,8 +252,9 @@ def fit_growth(
             if candidate.verified:
                 return candidate
             candidates.append(candidate)
-    # none checked out up to max_len: the fit through the longest samples that came closest, marked unverified
-    return min(candidates, key=lambda g: (g.check_length is None, g.check_error, g.degree != expected))
+    # none checked out up to max_len: the fit of the expected degree through the longest samples, marked unverified
+    # (a quadratic replaces it only when the quadratic checks out: an unchecked one can swing far off, even below 0)
+    return min(candidates, key=lambda g: (g.degree != expected, g.check_length is None, g.check_error))
 
 
 @dataclass(frozen=True)
@@ -278,6 +280,7 @@ class Predictor:
     """
 
     fake_max_len: int | None = DEFAULT_FAKE_MAX_LEN
+    fit_start: int = FIT_START
     seed: int = 0
     depth: int = 2
     multiple: int = 256
@@ -303,7 +306,7 @@ class Predictor:
         if group not in self._growths:
             assert self.fake_max_len is not None
             notify = None if self.on_sample is None else (lambda n: self.on_sample(cell, n))
-            self._growths[group] = fit_growth(cell, max_len=self.fake_max_len, multiple=self.multiple,
+            self._growths[group] = fit_growth(cell, max_len=self.fake_max_len, start=self.fit_start, multiple=self.multiple,
                                               seed=self.seed, depth=self.depth, on_sample=notify,
                                               made=self._made(cell))
         return self._growths[group]
