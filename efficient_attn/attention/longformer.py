@@ -62,6 +62,9 @@ class LongformerAttention(PatternAttention):
     """Window + global attention. Shapes: ``(batch, heads, seq, head_dim)``; block size = ``window_size``."""
 
     config: LongformerConfig
+    #: Packed documents run each document alone (its own leading global tokens); flex's document
+    #: mask could not re-anchor the pattern at each document's start.
+    packing_backends = ("torch", "naive")
 
     def _make_pattern(self) -> Pattern:
         cfg = self.config
