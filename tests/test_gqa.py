@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 
 import efficient_attn as ea
 from efficient_attn.attention import flex as flex_backend
-from helpers import random_padding
+from helpers import pattern_with_padding, random_padding
 from variant_cases import backend_cases, build_small
 
 CPU = torch.device("cpu")
@@ -176,10 +176,14 @@ def test_naive_repeats_so_the_watch_can_fail():
     assert watch.violations
 
 
-@pytest.mark.parametrize("key, causal, padded", [("window", False, True)])
-def test_flex_grouped_heads_equal_repeated_heads_with_enable_gqa(key, causal, padded):
-    """CPU FlexAttention: float32, forward only (its float64 pattern reference is in tests/test_flex.py)."""
-    gqa, mha = gqa_and_reference(key, 2, causal=causal, backend="flex")
+def test_flex_grouped_heads_alibi_and_padding():
+    """CPU FlexAttention: float32, forward only, one compile for grouped heads + ALiBi's score_mod + padding (its
+    float64 pattern reference is in tests/test_flex.py): equals the same variant on repeated heads, and the float64
+    ALiBi reference of tests/test_positions.py."""
+    from test_positions import alibi_reference
+
+    key, causal, padded = "window", False, True
+    gqa, mha = gqa_and_reference(key, 2, causal=causal, backend="flex", alibi=True)
     gqa, mha = gqa.float().eval(), mha.float().eval()
     seen = []
     real = flex_backend.compiled_flex_attention()
@@ -195,6 +199,8 @@ def test_flex_grouped_heads_equal_repeated_heads_with_enable_gqa(key, causal, pa
     assert seen == [(2, 2, True)] and gqa.last_backend == "flex"
     ref = mha.attend(q, repeat_kv(k, 2), repeat_kv(v, 2), key_padding_mask=kpm)  # flex runs 4 heads: same kernel
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    dense = alibi_reference(q, k, v, pattern_with_padding(gqa.dense_mask(37), kpm)).float()
+    torch.testing.assert_close(out, dense, atol=2e-5, rtol=1e-4)
     with pytest.raises(ea.BackendUnavailableError, match="forward-only"):
         gqa.attend(q.requires_grad_(), k, v)
 
