@@ -1,6 +1,8 @@
 """Attention variants. Importing this package registers the built-in variants with the registry.
 
-One module per variant; add a new variant's import below (the import registers it).
+One module per variant; add a new variant's import below (the import registers it). ``efficient_attn/__init__.py``
+imports this package, so the built-ins are registered whenever anything in ``efficient_attn`` is imported; the
+registry itself never imports it (imports go downward only: registry -> attention).
 """
 
 from efficient_attn.attention import full  # noqa: F401  (registers "full")
@@ -10,6 +12,9 @@ from efficient_attn.attention import longformer  # noqa: F401  (registers "longf
 from efficient_attn.attention import linformer  # noqa: F401  (registers "linformer")
 from efficient_attn.attention import nystrom  # noqa: F401  (registers "nystrom")
 from efficient_attn.attention import performer  # noqa: F401  (registers "performer")
+from efficient_attn.attention import linear  # noqa: F401  (registers "linear")
+from efficient_attn.attention import retention  # noqa: F401  (registers "retention")
+from efficient_attn.attention import moba  # noqa: F401  (registers "moba")
 from efficient_attn.attention.base import Attention, AttentionConfig
 from efficient_attn.errors import BackendUnavailableError
 
