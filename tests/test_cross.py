@@ -130,8 +130,9 @@ def test_performer_cross_error_shrinks_with_features_and_ignores_padded_keys():
 
 @pytest.mark.parametrize("key", [k for k in ea.list_attentions() if k not in CROSS])
 def test_pattern_variants_refuse_cross_attention(key):
-    attn = build_small(key, num_kv_heads=2)
+    attn = build_small(key)
     q, k, v, kpm = cross_inputs()
+    k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     with pytest.raises(ValueError, match=rf"attention '{key}' does not support cross-attention.*full"):
         attn.attend(q, k, v)
 

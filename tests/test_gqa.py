@@ -18,7 +18,9 @@ from torch.utils._pytree import tree_flatten
 import efficient_attn as ea
 from efficient_attn.attention import flex as flex_backend
 from helpers import pattern_with_padding, random_padding
-from variant_cases import backend_cases, build_small
+from variant_cases import backend_cases, build_small, supports_gqa
+
+GQA_KEYS = [k for k in ea.list_attentions() if supports_gqa(k)]
 
 CPU = torch.device("cpu")
 HEADS, HEAD_DIM = 4, 8
@@ -58,7 +60,7 @@ def runnable_here(attn, backend, dtype, needs_grad):
 
 
 # flex compiles a kernel per shape (~20 s each on 2 cores): two cases below, the rest of flex's GQA path is shared
-CASES = [pytest.param(k, b, id=f"{k}-{b}") for k, b in backend_cases(exclude=("xformers", "flex"))]
+CASES = [pytest.param(k, b, id=f"{k}-{b}") for k, b in backend_cases(GQA_KEYS, exclude=("xformers", "flex"))]
 
 
 @pytest.mark.parametrize("key, backend", CASES)
@@ -148,7 +150,7 @@ def test_the_watch_catches_a_repeat():
 PER_HEAD_GATHER = {("bigbird", "torch")}
 
 NO_REPEAT_CASES = [
-    pytest.param(k, b, id=f"{k}-{b}") for k, b in backend_cases(exclude=("xformers", "naive", "flex"))
+    pytest.param(k, b, id=f"{k}-{b}") for k, b in backend_cases(GQA_KEYS, exclude=("xformers", "naive", "flex"))
     if (k, b) not in PER_HEAD_GATHER
 ]
 
@@ -206,7 +208,13 @@ def test_flex_grouped_heads_alibi_and_padding():
 
 
 # ---------------------------------------------------------------------------------------------- config checks
-@pytest.mark.parametrize("key", ea.list_attentions())
+@pytest.mark.parametrize("key", [k for k in ea.list_attentions() if not supports_gqa(k)])
+def test_variants_without_grouped_heads_refuse_them_by_name(key):
+    with pytest.raises(ValueError, match=rf"attention '{key}' does not support grouped key/value heads.*full"):
+        build_small(key, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("key", GQA_KEYS)
 def test_kv_projection_parameters_fall_by_the_group_size(key):
     dim, heads = 32, 4
     counts = {}
@@ -235,7 +243,7 @@ def test_num_kv_heads_defaults_to_num_heads_and_attend_checks_kv_heads():
         grouped.attend(q, q, q)
 
 
-@pytest.mark.parametrize("key", ea.list_attentions())
+@pytest.mark.parametrize("key", GQA_KEYS)
 def test_forward_with_grouped_heads(key):
     attn = build_small(key, dim=32, num_heads=4, num_kv_heads=2)
     x = torch.randn(2, 24, 32, dtype=torch.float64)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import efficient_attn as ea
-from variant_cases import build_small
+from variant_cases import build_small, kv_heads_for
 
 #: Row 0: documents of 1, 5, 13 and 19 tokens (bigbird's block is 8, window's 5, longformer's 4); row 1: 20 and 14
 #: tokens, then a 4-token padding tail as its own document.
@@ -59,8 +59,9 @@ def packing_cases():
 def test_packed_equals_each_document_alone(key, backend, causal):
     if causal and not ea.get_spec(key).supports_causal:
         pytest.skip(f"{key} is not causal")
-    attn = build_small(key, causal=causal, backend=backend, num_kv_heads=2).eval()
-    q, k, v, ids, kpm = packed_inputs()
+    kv_heads = kv_heads_for(key, 2)
+    attn = build_small(key, causal=causal, backend=backend, num_kv_heads=kv_heads).eval()
+    q, k, v, ids, kpm = packed_inputs(kv_heads=kv_heads)
     out = attn.attend(q, k, v, key_padding_mask=kpm, document_ids=ids)
     assert attn.last_backend == backend
     ref = each_alone(attn, q, k, v, kpm)

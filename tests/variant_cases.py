@@ -30,3 +30,13 @@ def backend_cases(keys=None, *, exclude=()):
         for backend in ea.get_spec(key).backends:
             if backend not in exclude:
                 yield key, backend
+
+
+def supports_gqa(key: str) -> bool:
+    return bool(ea.get_spec(key).module_cls.supports_gqa)
+
+
+def kv_heads_for(key: str, wanted: int, heads: int = 4) -> int:
+    """``wanted`` key/value heads for a variant with grouped heads, else ``heads`` (the variant's tests of its own
+    refusal live in test_gqa / test_contract)."""
+    return wanted if supports_gqa(key) else heads

@@ -146,6 +146,9 @@ class Attention(nn.Module):
     supports_cross_attention: ClassVar[bool] = False
     #: Why cross-attention is not defined for this variant.
     cross_unsupported_reason: ClassVar[str] = "its pattern is defined on one sequence (query i and key j index the same tokens)"
+    #: Whether each query's output depends on that query alone (not on the other queries). False for Nystrom, whose
+    #: query landmarks average the queries: as a decoder's cross-attention it would break the decoder's causality.
+    queries_independent: ClassVar[bool] = True
     #: Set while a packed call runs its second and later documents: variants that redraw per call skip the redraw.
     _redraw_frozen: bool = False
     #: Whether the running ``attend`` call is cross-attention (read by variants that treat it differently).

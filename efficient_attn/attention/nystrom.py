@@ -112,6 +112,7 @@ class NystromAttention(Attention):
 
     supports_gqa = True
     supports_cross_attention = True
+    queries_independent = False  # query landmarks are means over segments of the queries
 
     causal_unsupported_reason = (
         "Nystrom landmarks are means over segments of the sequence, so every landmark mixes the positions of its "
