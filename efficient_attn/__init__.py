@@ -8,9 +8,12 @@ Quick start::
     model = ea.build_model("full", task="lm", vocab_size=256, dim=256, depth=4, num_heads=4, max_len=4096)
 """
 
+# Importing the attention package registers the built-in variants. Python runs this file before any submodule of
+# the package, so ``efficient_attn.registry`` lists the built-ins however it was imported (see its docstring).
+import efficient_attn.attention  # noqa: F401  (registers the built-in variants)
 from efficient_attn.attention.base import Attention, AttentionConfig
 from efficient_attn.errors import BackendUnavailableError
-from efficient_attn.model import TransformerModel, build_model
+from efficient_attn.model import ModelConfig, TransformerModel, build_model
 from efficient_attn.registry import (
     AttentionSpec,
     build_attention,
@@ -27,6 +30,7 @@ __all__ = [
     "AttentionConfig",
     "AttentionSpec",
     "BackendUnavailableError",
+    "ModelConfig",
     "TransformerModel",
     "build_attention",
     "build_config",

@@ -1,7 +1,10 @@
 """The ``effattn`` command: ``list``, ``bench``, ``predict``, ``report``, ``quality``.
 
 Each subcommand lives in its own module under ``efficient_attn.commands`` with two functions,
-``configure(parser)`` and ``run(args) -> int``; it is imported only when it runs.
+``configure(parser)`` and ``run(args) -> int``. Building the parser imports every subcommand module (each adds its
+own options), so every ``effattn`` call imports all five, and with them the package (torch, the registry and the
+built-in variants). What only running a subcommand needs (the harness, the report with pandas and matplotlib, the
+quality suite) is imported inside its ``run``: ``effattn list`` or ``effattn bench --help`` loads none of them.
 """
 
 from __future__ import annotations

@@ -39,11 +39,21 @@ def did_you_mean(name: str, candidates: Iterable[str], n: int = 3) -> str:
 
 
 def unknown_name_error(
-    kind: str, name: str, known: list[str], known_label: str, error: type[Exception] = KeyError
+    kind: str,
+    name: str,
+    known: list[str],
+    known_label: str,
+    error: type[Exception] = KeyError,
+    *,
+    owner: str | None = None,
 ) -> Exception:
     """An ``error`` (a ``KeyError`` unless told) for an unknown ``name`` that suggests the nearest of ``known`` and
-    lists them all: ``unknown attention key 'windw'; did you mean 'window'? (registered: full, window, ...)``."""
-    return error(f"unknown {kind} {name!r}{did_you_mean(name, known)} ({known_label}: {', '.join(known)})")
+    lists them all: ``unknown attention key 'windw'; did you mean 'window'? (registered: full, window, ...)``.
+
+    ``owner`` says whose names they are: ``unknown backend 'sdp' for attention 'full'; did you mean 'sdpa'? ...``.
+    """
+    whose = f" for {owner}" if owner else ""
+    return error(f"unknown {kind} {name!r}{whose}{did_you_mean(name, known)} ({known_label}: {', '.join(known)})")
 
 
 def check_parameter_names(given: Iterable[str], allowed: list[str], owner: str) -> None:

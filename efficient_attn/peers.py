@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from efficient_attn.errors import check_parameter_names, unknown_name_error
+from efficient_attn.errors import check_parameter_names, require_positive_int, unknown_name_error
 
 __all__ = [
     "PEERS",
@@ -110,6 +110,8 @@ class PeerSpec:
         mapping: rows of (our parameter, their parameter / behaviour).
         builder: the wrapper class, called with ``dim, num_heads, seq_len, params`` (resolved).
         notes: where its semantics differ from ours.
+        check: the peer's own checks of its resolved parameters against ``seq_len`` (raises ``ValueError``), after
+            the common ones (names, bools, ints); None when the common ones are all it needs.
     """
 
     name: str
@@ -121,6 +123,7 @@ class PeerSpec:
     mapping: tuple[tuple[str, str], ...]
     builder: Callable[..., "PeerAttention"] = field(repr=False, compare=False)
     notes: tuple[str, ...] = ()
+    check: Callable[[dict[str, Any], int], None] | None = field(default=None, repr=False, compare=False)
 
 
 # ---------------------------------------------------------------------------------------------------- the base
@@ -410,6 +413,17 @@ class LinformerPeer(PeerAttention):
         return self.attn(x)
 
 
+def _check_linformer_params(params: dict[str, Any], seq_len: int) -> None:
+    """Linformer's projections E, F have ``max_len`` rows, and lucidrains shares one E (and F) across heads."""
+    if params["max_len"] < seq_len:
+        raise ValueError(f"peer 'linformer': max_len={params['max_len']} is below seq_len={seq_len}")
+    if params["headwise"]:
+        raise ValueError(
+            "peer 'linformer': headwise=True has no counterpart (lucidrains shares one E and F across heads); "
+            "allowed: headwise=False"
+        )
+
+
 # ------------------------------------------------------------------------------------------------ the table
 PEERS: dict[str, PeerSpec] = {
     "local-attention": PeerSpec(
@@ -491,6 +505,7 @@ PEERS: dict[str, PeerSpec] = {
             "no key padding mask and no causal mode",
         ),
         builder=LinformerPeer,
+        check=_check_linformer_params,
     ),
 }
 
@@ -568,16 +583,10 @@ def _resolve_params(spec: PeerSpec, seq_len: int, params: dict[str, Any]) -> dic
         elif key == "seed":
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"peer {spec.name!r}: seed must be a non-negative int, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"peer {spec.name!r}: {key} must be a positive int, got {value!r}")
-    if spec.name == "linformer":
-        if resolved["max_len"] < seq_len:
-            raise ValueError(f"peer 'linformer': max_len={resolved['max_len']} is below seq_len={seq_len}")
-        if resolved["headwise"]:
-            raise ValueError(
-                "peer 'linformer': headwise=True has no counterpart (lucidrains shares one E and F across heads); "
-                "allowed: headwise=False"
-            )
+        else:
+            require_positive_int(f"peer {spec.name!r}: {key}", value)
+    if spec.check is not None:
+        spec.check(resolved, seq_len)
     return resolved
 
 
@@ -604,8 +613,7 @@ def build_peer(name: str, *, dim: int, num_heads: int, seq_len: int, params: dic
     if not isinstance(params, dict):
         raise TypeError(f"params must be a dict of our parameter names, got {type(params).__name__}")
     for field_name, value in (("dim", dim), ("num_heads", num_heads), ("seq_len", seq_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{field_name} must be a positive int, got {value!r}")
+        require_positive_int(field_name, value)
     if dim % num_heads:
         raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
     resolved = _resolve_params(spec, seq_len, params)

@@ -5,6 +5,18 @@ typed config dataclass (a subclass of :class:`efficient_attn.attention.base.Atte
 dataclasses, a misspelt parameter is a ``TypeError`` that names it, and a bad value is a ``ValueError`` raised by the
 config's own validation.
 
+The registry is the ground floor of the package: it imports only the leaf module :mod:`efficient_attn.errors`,
+never the variants (``efficient_attn.attention``) or anything above them. Registering is the variants' job: each
+variant module applies :func:`register_attention` to its class when it is imported, and the decorator hands the
+class its :class:`AttentionSpec` (``cls.spec``), so a module never looks itself up here.
+
+Which variants are listed: :func:`list_attentions` and :func:`get_spec` see what has been registered so far. The
+built-in variants are always registered before any caller can reach this module, because Python imports the package
+``efficient_attn`` (whose ``__init__`` imports ``efficient_attn.attention``, which registers them) before any of its
+submodules, ``efficient_attn.registry`` included. So ``import efficient_attn.registry as r; r.list_attentions()``
+lists the built-ins; only code that runs while the package itself is still being imported (a variant module calling
+``list_attentions()`` at import time) would see a partial list.
+
 Example::
 
     import efficient_attn as ea
@@ -40,7 +52,7 @@ class AttentionSpec:
 
     Attributes:
         key: registry key, e.g. ``"window"``.
-        module_cls: the ``Attention`` subclass.
+        module_cls: the ``Attention`` subclass (registration sets ``module_cls.spec`` to this spec).
         config_cls: its config dataclass.
         description: one line, naming the paper.
         paper: short citation, e.g. ``"Beltagy et al. 2020, arXiv:2004.05150"``.
@@ -107,7 +119,7 @@ def register_attention(
             raise ValueError(
                 f"attention key {key!r} is already registered (by {_REGISTRY[key].module_cls.__qualname__})"
             )
-        _REGISTRY[key] = AttentionSpec(
+        spec = AttentionSpec(
             key=key,
             module_cls=module_cls,
             config_cls=config_cls,
@@ -121,20 +133,21 @@ def register_attention(
             length_multiple=length_multiple,
             max_len_field=max_len_field,
         )
+        _REGISTRY[key] = spec
+        # The class carries its own spec, so an instance never has to look itself up in the registry.
+        module_cls.spec = spec  # type: ignore[attr-defined]
         module_cls.spec_key = key  # type: ignore[attr-defined]
         return module_cls
 
     return decorator
 
 
-def _ensure_builtin_variants() -> None:
-    # Importing the attention package registers the built-in variants (once; Python caches the import).
-    import efficient_attn.attention  # noqa: F401
-
-
 def list_attentions(pattern: str | None = None) -> list[str]:
-    """Sorted registry keys, optionally filtered by a glob ``pattern`` (e.g. ``"*former"``)."""
-    _ensure_builtin_variants()
+    """Sorted registry keys, optionally filtered by a glob ``pattern`` (e.g. ``"*former"``).
+
+    Lists what has been registered: the built-in variants (registered by importing ``efficient_attn``, which any
+    import of this module does first; see the module docstring) and any variant registered since.
+    """
     keys = sorted(_REGISTRY)
     if pattern is not None:
         keys = [k for k in keys if fnmatch.fnmatchcase(k, pattern)]
@@ -143,7 +156,6 @@ def list_attentions(pattern: str | None = None) -> list[str]:
 
 def get_spec(key: str) -> AttentionSpec:
     """The :class:`AttentionSpec` of ``key``; ``KeyError`` naming the nearest keys when unknown."""
-    _ensure_builtin_variants()
     if not isinstance(key, str):
         raise TypeError(f"attention key must be a str, got {type(key).__name__}")
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from efficient_attn.harness.schema import ALL_COLUMNS
+from efficient_attn.harness.schema import ALL_COLUMNS, META_FILE, RESULTS_FILE, SCHEMA_VERSION
 
 COLUMNS = list(ALL_COLUMNS)  # the harness's schema
 HEADS, HEAD_DIM, BATCH = 4, 64, 1
@@ -205,32 +205,53 @@ def make_rows(
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def write_run(
-    path: Path, frame: pd.DataFrame, *, label: str | None = None, budget: float | None = 8e9, extra: dict | None = None
-) -> Path:
-    """Write ``results.csv`` and ``meta.json`` like the harness does."""
-    path.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path / "results.csv", index=False)
-    meta = {
-        "device_name": "cpu",
-        "cpu_model": "Synthetic CPU @ 2.0GHz",
-        "threads": 2,
-        "versions": {"torch": "2.13.0", "python": "3.12.0", "efficient_attn": "0.1.0"},
-        "git_commit": "0123456789abcdef",
-        "seed": 0,
-        "wall_time_s": 321.5,
+def harness_meta(lengths: list[int], *, budget: float | None = 8e9, wall_s: float = 321.5) -> dict:
+    """A ``meta.json`` with the keys and layout the harness writes (``RunFolder`` + ``environment_info``)."""
+    session = {
+        "started": "2026-01-01T00:00:00+0000",
+        "wall_s": wall_s,
+        "timed_window_s": wall_s / 2,
+        "cells_run": 1,
+        "interrupted": False,
+        "budget_bytes": budget,
         "device_memory_bytes": 24 * 2**30,
-        "config": {"suite": "default", "lengths": sorted(set(int(n) for n in frame["seq_len"]))},
+    }
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "config": {"name": "default", "device": "cpu", "budget_gb": None, "lengths": lengths, "seed": 0},
+        "environment": {
+            "python": "3.12.0",
+            "platform": "Linux-synthetic",
+            "torch": "2.13.0",
+            "efficient_attn": "0.1.0",
+            "libraries": {"numpy": "2.0.0", "einops": "0.8.0", "xformers": None, "transformers": None, "triton": None},
+            "cpu_model": "Synthetic CPU @ 2.0GHz",
+            "cpu_count": 2,
+            "torch_threads": 2,
+            "cuda_available": False,
+            "git_commit": "0123456789abcdef",
+            "device_name": "Synthetic CPU @ 2.0GHz",
+        },
+        "sessions": [session],
+        "wall_s": wall_s,
+        "timed_window_s": wall_s / 2,
+        "device_memory_bytes": 24 * 2**30,
     }
     if budget is not None:
         meta["budget_bytes"] = budget
-    if label is not None:
-        meta["label"] = label
+    return meta
+
+
+def write_run(path: Path, frame: pd.DataFrame, *, budget: float | None = 8e9, extra: dict | None = None) -> Path:
+    """Write ``results.csv`` and ``meta.json`` like the harness does (the run's label is the folder name)."""
+    path.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path / RESULTS_FILE, index=False)
+    meta = harness_meta(sorted(set(int(n) for n in frame["seq_len"])), budget=budget)
     meta.update(extra or {})
-    (path / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    (path / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return path
 
 
-def realistic_run(path: Path, *, label: str | None = None, noise: float = 0.03, seed: int = 0) -> Path:
+def realistic_run(path: Path, *, noise: float = 0.03, seed: int = 0) -> Path:
     lengths = [1024, 2048, 4096, 8192, 16384]
-    return write_run(path, make_rows(realistic_series(), lengths, noise=noise, seed=seed), label=label)
+    return write_run(path, make_rows(realistic_series(), lengths, noise=noise, seed=seed))

@@ -8,16 +8,9 @@ from pathlib import Path
 import pytest
 
 from efficient_attn import cli
-from efficient_attn.results import read_rows
-from efficient_attn.suites import (
-    SuiteError,
-    available_suites,
-    load_suite,
-    override_suite,
-    parse_lengths,
-    parse_suite,
-    parse_variant_params,
-)
+from efficient_attn.harness.overrides import override_suite, parse_lengths, parse_variant_params
+from efficient_attn.harness.runfolder import read_rows
+from efficient_attn.harness.suite import SuiteError, available_suites, load_suite, parse_suite
 
 
 def test_a_tiny_sweep_end_to_end_through_the_cli(tmp_path):

@@ -100,6 +100,12 @@ def test_weight_tying():
         (dict(task="lm", activation="tanh"), ValueError, "activation must be one of"),
         (dict(task="lm", causal=False), TypeError, "causal is set by the task"),
         (dict(task="lm", dropuot=0.1), TypeError, r"unknown parameter 'dropuot'"),
+        (dict(task="lm", vocab_size=0), ValueError, "vocab_size must be a positive int, got 0"),
+        (dict(task="lm", depth=True), ValueError, "depth must be a positive int, got True"),
+        (dict(task="lm", mlp_ratio=1.5), ValueError, "mlp_ratio must be a positive int, got 1.5"),
+        (dict(task="lm", num_classes=3), ValueError, "num_classes is only used with task='classify'"),
+        (dict(task="classify", num_classes=3, tie_weights=True), ValueError, "tie_weights only applies to task='lm'"),
+        (dict(task="lm", dim=30), ValueError, "num_heads=4 must divide dim=30"),
     ],
 )
 def test_build_model_errors(kwargs, error, message):
@@ -122,3 +128,30 @@ def test_first_token_pooling_and_its_errors():
         torch.testing.assert_close(model(tokens), model.head(model.features(tokens)[:, 0]))
     with pytest.raises(ValueError, match=r"pooling must be one of \('mean', 'first'\)"):
         ea.build_model("full", task="classify", num_classes=3, pooling="cls", **SMALL)
+
+
+def test_model_config_is_the_one_description_of_the_backbone():
+    config = ea.ModelConfig(attention_key="linformer", task="classify", num_classes=3, **SMALL)
+    # the attention's max_len is filled in from the backbone's, unless given
+    assert config.attention_params == {"max_len": 128}
+    assert not config.causal
+    given = ea.ModelConfig(attention_key="linformer", task="classify", num_classes=3, attention_params={"max_len": 64},
+                           **SMALL)
+    assert given.attention_params == {"max_len": 64}
+    model = ea.TransformerModel(config)
+    assert model.config is config and model.attention_key == "linformer" and model.task == "classify"
+    assert len(model.blocks) == SMALL["depth"]
+    assert all(block.attn.config.max_len == 128 for block in model.blocks)
+    # build_model makes the same config from keywords
+    assert ea.build_model("linformer", task="classify", num_classes=3, **SMALL).config == config
+
+
+def test_model_config_validates_on_creation():
+    with pytest.raises(ValueError, match="task must be one of"):
+        ea.ModelConfig(attention_key="full", task="seq2seq", **SMALL)
+    with pytest.raises(KeyError, match="did you mean 'full'"):
+        ea.ModelConfig(attention_key="fulll", task="lm", **SMALL)
+    with pytest.raises(TypeError, match="causal is set by the task"):
+        ea.ModelConfig(attention_key="full", task="lm", attention_params={"causal": True}, **SMALL)
+    with pytest.raises(TypeError, match="TransformerModel needs a ModelConfig, got dict"):
+        ea.TransformerModel(dict(attention_key="full", task="lm", **SMALL))

@@ -74,7 +74,7 @@ def test_unknown_param_names_allowed():
 @pytest.mark.parametrize(
     "name, params, message",
     [
-        ("local-attention", {"window_size": 0}, r"window_size must be a positive int"),
+        ("local-attention", {"window_size": 0}, r"peer 'local-attention': window_size must be a positive int, got 0"),
         ("local-attention", {"causal": 1}, r"causal must be a bool"),
         ("hf-bigbird", {"seed": -1}, r"seed must be a non-negative int"),
         ("linformer", {"max_len": 32}, r"max_len=32 is below seq_len=64"),
@@ -88,6 +88,23 @@ def test_bad_values_are_value_errors(name, params, message):
 def test_linformer_headwise_has_no_counterpart():
     with pytest.raises(ValueError, match=r"headwise=True has no counterpart"):
         build_peer("linformer", dim=DIM, num_heads=HEADS, seq_len=64, params={"headwise": True})
+
+
+def test_peer_specific_checks_are_part_of_the_peer_entry(monkeypatch):
+    """A peer's own checks live in its PEERS entry: the resolver runs whatever check the entry holds."""
+    import dataclasses
+
+    import efficient_attn.peers as peers
+
+    assert peers.PEERS["linformer"].check is not None
+    seen = []
+    monkeypatch.setitem(
+        peers.PEERS, "linformer", dataclasses.replace(peers.PEERS["linformer"], check=lambda p, n: seen.append((p, n)))
+    )
+    resolved = peers._resolve_params(peers.PEERS["linformer"], 64, {"headwise": True})
+    assert seen == [(resolved, 64)] and resolved["max_len"] == 64  # the entry's check ran instead of the original
+    with pytest.raises(ValueError, match=r"dim must be a positive int, got 0"):
+        build_peer("linformer", dim=0, num_heads=HEADS, seq_len=64, params={})
 
 
 @pytest.mark.parametrize(

@@ -4,13 +4,13 @@ nothing allocated at lengths that do not fit, and the longest length that fits a
 import pytest
 import torch
 
-from efficient_attn.measure.memory import current_rss_bytes, measure_call
-from efficient_attn.measure.predict import longest_fitting_length, predict_cell
-from efficient_attn.registry import get_spec, list_attentions
 from efficient_attn.errors import BackendUnavailableError
-from efficient_attn.results import Cell
-from efficient_attn.sweep import UNCOUNTABLE_BACKENDS
-from efficient_attn.workloads import build_workload
+from efficient_attn.harness.cell import UNCOUNTABLE_BACKENDS
+from efficient_attn.harness.plan import Cell
+from efficient_attn.harness.predict import longest_fitting_length, predict_cell
+from efficient_attn.harness.workloads import build_workload
+from efficient_attn.measure.memory import current_rss_bytes, measure_call
+from efficient_attn.registry import get_spec, list_attentions
 
 def _cases():
     cpu = torch.device("cpu")

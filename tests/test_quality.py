@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from efficient_attn import vocab
 from efficient_attn.cli import main
+from efficient_attn.harness.runfolder import read_rows
 from efficient_attn.quality import metrics
-from efficient_attn.quality.suite import load_suite, plan_cells, run_metrics, run_suite
+from efficient_attn.quality.suite import KEY_COLUMNS, STATUSES, load_suite, plan_cells, run_metrics, run_suite
 from efficient_attn.quality.tasks import (
     TASKS,
     TaskBatch,
@@ -248,8 +253,76 @@ def test_suite_resume_skips_finished_cells(tiny_suite: Path, tmp_path: Path) -> 
     keys = [(r["task"], r["variant"], r["seq_len"], r["seed"], r["num_heads"]) for r in rows]
     assert len(rows) == 6 and len(set(keys)) == 6
     changed = load_suite(tiny_suite, tasks=["recall"], steps=4)
-    with pytest.raises(ValueError, match="different training setup"):
+    with pytest.raises(ValueError, match="different config.*train"):
         run_suite(changed, out, progress=False)
+
+
+# A quality run killed (SIGKILL) while it writes its third row: half the row is on disk, then the process dies.
+_KILLED_WHILE_WRITING = r"""
+import os, signal, sys
+import torch
+from efficient_attn.harness import runfolder
+from efficient_attn.quality.suite import load_suite, run_suite
+
+torch.set_num_threads(1)
+real_append, calls = runfolder.RunFolder.append, []
+
+def dying_append(self, row):
+    calls.append(row)
+    if len(calls) == 3:
+        line = runfolder.csv_line(row[c] for c in self.columns)
+        with open(self.csv_path, "a", newline="", encoding="utf-8") as handle:
+            handle.write(line[: len(line) // 2])
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_append(self, row)
+
+runfolder.RunFolder.append = dying_append
+run_suite(load_suite(sys.argv[1], tasks=["recall"]), sys.argv[2], progress=False)
+"""
+
+
+def test_a_run_killed_mid_row_resumes_without_loss_or_duplicates(tiny_suite: Path, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WHILE_WRITING, str(tiny_suite), str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    raw = (out / "results.csv").read_bytes()
+    assert not raw.endswith(b"\n")  # the torn third row is on disk
+    before = read_rows(out / "results.csv")
+    assert len(before) == 2
+    suite = load_suite(tiny_suite, tasks=["recall"])
+    ran: list[dict] = []
+    run_suite(suite, out, progress=False, on_row=ran.append)
+    assert len(ran) == 2  # the cell that was being written, and the one never reached
+    rows = _rows(out / "results.csv")
+    keys = [tuple(r[c] for c in KEY_COLUMNS) for r in rows]
+    assert sorted(keys) == sorted(c.key() for c in plan_cells(suite))  # nothing lost, nothing twice
+    assert rows[:2] == before and all(r["status"] == "ok" for r in rows)
+    meta = json.loads((out / "meta.json").read_text())
+    assert [s["cells_run"] for s in meta["sessions"]] == [2]  # the killed session never closed; the resume did
+
+
+def test_a_first_version_run_folder_is_resumed(tiny_suite: Path, tmp_path: Path) -> None:
+    out = tmp_path / "old"
+    suite = load_suite(tiny_suite, tasks=["recall"])
+    run_suite(suite, out, progress=False)
+    rows = _rows(out / "results.csv")
+    # the meta.json the quality suite wrote before it used the harness's run folder
+    old = {"suite": json.loads(json.dumps(suite.to_dict())), "torch": "2.x", "threads": 1, "unused_params": []}
+    (out / "meta.json").write_text(json.dumps(old))
+    ran: list[dict] = []
+    run_suite(suite, out, progress=False, on_row=ran.append)
+    assert ran == [] and _rows(out / "results.csv") == rows
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["config"]["train"] == old["suite"]["train"] and meta["environment"]["torch_threads"] == 1
+    with pytest.raises(ValueError, match="different config.*train"):
+        run_suite(load_suite(tiny_suite, tasks=["recall"], steps=4), out, progress=False)
+
+
+def test_row_statuses_are_the_projects() -> None:
+    assert set(STATUSES) == {"ok", "unsupported", "error"} and set(STATUSES) <= set(vocab.STATUSES)
 
 
 def test_suite_rejects_bad_config(tiny_suite: Path, tmp_path: Path) -> None:
@@ -281,7 +354,7 @@ def test_cli_end_to_end(tiny_suite: Path, tmp_path: Path) -> None:
                  "similarity_vs_heads.png"):
         assert (out / name).stat().st_size > 1000, name
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["suite"]["train"]["steps"] == 3
+    assert meta["config"]["train"]["steps"] == 3
     # a second run resumes: no new rows
     assert main(["quality", "--suite", str(tiny_suite), "--out", str(out), "--no-progress", "--no-metrics"]) == 0
     assert len(_rows(out / "results.csv")) == len(rows)

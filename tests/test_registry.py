@@ -43,6 +43,8 @@ def test_unknown_parameter_names_it_and_allowed():
         (dict(dim=32, num_heads=0), "num_heads must be a positive int"),
         (dict(dim=32, num_heads=4, dropout=1.5), r"dropout must be in \[0, 1\)"),
         (dict(dim=32, num_heads=4, backend="flash"), r"unknown backend 'flash'.*allowed: auto, naive, sdpa"),
+        (dict(dim=32, num_heads=4, backend="sdp"), r"unknown backend 'sdp' for attention 'full'; did you mean 'sdpa'"),
+        (dict(dim=True, num_heads=4), "dim must be a positive int, got True"),
     ],
 )
 def test_bad_values_raise_value_error(kwargs, message):

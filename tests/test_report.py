@@ -25,17 +25,20 @@ from report_synthetic import (  # noqa: E402
 )
 
 from efficient_attn.cli import main  # noqa: E402
-from efficient_attn.report.fit import (  # noqa: E402
+from efficient_attn.report.analyses.budget import longest_within_budget  # noqa: E402
+from efficient_attn.report.analyses.crossover import (  # noqa: E402
     crossover_polynomial_fit,
     crossover_power,
-    fit_power_law,
-    longest_within_budget,
+    crossover_rows,
     measured_crossover,
 )
+from efficient_attn.report.analyses.fit import fit_power_law  # noqa: E402
+from efficient_attn.report.analyses.tables import lra_table, relative_to_baseline  # noqa: E402
+from efficient_attn.report.build import build_report  # noqa: E402
+from efficient_attn.report.format import length_label  # noqa: E402
 from efficient_attn.report.load import load_runs  # noqa: E402
-from efficient_attn.report.plots import STATUS_MARKERS, length_label, series_palette  # noqa: E402
-from efficient_attn.report.render import build_report, crossover_rows  # noqa: E402
-from efficient_attn.report.tables import lra_table, relative_to_baseline  # noqa: E402
+from efficient_attn.report.palette import series_palette  # noqa: E402
+from efficient_attn.report.plots import STATUS_MARKERS  # noqa: E402
 
 LENGTHS = [512, 1024, 2048, 4096, 8192, 16384]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -198,7 +201,7 @@ def test_relative_to_baseline_and_lra_table(tmp_path):
 
 @pytest.fixture(scope="module")
 def realistic(tmp_path_factory) -> Path:
-    return realistic_run(tmp_path_factory.mktemp("runs") / "cpu-run", label="cpu")
+    return realistic_run(tmp_path_factory.mktemp("runs") / "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +210,7 @@ def realistic_report(realistic, tmp_path_factory):
     return build_report([realistic], tmp_path_factory.mktemp("report"), dpi=40)
 
 
-def small_run(path: Path, *, label: str | None = None, scale: float = 1.0) -> Path:
+def small_run(path: Path, *, scale: float = 1.0) -> Path:
     """Three series, three lengths, one oom: enough for the CLI and overlay tests, quick to plot."""
     series = [
         Series(
@@ -221,7 +224,7 @@ def small_run(path: Path, *, label: str | None = None, scale: float = 1.0) -> Pa
         Series("full", "sdpa", quadratic(1.5e-5 * scale), linear(4096.0), flops=quadratic(1024.0)),
         Series("window", "torch", linear(2e-3 * scale, 0.4 * scale), linear(8192.0), flops=linear(1024.0 * 512)),
     ]
-    return write_run(path, make_rows(series, [1024, 2048, 4096]), label=label, budget=2e8)
+    return write_run(path, make_rows(series, [1024, 2048, 4096]), budget=2e8)
 
 
 def test_every_plot_written_as_png(realistic_report):
@@ -241,6 +244,7 @@ def test_realistic_run_has_every_failure_kind(realistic):
 def test_failed_cells_are_drawn_as_markers(realistic, tmp_path):
     """The oom cell of full:naive appears in the latency figure as its status marker at 16K."""
     from efficient_attn.report import plots as plots_module
+    from efficient_attn.report.format import format_ms
 
     frame, runs = load_runs([realistic])
     seen: list[tuple[float, str, str]] = []
@@ -254,7 +258,7 @@ def test_failed_cells_are_drawn_as_markers(realistic, tmp_path):
     try:
         only = frame[frame["mode"] == "fwd_bwd"]
         plots_module._metric_figure(
-            only, "time_ms", "t", plots_module.format_ms, "t", tmp_path / "t.png", series_palette(frame), ["cpu"], 40
+            only, "time_ms", "t", format_ms, "t", tmp_path / "t.png", series_palette(frame), ["cpu"], 40
         )
     finally:
         plots_module._mark = original
@@ -284,6 +288,17 @@ def test_report_markdown_has_every_section_and_html_embeds_images(realistic_repo
     assert "published, other hardware" in text
     assert "**oom** - predicted 19.3 GB > budget 8.0 GB" in text
     assert "Synthetic CPU @ 2.0GHz" in text
+    environment = text.split("## Environment")[1].split("## Plots")[0]
+    for row in (
+        "| CPU | Synthetic CPU @ 2.0GHz, 2 cores |",
+        "| torch threads | 2 |",
+        "| versions | python 3.12.0, torch 2.13.0, efficient_attn 0.1.0 |",
+        "| git commit | 0123456789abcdef |",
+        "| memory budget | 8,000,000,000 (8 GB) |",
+        "| wall time | 321.5 s (1 session) |",
+    ):
+        assert row in environment, row
+    assert "config." not in environment and environment.count("\n|") < 25  # the config stays in meta.json
     for plot in files.plots:
         assert f"]({plot.path.name})" in text
     page = files.html.read_text()
@@ -308,8 +323,8 @@ def test_report_crossover_table_matches_the_constructed_laws(tmp_path):
 
 
 def test_two_runs_overlay_with_labels(tmp_path):
-    cpu = small_run(tmp_path / "before", label="before")
-    after = small_run(tmp_path / "after", label="after", scale=0.5)
+    cpu = small_run(tmp_path / "before")
+    after = small_run(tmp_path / "after", scale=0.5)
     files = build_report([cpu, after], dpi=40)
     assert files.markdown.parent == cpu / "compare"
     text = files.markdown.read_text()
@@ -351,14 +366,72 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere")]) == 2
 
 
-def test_meta_budget_and_label_read_defensively(tmp_path):
-    frame = make_rows([Series("full", "sdpa", quadratic(1e-6), linear(100.0))], [256, 512], modes=("fwd",))
-    run_dir = write_run(tmp_path / "x", frame, budget=None, extra={"limits": {"memory_budget_bytes": 123456789}})
-    meta = json.loads((run_dir / "meta.json").read_text())
-    assert "budget_bytes" not in meta
-    from efficient_attn.report.load import memory_budget
+def test_meta_is_read_by_the_keys_the_harness_writes(tmp_path):
+    """The budget is the harness's ``budget_bytes`` (else the suite's ``config.budget_gb``); guessed aliases are not
+    read; a key of the wrong type is an error naming it; the label is the folder name."""
+    from efficient_attn.report.load import RunInfo, load_run, memory_budget
 
-    assert memory_budget(meta) == 123456789
+    frame = make_rows([Series("full", "sdpa", quadratic(1e-6), linear(100.0))], [256, 512], modes=("fwd",))
+    run = load_run(write_run(tmp_path / "x", frame, budget=123456789))
+    assert run.label == "x"
+    assert run.info.budget_bytes == 123456789
+    assert run.info.device_memory_bytes == 24 * 2**30
+    assert (run.info.cpu_model, run.info.torch_threads, run.info.sessions) == ("Synthetic CPU @ 2.0GHz", 2, 1)
+    meta = json.loads((tmp_path / "x" / "meta.json").read_text())
+    del meta["budget_bytes"]
+    assert memory_budget(meta) is None
+    assert memory_budget(meta | {"limits": {"memory_budget_bytes": 5}, "memory_budget": 5}) is None
+    meta["config"]["budget_gb"] = 2
+    assert memory_budget(meta) == 2 * 2**30
+    with pytest.raises(ValueError, match="'budget_bytes' holds '8GB'; expected int or float"):
+        memory_budget(meta | {"budget_bytes": "8GB"})
+    with pytest.raises(ValueError, match="environment: key 'torch_threads' holds True"):
+        RunInfo.from_meta(meta | {"environment": {"torch_threads": True}})
+
+
+def test_committed_reference_meta_reads_into_run_info():
+    """A meta.json the harness wrote (the committed reference run) fills every field the environment table shows."""
+    from efficient_attn.report.load import load_run
+
+    reference = Path(__file__).parents[1] / "reports" / "default-cpu"
+    meta = json.loads((reference / "meta.json").read_text())
+    info = load_run(reference).info
+    assert info.budget_bytes == meta["budget_bytes"] and info.device_memory_bytes == meta["device_memory_bytes"]
+    assert info.wall_s == meta["wall_s"] and info.timed_window_s == meta["timed_window_s"]
+    assert info.sessions == len(meta["sessions"])
+    env = meta["environment"]
+    assert (info.device_name, info.cpu_model, info.cpu_count) == (env["device_name"], env["cpu_model"], env["cpu_count"])
+    assert (info.torch, info.python, info.git_commit) == (env["torch"], env["python"], env["git_commit"])
+    assert info.torch_threads == env["torch_threads"] and info.libraries == env["libraries"]
+    assert info.suite == meta["config"]["name"]
+
+
+def test_baseline_mask_selects_our_own_rows_of_the_resolved_backend(tmp_path):
+    """One selector: ``full:torch`` matches an ``auto`` row that resolved to torch, never a peer or another backend."""
+    from efficient_attn.report.series import available_baselines, baseline_mask, references
+
+    series = [
+        Series("full", "naive", quadratic(1e-6), quadratic(4.0)),
+        Series("full", "sdpa", quadratic(5e-7), linear(8.0)),
+        Series("window", "torch", linear(1e-3), linear(8.0)),
+        Series("linformer", "peer", linear(2e-3), linear(4.0), is_peer=True, level="layer"),
+    ]
+    frame = make_rows(series, [256, 512], modes=("fwd",))
+    frame.loc[frame["variant"] == "window", "backend_requested"] = "auto"
+    write_run(tmp_path / "r", frame)
+    loaded, _ = load_runs([tmp_path / "r"])
+    for variant, backend in (("full", "naive"), ("full", "sdpa"), ("window", "torch")):
+        mask = baseline_mask(loaded, variant, backend)
+        assert mask.sum() == 2
+        assert set(loaded.loc[mask, "series"]) == {f"{variant}:{backend}"}
+    assert not baseline_mask(loaded, "linformer", "peer").any()  # a peer is never the baseline
+    assert not baseline_mask(loaded, "window", "auto").any()  # auto is matched by what it resolved to
+    assert available_baselines(loaded) == ["full:naive", "full:sdpa", "window:torch"]
+    assert references(("full", "naive")) == [("full", "naive"), ("full", "sdpa")]
+    assert references(("full", "sdpa")) == [("full", "sdpa")]
+    # every analysis that compares uses it: the rows left out of the ratios are exactly the baseline's
+    rel = relative_to_baseline(loaded, "full", "sdpa")
+    assert len(rel) == len(loaded) - 2 and "full:sdpa" not in set(rel["series"])
 
 
 def test_conditions_get_their_own_plot_files(tmp_path):
@@ -382,7 +455,8 @@ def test_conditions_get_their_own_plot_files(tmp_path):
 
 
 def test_report_without_the_default_baseline_says_so(tmp_path):
-    from efficient_attn.report.render import report_blocks, to_markdown
+    from efficient_attn.report.render_md import to_markdown
+    from efficient_attn.report.sections import report_blocks
 
     series = [
         Series("window", "torch", linear(1e-3), linear(8.0)),

@@ -7,11 +7,15 @@ from unittest import mock
 import pytest
 import torch
 
-from efficient_attn import sweep
 from efficient_attn.attention.full import FullAttention
-from efficient_attn.results import CONFIG_COLUMNS, NUMERIC_COLUMNS, Cell, ConfigMismatchError, RunFolder, read_rows
-from efficient_attn.suites import parse_suite
-from efficient_attn.sweep import PlannedCell, dry_run, expand_cells, run_cell, run_sweep
+from efficient_attn.harness import cell as harness_cell
+from efficient_attn.harness import sweep
+from efficient_attn.harness.cell import Timing, run_cell, static_status
+from efficient_attn.harness.plan import Cell, PlannedCell, plan_cells
+from efficient_attn.harness.runfolder import ConfigMismatchError, read_rows
+from efficient_attn.harness.schema import CONFIG_COLUMNS, NUMERIC_COLUMNS
+from efficient_attn.harness.suite import parse_suite
+from efficient_attn.harness.sweep import dry_run, open_run_folder, run_sweep
 
 LENGTHS = [32, 64, 128]
 
@@ -76,7 +80,7 @@ def test_resume_after_a_kill_neither_duplicates_nor_loses(tmp_path):
         handle.write("full,{},sdpa,core,fwd,false,cpu,float32,1,32,2")
     result = run_sweep(suite, tmp_path, progress=False)
     rows = read_rows(tmp_path / "results.csv")
-    expected = [p.cell.key() for p in expand_cells(suite, "cpu")]
+    expected = [p.cell.key() for p in plan_cells(suite, "cpu")]
     assert sorted(keys(rows)) == sorted(expected)  # nothing missing, nothing twice
     assert rows[:2] == first  # finished cells were not rerun
     assert result.cells_run == 4 and result.cells_skipped_resumed == 2
@@ -87,14 +91,14 @@ def test_resume_after_a_kill_neither_duplicates_nor_loses(tmp_path):
 
 
 def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path):
-    real = sweep.measure_cell
+    real = harness_cell.measure_cell
 
     def flaky(cell, **kwargs):
         if cell.backend_requested == "sdpa" and cell.seq_len == 64:
             raise RuntimeError("boom: injected failure\nsecond line")
         return real(cell, **kwargs)
 
-    with mock.patch.object(sweep, "measure_cell", flaky):
+    with mock.patch.object(harness_cell, "measure_cell", flaky):
         result = run_sweep(tiny_suite(), tmp_path, progress=False)
     by_status = {(r["backend_requested"], r["seq_len"]): r for r in result.rows}
     bad = by_status[("sdpa", "64")]
@@ -106,7 +110,7 @@ def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path):
 
 
 def test_oom_marks_longer_lengths_skipped_and_survives_resume(tmp_path):
-    real = sweep.measure_cell
+    real = harness_cell.measure_cell
 
     def oom_at_64(cell, **kwargs):
         if cell.backend_requested == "naive" and cell.seq_len >= 64:
@@ -114,7 +118,7 @@ def test_oom_marks_longer_lengths_skipped_and_survives_resume(tmp_path):
         return real(cell, **kwargs)
 
     suite = tiny_suite(lengths=[32, 64, 128, 256])
-    with mock.patch.object(sweep, "measure_cell", side_effect=oom_at_64) as patched:
+    with mock.patch.object(harness_cell, "measure_cell", side_effect=oom_at_64) as patched:
         result = run_sweep(suite, tmp_path, progress=False)
     status = {(r["backend_requested"], int(r["seq_len"])): r for r in result.rows}
     assert status[("naive", 32)]["status"] == "ok"
@@ -141,9 +145,9 @@ def test_oom_marks_longer_lengths_skipped_and_survives_resume(tmp_path):
 def test_cuda_oom_is_caught_and_the_cache_emptied():
     cell = Cell("full", "{}", "sdpa", "core", "fwd", False, "cuda", "float32", 1, 64, 2, 8)
     empty_cache = mock.Mock()
-    with mock.patch.object(sweep, "measure_cell", side_effect=torch.OutOfMemoryError("CUDA out of memory")), \
+    with mock.patch.object(harness_cell, "measure_cell", side_effect=torch.OutOfMemoryError("CUDA out of memory")), \
             mock.patch.object(torch.cuda, "empty_cache", empty_cache):
-        row, window = run_cell(PlannedCell(cell), budget_bytes=None, timing=sweep.Timing())
+        row, window = run_cell(PlannedCell(cell), budget_bytes=None, timing=Timing())
     assert row["status"] == "oom" and "CUDA out of memory" in row["note"]
     assert row["device"] == "cuda" and row["time_ms"] == "" and window == 0.0
     empty_cache.assert_called()
@@ -199,12 +203,12 @@ def test_a_different_config_for_the_same_folder_is_an_error(tmp_path):
     with pytest.raises(ConfigMismatchError, match="different config.*lengths"):
         run_sweep(tiny_suite(lengths=[32, 64]), tmp_path, progress=False)
     with pytest.raises(ConfigMismatchError, match="different config"):
-        RunFolder(tmp_path, {"something": "else"})
+        open_run_folder(tmp_path, {"something": "else"})
 
 
 def test_dry_run_runs_nothing_and_writes_nothing(tmp_path):
     out = tmp_path / "never"
-    with mock.patch.object(sweep, "measure_cell", side_effect=AssertionError("dry run measured a cell")):
+    with mock.patch.object(harness_cell, "measure_cell", side_effect=AssertionError("dry run measured a cell")):
         plan = dry_run(tiny_suite(lengths=[32, 4096]), out_dir=out, budget_gb=40 * 2**20 / 2**30)
     assert not out.exists()
     status = {(p.cell.backend_requested, p.cell.seq_len): (pred, st) for p, pred, st, _ in plan}
@@ -214,11 +218,11 @@ def test_dry_run_runs_nothing_and_writes_nothing(tmp_path):
 
 def test_peers_are_cells_only_when_asked():
     suite = tiny_suite(peers=[{"name": "linformer", "params": {"k": 16}}], causal=[False, True], level="layer")
-    assert not any(p.cell.is_peer for p in expand_cells(suite, "cpu"))
-    peers = [p for p in expand_cells(suite, "cpu", include_peers=True) if p.cell.is_peer]
+    assert not any(p.cell.is_peer for p in plan_cells(suite, "cpu"))
+    peers = [p for p in plan_cells(suite, "cpu", include_peers=True) if p.cell.is_peer]
     assert len(peers) == len(LENGTHS) * 2 and all(p.cell.level == "layer" for p in peers)
     causal = next(p for p in peers if p.cell.causal)
-    assert sweep.static_status(causal) == ("unsupported", "peer 'linformer' has no causal mode")
+    assert static_status(causal) == ("unsupported", "peer 'linformer' has no causal mode")
 
 
 @pytest.mark.slow

@@ -2,9 +2,11 @@
 
 import pytest
 
-from efficient_attn.results import read_rows
-from efficient_attn.suites import parse_suite
-from efficient_attn.sweep import expand_cells, run_sweep, static_status
+from efficient_attn.harness.cell import static_status
+from efficient_attn.harness.plan import plan_cells
+from efficient_attn.harness.runfolder import read_rows
+from efficient_attn.harness.suite import parse_suite
+from efficient_attn.harness.sweep import run_sweep
 
 pytest.importorskip("local_attention", reason="peer package local-attention not installed (extra [peers])")
 
@@ -28,7 +30,7 @@ def peer_suite(level, causal=(False,), peers=None):
 
 
 def peer_cells(suite):
-    return [p for p in expand_cells(suite, "cpu", include_peers=True) if p.cell.is_peer]
+    return [p for p in plan_cells(suite, "cpu", include_peers=True) if p.cell.is_peer]
 
 
 def test_peer_cells_take_the_suite_level():

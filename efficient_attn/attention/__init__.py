@@ -1,6 +1,8 @@
 """Attention variants. Importing this package registers the built-in variants with the registry.
 
-One module per variant; add a new variant's import below (the import registers it).
+One module per variant; add a new variant's import below (the import registers it). ``efficient_attn/__init__.py``
+imports this package, so the built-ins are registered whenever anything in ``efficient_attn`` is imported; the
+registry itself never imports it (imports go downward only: registry -> attention).
 """
 
 from efficient_attn.attention import full  # noqa: F401  (registers "full")

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from efficient_attn.errors import BackendUnavailableError, require_positive_int, suggest
-from efficient_attn.registry import AttentionSpec, get_spec
+from efficient_attn.errors import BackendUnavailableError, require_positive_int, unknown_name_error
+
+if TYPE_CHECKING:  # pragma: no cover - import only for type checkers
+    from efficient_attn.registry import AttentionSpec
 
 AUTO = "auto"
 
@@ -53,10 +55,8 @@ class AttentionConfig:
     bias: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("dim", "num_heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        require_positive_int("dim", self.dim)
+        require_positive_int("num_heads", self.num_heads)
         if self.dim % self.num_heads != 0:
             raise ValueError(
                 f"num_heads={self.num_heads} must divide dim={self.dim} "
@@ -78,22 +78,25 @@ class AttentionConfig:
 class Attention(nn.Module):
     """Base class of every registered variant (see the module docstring for the contract)."""
 
+    #: The registry entry of the class, set by ``@register_attention`` (with ``spec_key``, its key).
+    spec: ClassVar[AttentionSpec]
     spec_key: ClassVar[str]
     #: Why this variant cannot be causal (used in the error message when ``supports_causal`` is False).
     causal_unsupported_reason: ClassVar[str] = "this variant does not support causal masking"
 
     def __init__(self, config: AttentionConfig) -> None:
         super().__init__()
-        spec = get_spec(self.spec_key)
+        spec = getattr(type(self), "spec", None)
+        if spec is None:
+            raise TypeError(
+                f"{type(self).__name__} is not a registered attention; decorate it with @register_attention"
+            )
         if not isinstance(config, spec.config_cls):
             raise TypeError(f"{type(self).__name__} needs a {spec.config_cls.__name__}, got {type(config).__name__}")
-        allowed_backends = (AUTO, *spec.backends)
+        allowed_backends = [AUTO, *spec.backends]
         if config.backend not in allowed_backends:
-            near = suggest(config.backend, allowed_backends, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ValueError(
-                f"unknown backend {config.backend!r} for attention {spec.key!r}{hint}; "
-                f"allowed: {', '.join(allowed_backends)}"
+            raise unknown_name_error(
+                "backend", config.backend, allowed_backends, "allowed", ValueError, owner=f"attention {spec.key!r}"
             )
         if config.causal and not spec.supports_causal:
             raise ValueError(f"attention {spec.key!r} cannot be causal: {self.causal_unsupported_reason}")
@@ -106,10 +109,6 @@ class Attention(nn.Module):
         self.last_padded_len: int | None = None
 
     # ----------------------------------------------------------------------------------------------- public API
-    @property
-    def spec(self) -> AttentionSpec:
-        return get_spec(self.spec_key)
-
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """``(batch, seq, dim) -> (batch, seq, dim)``: QKV projection, :meth:`attend`, output projection."""
         if x.dim() != 3 or x.shape[-1] != self.config.dim:

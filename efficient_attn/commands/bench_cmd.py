@@ -1,4 +1,4 @@
-"""``effattn bench [SUITE]``: run (or resume) a benchmark suite into a run folder; see :mod:`efficient_attn.sweep`.
+"""``effattn bench [SUITE]``: run (or resume) a benchmark suite into a run folder; see :mod:`efficient_attn.harness.sweep`.
 
 Examples::
 
@@ -19,8 +19,14 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from efficient_attn.suites import SuiteError, load_suite, override_suite
+from efficient_attn.commands.list_cmd import format_table
+from efficient_attn.vocab import DEVICES, DTYPE_NAMES, LEVELS, MODES
+
+if TYPE_CHECKING:
+    from efficient_attn.harness.plan import PlannedCell
+    from efficient_attn.harness.suite import Suite
 
 
 def add_cell_options(parser: argparse.ArgumentParser) -> None:
@@ -29,13 +35,13 @@ def add_cell_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", help="comma-separated backends to run for every variant that has them (auto "
                         "for all); a suite entry's max_len stays with its own backends")
     parser.add_argument("--lengths", help="e.g. 1024,2048 or 1k:16k (powers of two); suffixes k and m")
-    parser.add_argument("--modes", help="comma-separated: fwd, fwd_bwd, train_step")
-    parser.add_argument("--level", choices=("core", "layer", "model"), help="core: attend(q,k,v); layer: with "
+    parser.add_argument("--modes", help=f"comma-separated: {', '.join(MODES)}")
+    parser.add_argument("--level", choices=LEVELS, help="core: attend(q,k,v); layer: with "
                         "projections; model: the backbone")
     parser.add_argument("--causal", action="store_true", default=None, help="causal cells only")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the suite's (auto = cuda if "
+    parser.add_argument("--device", choices=DEVICES, help="default: the suite's (auto = cuda if "
                         "available)")
-    parser.add_argument("--dtype", help="comma-separated: float32, bfloat16, float16")
+    parser.add_argument("--dtype", help=f"comma-separated: {', '.join(DTYPE_NAMES)}")
     parser.add_argument("--batch-size", help="comma-separated batch sizes")
     parser.add_argument("--heads", type=int, help="number of heads")
     parser.add_argument("--head-dim", type=int, help="head dimension")
@@ -65,8 +71,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def suite_from_args(args: argparse.Namespace, suite_name: str):
+def suite_from_args(args: argparse.Namespace, suite_name: str) -> Suite:
     """Load the suite and apply the command-line overrides."""
+    from efficient_attn.harness.overrides import override_suite
+    from efficient_attn.harness.suite import load_suite
+
     suite = load_suite(suite_name)
     return override_suite(
         suite, variants=args.variants, backends=args.backends, lengths=args.lengths, modes=args.modes,
@@ -80,9 +89,7 @@ def _mib(nbytes: int | None) -> str:
     return "" if nbytes is None else f"{nbytes / 2**20:.1f}"
 
 
-def _print_plan(plan) -> None:
-    from efficient_attn.commands.list_cmd import format_table
-
+def _print_plan(plan: list[tuple[PlannedCell, int | None, str, str]]) -> None:
     rows = [[p.cell.label(), _mib(pred), status, note] for p, pred, status, note in plan]
     print(format_table(rows, ["cell", "predicted MiB", "status", "note"]))
     counts: dict[str, int] = {}
@@ -91,9 +98,33 @@ def _print_plan(plan) -> None:
     print("\n" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + " (dry run: nothing was run)")
 
 
+_SHORT = {"oom": "OOM", "skipped_budget": "budget", "skipped_after_oom": "after-oom", "unsupported": "n/a",
+          "error": "ERROR"}
+
+
+def summary_table(rows: list[dict[str, str]]) -> str:
+    """Median time (ms) per group and length, or the status where a cell did not run."""
+    lengths = sorted({int(r["seq_len"]) for r in rows})
+    params_seen: dict[str, set[str]] = {}
+    for r in rows:
+        params_seen.setdefault(r["variant"], set()).add(r["params_json"])
+    groups: dict[tuple[str, ...], dict[int, str]] = {}
+    for r in rows:
+        causal = " causal" if r["causal"] == "true" else ""
+        # params only where one variant ran with several (the CSV has them all)
+        name = r["variant"] + (r["params_json"] if len(params_seen[r["variant"]]) > 1 else "")
+        group = (name, r["backend_requested"], f"{r['level']} {r['mode']}{causal}", f"{r['dtype']} b{r['batch_size']}")
+        cell = f"{float(r['time_ms']):.1f}" if r["status"] == "ok" else _SHORT.get(r["status"], r["status"])
+        groups.setdefault(group, {})[int(r["seq_len"])] = cell
+    header = ["variant", "backend", "what", "dtype", *[str(n) for n in lengths]]
+    table = [[*g, *[groups[g].get(n, "") for n in lengths]] for g in groups]
+    return "median time per call (ms) by sequence length\n" + format_table(table, header)
+
+
 def run(args: argparse.Namespace) -> int:
-    from efficient_attn.results import ConfigMismatchError
-    from efficient_attn.sweep import dry_run, run_sweep, summary_table
+    from efficient_attn.harness.runfolder import ConfigMismatchError
+    from efficient_attn.harness.suite import SuiteError
+    from efficient_attn.harness.sweep import dry_run, run_sweep
 
     try:
         suite = suite_from_args(args, args.suite)

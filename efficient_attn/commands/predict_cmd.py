@@ -1,5 +1,5 @@
 """``effattn predict``: predicted peak memory per cell without allocating it, and per variant the longest length that
-fits a budget (fake tensors + the storage tracker; see :mod:`efficient_attn.measure.predict`).
+fits a budget (fake tensors + the storage tracker; see :mod:`efficient_attn.harness.predict`).
 
 Example::
 
@@ -32,10 +32,13 @@ def run(args: argparse.Namespace) -> int:
 
     from efficient_attn.commands.bench_cmd import suite_from_args
     from efficient_attn.commands.list_cmd import format_table
-    from efficient_attn.measure.predict import longest_fitting_length, predict_cell
+    from efficient_attn.harness.cell import precheck, static_status
+    from efficient_attn.harness.host import budget_bytes, resolve_device
+    from efficient_attn.harness.overrides import parse_lengths
+    from efficient_attn.harness.plan import PlannedCell, plan_cells
+    from efficient_attn.harness.predict import longest_fitting_length
+    from efficient_attn.harness.suite import SuiteError
     from efficient_attn.registry import get_spec
-    from efficient_attn.suites import SuiteError, parse_lengths
-    from efficient_attn.sweep import PlannedCell, default_budget_bytes, expand_cells, resolve_device, static_status
 
     try:
         if args.lengths is None:
@@ -48,19 +51,17 @@ def run(args: argparse.Namespace) -> int:
     except (SuiteError, ValueError) as error:
         print(f"effattn predict: error: {error}", file=sys.stderr)
         return 2
-    budget = int(args.budget_gb * 2**30) if args.budget_gb is not None else default_budget_bytes(device)
+    budget = budget_bytes(args.budget_gb, device)
     rows, groups = [], {}
-    for planned in expand_cells(suite, device):
+    for planned in plan_cells(suite, device):
         cell = planned.cell
         groups.setdefault(planned.group, cell)
-        static = static_status(replace(planned, cap=None))
-        if static is not None:
-            rows.append([cell.label(), "", "", static[0] + ": " + static[1]])
-            continue
-        try:
-            pred = predict_cell(cell, depth=suite.depth)
-        except Exception as error:  # noqa: BLE001 - reported per cell
-            rows.append([cell.label(), "", "", f"not predicted: {type(error).__name__}: {error}"[:160]])
+        # the suite's per-mode max_len is a choice of the suite, not a limit of the memory: predict beyond it
+        check = precheck(replace(planned, cap=None), budget_bytes=budget, depth=suite.depth)
+        pred = check.prediction
+        if pred is None:
+            shown = f"{check.status}: {check.note}" if check.status is not None else check.note
+            rows.append([cell.label(), "", "", shown])
             continue
         fits = "fits" if pred.total_bytes <= budget else "over budget"
         rows.append([cell.label(), f"{pred.peak_bytes / 2**30:.3f}", f"{pred.total_bytes / 2**30:.3f}", fits])

@@ -43,6 +43,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from efficient_attn.errors import require_positive_int
     from efficient_attn.quality.report import write_report
     from efficient_attn.quality.suite import load_suite, plan_cells, run_metrics, run_suite
 
@@ -58,8 +59,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/quality-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     if suite.unused_params():
         print(f"note: params given for variants not in this run (unused): {', '.join(suite.unused_params())}")
-    if args.threads < 1:
-        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    try:
+        require_positive_int("--threads", args.threads)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     torch.set_num_threads(args.threads)
     cells = plan_cells(suite)
     print(f"quality: {len(cells)} cells ({len(suite.tasks)} tasks x {len(suite.variants)} variants x "

@@ -31,8 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from efficient_attn.report.load import parse_series_spec
-    from efficient_attn.report.render import build_report
+    from efficient_attn.report.series import parse_series_spec
+    from efficient_attn.report.build import build_report
 
     if args.dpi < 30 or args.dpi > 600:
         print(f"effattn report: --dpi must be between 30 and 600, got {args.dpi}", file=sys.stderr)

@@ -8,7 +8,8 @@
 * :func:`similarity_vs_heads` -- mean off-diagonal head similarity against the number of heads.
 
 Every function takes tidy pandas frames (the CSVs the suite writes) and a path, and returns the path written.
-Colours are fixed per variant (:func:`variant_colors`) so one variant looks the same in every figure.
+Colours are fixed per variant key by :func:`efficient_attn.report.palette.variant_colour`, the palette the benchmark
+report uses too, so one variant looks the same in every figure of both reports.
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from efficient_attn.registry import list_attentions
+from efficient_attn.report.palette import SHADES, shade, variant_colour, variant_colours
 
 #: Relative errors below this are drawn at it (exact variants whose pattern covers the sequence reach ~1e-8).
 ERROR_FLOOR = 1e-4
 
 __all__ = [
-    "variant_colors",
     "lra_chart",
     "accuracy_vs_length",
     "error_plot",
@@ -38,17 +38,6 @@ def _plt() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def variant_colors(variants: list[str] | None = None) -> dict[str, Any]:
-    """A fixed colour per registered variant (tab10 in registry order; extra names follow)."""
-    plt = _plt()
-    keys = list_attentions()
-    for key in variants or []:
-        if key not in keys:
-            keys.append(key)
-    cmap = plt.get_cmap("tab10")
-    return {key: cmap(i % 10) for i, key in enumerate(keys)}
 
 
 def _summary(results: Any) -> Any:
@@ -78,7 +67,7 @@ def lra_chart(results: Any, path: str | Path, *, seq_len: int | None = None) -> 
     seq_len = int(summary["seq_len"].max()) if seq_len is None else seq_len
     summary = summary[summary["seq_len"] == seq_len]
     tasks = sorted(summary["task"].unique())
-    colors = variant_colors(list(summary["variant"].unique()))
+    colors = variant_colours(list(summary["variant"].unique()))
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 5.6), squeeze=False, layout="constrained")
     peak_max = float(summary["peak"].max())
     for ax, task in zip(axes[0], tasks):
@@ -109,7 +98,7 @@ def accuracy_vs_length(results: Any, path: str | Path) -> Path:
     if summary.empty:
         raise ValueError("accuracy_vs_length: no ok rows to plot")
     tasks = sorted(summary["task"].unique())
-    colors = variant_colors(list(summary["variant"].unique()))
+    colors = variant_colours(list(summary["variant"].unique()))
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.0 * len(tasks), 5.0), squeeze=False, layout="constrained")
     for ax, task in zip(axes[0], tasks):
         part = summary[summary["task"] == task]
@@ -135,7 +124,7 @@ def error_plot(errors: Any, path: str | Path) -> Path:
     ok = errors[(errors["status"] == "ok") & (errors["variant"] != "full")]
     if ok.empty:
         raise ValueError("error_plot: no ok non-full rows to plot")
-    colors = variant_colors(list(ok["variant"].unique()))
+    colors = variant_colours(list(ok["variant"].unique()))
     sources = [s for s in ("random", "trained") if s in set(ok["source"])]
     fig, axes = plt.subplots(1, len(sources), figsize=(6.0 * len(sources), 5.4), squeeze=False,
                              layout="constrained")
@@ -196,15 +185,22 @@ def head_similarity_heatmap(diversity: Any, path: str | Path, *, title: str) -> 
     return _save(fig, path)
 
 
-def similarity_vs_heads(summary: Any, path: str | Path, *, title: str) -> Path:
-    """Mean off-diagonal head similarity vs number of heads. ``summary`` columns: num_heads, layer, kind, mean_cos."""
+def similarity_vs_heads(summary: Any, path: str | Path, *, title: str, variant: str = "full") -> Path:
+    """Mean off-diagonal head similarity vs number of heads. ``summary`` columns: num_heads, layer, kind, mean_cos.
+
+    Lines are in ``variant``'s colour (one shade per layer, solid for outputs, dashed for maps), so no line borrows
+    the colour of another variant."""
     plt = _plt()
     if summary.empty:
         raise ValueError("similarity_vs_heads: no rows")
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    layers = sorted(summary["layer"].unique())
+    hue = variant_colour(variant)
     for (kind, layer), g in summary.groupby(["kind", "layer"]):
         g = g.sort_values("num_heads")
-        ax.plot(g["num_heads"], g["mean_cos"], marker="o", linestyle="-" if kind == "output" else "--",
+        colour = shade(hue, SHADES[layers.index(layer) % len(SHADES)])
+        ax.plot(g["num_heads"], g["mean_cos"], marker="o" if kind == "output" else "s", color=colour,
+                linestyle="-" if kind == "output" else "--",
                 label=f"{'outputs' if kind == 'output' else 'attention maps'}, layer {layer}")
     heads = sorted(summary["num_heads"].unique())
     ax.set_xscale("log", base=2)

@@ -243,7 +243,7 @@ def _diversity_section(diversity: Any, num_heads: int, run_dir: Path) -> tuple[l
         by_heads = sweep.groupby(["num_heads", "layer", "kind"])["cosine"].mean().reset_index(name="mean_cos")
         figures.append(plots.similarity_vs_heads(
             by_heads, run_dir / "similarity_vs_heads.png",
-            title=f"head similarity vs number of heads: {variant} on {task}, n = {seq_len}"))
+            title=f"head similarity vs number of heads: {variant} on {task}, n = {seq_len}", variant=variant))
         trend = by_heads[by_heads["kind"] == "output"].groupby("num_heads")["mean_cos"].mean()
         lines += ["How it changes with the number of heads (model width fixed, so more heads = smaller heads): "
                   "mean output similarity " + ", ".join(f"{h} heads {v:.2f}" for h, v in trend.items())

@@ -19,9 +19,12 @@ A suite is a TOML file (``bench/quality/default.toml``)::
     seq_len = 256
     num_heads = [1, 2, 8]
 
-Running writes into ``out``: ``results.csv`` (one row per training cell, appended and flushed per cell),
-``meta.json`` (the suite; resuming with a different suite is an error), ``models/`` (the seed-0 trained weights, which
-the metrics use). Resuming skips every cell that already has a row, so a rerun never duplicates one.
+Running writes into ``out`` through the harness's run folder (:class:`efficient_attn.harness.runfolder.RunFolder`, the
+same as the benchmark's): ``results.csv`` (one row per training cell, appended, flushed and fsync'ed per cell; a
+half-written last row after a kill is cut off and its cell rerun), ``meta.json`` (the suite, the environment, the
+sessions; resuming with another training setup or other variant params is an error, adding seeds, lengths or
+variants is not), ``models/`` (the seed-0 trained weights, which the metrics use). Resuming skips every cell that
+already has a row, so a rerun never duplicates one.
 """
 
 from __future__ import annotations
@@ -31,30 +34,37 @@ import dataclasses
 import json
 import math
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from efficient_attn import vocab
+from efficient_attn.errors import require_positive_int, unknown_name_error
+from efficient_attn.harness.runfolder import RunFolder, read_rows
+from efficient_attn.harness.schema import META_FILE, RESULTS_FILE
+from efficient_attn.harness.suite import check_keys, read_toml
 from efficient_attn.quality.tasks import TASKS
 from efficient_attn.quality.train import TrainConfig, build_task_model, train_and_evaluate
 from efficient_attn.registry import build_config, get_spec, list_attentions
 
 __all__ = [
-    "QualitySuite",
-    "Cell",
-    "load_suite",
-    "plan_cells",
-    "run_suite",
-    "run_metrics",
+    "KEY_COLUMNS",
     "RESULT_COLUMNS",
+    "STATUSES",
+    "QualitySuite",
+    "TrainingCell",
+    "load_suite",
     "model_path",
+    "open_run_folder",
+    "plan_cells",
+    "run_metrics",
+    "run_suite",
 ]
 
-KEY_COLUMNS = ["task", "variant", "params_json", "seq_len", "seed", "num_heads"]
-RESULT_COLUMNS = KEY_COLUMNS + [
+KEY_COLUMNS: tuple[str, ...] = ("task", "variant", "params_json", "seq_len", "seed", "num_heads")
+RESULT_COLUMNS: tuple[str, ...] = KEY_COLUMNS + (
     "dim",
     "depth",
     "batch_size",
@@ -71,8 +81,14 @@ RESULT_COLUMNS = KEY_COLUMNS + [
     "final_loss",
     "cell_s",
     "cell_cpu_s",
-]
-STATUSES = ("ok", "unsupported", "error")
+)
+#: the statuses a quality row can have: the subset of :data:`efficient_attn.vocab.STATUSES` that training reaches
+#: (no memory budget skips a training cell)
+STATUSES: tuple[str, ...] = tuple(s for s in vocab.STATUSES if s in ("ok", "unsupported", "error"))
+#: the version of the quality table's columns (grows like the benchmark's :data:`~efficient_attn.harness.schema.SCHEMA_VERSION`)
+SCHEMA_VERSION = 1
+#: the parts of the suite a resume must not change (the cell list may grow or shrink: more seeds, fewer variants)
+FIXED_CONFIG = ("train", "params")
 
 
 @dataclass(kw_only=True)
@@ -102,8 +118,7 @@ class QualitySuite:
 
     def __post_init__(self) -> None:
         for task in self.tasks:
-            if task not in TASKS:
-                raise ValueError(f"unknown task {task!r} in suite; choose from {', '.join(TASKS)}")
+            _check_task(task, "suite tasks")
         if not self.tasks:
             raise ValueError("suite tasks is empty")
         if not self.variants:
@@ -114,17 +129,17 @@ class QualitySuite:
             values = getattr(self, name)
             if not values or any(isinstance(n, bool) or not isinstance(n, int) or n < 16 for n in values):
                 raise ValueError(f"suite {name} must be a non-empty list of ints >= 16, got {values!r}")
-        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
-            raise ValueError(f"suite seeds must be a positive int, got {self.seeds!r}")
+        require_positive_int("suite seeds", self.seeds)
         # Fail fast on a misspelt or invalid parameter of any variant that will run.
         for key in self.variants:
             self.validate_params(key, self.train.num_heads)
         if self.heads_sweep is not None:
             sweep = self.heads_sweep
-            if sweep.task not in TASKS:
-                raise ValueError(f"heads_sweep.task {sweep.task!r} unknown; choose from {', '.join(TASKS)}")
+            _check_task(sweep.task, "heads_sweep.task")
             get_spec(sweep.variant)
+            require_positive_int("heads_sweep.seq_len", sweep.seq_len)
             for heads in sweep.num_heads:
+                require_positive_int("heads_sweep.num_heads", heads)
                 if self.train.dim % heads:
                     raise ValueError(f"heads_sweep.num_heads {heads} does not divide train.dim {self.train.dim}")
                 self.validate_params(sweep.variant, heads)
@@ -144,8 +159,13 @@ class QualitySuite:
         return dataclasses.asdict(self)
 
 
+def _check_task(task: str, where: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"{where}: {unknown_name_error('task', task, list(TASKS), 'tasks', error=ValueError)}")
+
+
 @dataclass(frozen=True)
-class Cell:
+class TrainingCell:
     """One training run: the key columns of its result row."""
 
     task: str
@@ -156,46 +176,52 @@ class Cell:
     num_heads: int
 
     def key(self) -> tuple[str, ...]:
-        return tuple(str(getattr(self, c)) for c in KEY_COLUMNS)
+        """The key as the run folder holds it (its key columns, as written)."""
+        return tuple(_fmt(getattr(self, c)) for c in KEY_COLUMNS)
 
 
-def load_suite(path: str | Path, **overrides: Any) -> QualitySuite:
-    """Read a suite TOML; ``overrides`` (non-None values) replace top-level fields, ``steps``/``budget_s`` the
-    training budget. Unknown keys in the file are an error naming them."""
-    with open(path, "rb") as handle:
-        raw = tomllib.load(handle)
-    allowed = {f.name for f in dataclasses.fields(QualitySuite)}
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise ValueError(f"unknown keys {unknown} in quality suite {path}; allowed: {sorted(allowed)}")
+_TOP_KEYS = tuple(f.name for f in dataclasses.fields(QualitySuite))
+_TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+_HEADS_SWEEP_KEYS = tuple(f.name for f in dataclasses.fields(HeadsSweep))
+
+
+def load_suite(
+    path: str | Path,
+    *,
+    tasks: list[str] | None = None,
+    variants: list[str] | None = None,
+    lengths: list[int] | None = None,
+    seeds: int | None = None,
+    steps: int | None = None,
+    budget_s: float | None = None,
+) -> QualitySuite:
+    """Read a suite TOML; the given (non-None) options replace the suite's ``tasks``, ``variants``, ``lengths``,
+    ``seeds`` and the training budget (``steps``, ``budget_s``). An unknown key in the file is an error naming it and
+    the nearest valid one (:func:`efficient_attn.harness.suite.check_keys`)."""
+    raw = read_toml(Path(path))
+    check_keys(raw, _TOP_KEYS, f"quality suite {path}")
     train_fields = dict(raw.pop("train", {}))
-    for name in ("steps", "budget_s"):
-        if overrides.get(name) is not None:
-            train_fields[name] = overrides.pop(name)
-        overrides.pop(name, None)
-    train_allowed = {f.name for f in dataclasses.fields(TrainConfig)}
-    bad = sorted(set(train_fields) - train_allowed)
-    if bad:
-        raise ValueError(f"unknown [train] keys {bad} in {path}; allowed: {sorted(train_allowed)}")
-    variants = raw.pop("variants", "all")
-    if variants == "all":
-        variants = []
-    elif not isinstance(variants, list):
-        raise ValueError(f"suite variants must be \"all\" or a list of keys, got {variants!r}")
+    check_keys(train_fields, _TRAIN_KEYS, f"quality suite {path}: [train]")
+    for name, value in (("steps", steps), ("budget_s", budget_s)):
+        if value is not None:
+            train_fields[name] = value
+    raw_variants = raw.pop("variants", "all")
+    if raw_variants == "all":
+        raw_variants = []
+    elif not isinstance(raw_variants, list):
+        raise ValueError(f"suite variants must be \"all\" or a list of keys, got {raw_variants!r}")
     sweep = raw.pop("heads_sweep", None)
-    fields_: dict[str, Any] = {**raw, "variants": variants, "train": TrainConfig(**train_fields)}
+    fields_: dict[str, Any] = {**raw, "variants": raw_variants, "train": TrainConfig(**train_fields)}
     if sweep is not None:
+        check_keys(sweep, _HEADS_SWEEP_KEYS, f"quality suite {path}: [heads_sweep]")
         fields_["heads_sweep"] = HeadsSweep(**sweep)
-    for name, value in overrides.items():
-        if value is None:
-            continue
-        if name not in allowed:
-            raise ValueError(f"unknown suite override {name!r}")
-        fields_[name] = value
+    for name, value in (("tasks", tasks), ("variants", variants), ("lengths", lengths), ("seeds", seeds)):
+        if value is not None:
+            fields_[name] = value
     return QualitySuite(**fields_)
 
 
-def plan_cells(suite: QualitySuite) -> list[Cell]:
+def plan_cells(suite: QualitySuite) -> list[TrainingCell]:
     """Every training cell of the suite, in run order (cheap lengths first so partial runs are still useful)."""
     cells = []
     for seq_len in sorted(suite.lengths):
@@ -203,56 +229,60 @@ def plan_cells(suite: QualitySuite) -> list[Cell]:
             for task in suite.tasks:
                 for key in suite.variants:
                     params = json.dumps(suite.params.get(key, {}), sort_keys=True)
-                    cells.append(Cell(task, key, params, seq_len, seed, suite.train.num_heads))
+                    cells.append(TrainingCell(task, key, params, seq_len, seed, suite.train.num_heads))
     sweep = suite.heads_sweep
     if sweep is not None:
         params = json.dumps(suite.params.get(sweep.variant, {}), sort_keys=True)
         for heads in sweep.num_heads:
-            cell = Cell(sweep.task, sweep.variant, params, sweep.seq_len, 0, heads)
+            cell = TrainingCell(sweep.task, sweep.variant, params, sweep.seq_len, 0, heads)
             if cell not in cells:
                 cells.append(cell)
     return cells
 
 
-def model_path(out: Path, cell: Cell) -> Path:
+def model_path(out: Path, cell: TrainingCell) -> Path:
     """Where the weights of a seed-0 cell are kept."""
     return out / "models" / f"{cell.task}__{cell.variant}__n{cell.seq_len}__h{cell.num_heads}.pt"
 
 
-def read_rows(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+def _upgrade_first_version_meta(out: Path) -> None:
+    """A quality run written before the quality suite used the harness's run folder kept its suite under
+    ``meta.json``'s ``suite`` key: move it to the run folder's layout, so the run can be resumed (rows unchanged)."""
+    meta_path = out / META_FILE
+    if not meta_path.exists():
+        return
+    old = json.loads(meta_path.read_text())
+    if "config" in old or "suite" not in old:
+        return
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "config": {**old["suite"], "unused_params": old.get("unused_params", [])},
+        "environment": {"torch": old.get("torch"), "torch_threads": old.get("threads")},
+        "sessions": [],
+        "wall_s": 0.0,
+    }
+    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def _check_meta(out: Path, suite: QualitySuite) -> None:
-    meta_path = out / "meta.json"
-    config = json.loads(json.dumps(suite.to_dict()))
-    # The cell list may grow or shrink between resumes (more seeds, fewer variants); the training setup may not.
-    fixed = {"train": config["train"], "params": config["params"]}
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        old_fixed = {"train": old["suite"]["train"], "params": old["suite"]["params"]}
-        if old_fixed != fixed:
-            raise ValueError(
-                f"{out} holds a quality run with a different training setup or variant params; "
-                f"use a new --out (old: {old_fixed}, new: {fixed})"
-            )
-    meta_path.write_text(
-        json.dumps(
-            {"suite": config, "torch": torch.__version__, "threads": torch.get_num_threads(),
-             "unused_params": suite.unused_params()},
-            indent=2,
-        )
-    )
+def open_run_folder(out: Path, suite: QualitySuite) -> RunFolder:
+    """The run folder of a quality run: its result columns keyed by :data:`KEY_COLUMNS`; a resume may change the
+    cell list, not :data:`FIXED_CONFIG`.
+
+    Raises:
+        efficient_attn.harness.runfolder.ConfigMismatchError: ``out`` holds a run with another training setup or
+            other variant params (a ``ValueError``).
+    """
+    _upgrade_first_version_meta(Path(out))
+    config = {**suite.to_dict(), "unused_params": suite.unused_params()}
+    return RunFolder(Path(out), config, columns=RESULT_COLUMNS, key_columns=KEY_COLUMNS, fixed=FIXED_CONFIG,
+                     schema_version=SCHEMA_VERSION)
 
 
-def _train_config(suite: QualitySuite, cell: Cell) -> TrainConfig:
+def _train_config(suite: QualitySuite, cell: TrainingCell) -> TrainConfig:
     return dataclasses.replace(suite.train, num_heads=cell.num_heads)
 
 
-def run_cell(suite: QualitySuite, cell: Cell, out: Path, save_model: bool) -> dict[str, Any]:
+def run_cell(suite: QualitySuite, cell: TrainingCell, out: Path, save_model: bool) -> dict[str, Any]:
     """Train and evaluate one cell; returns its result row (status ``unsupported``/``error`` with a note when it
     cannot run)."""
     config = _train_config(suite, cell)
@@ -292,7 +322,7 @@ def run_cell(suite: QualitySuite, cell: Cell, out: Path, save_model: bool) -> di
     return row
 
 
-def load_trained_model(suite: QualitySuite, cell: Cell, out: Path) -> torch.nn.Module:
+def load_trained_model(suite: QualitySuite, cell: TrainingCell, out: Path) -> torch.nn.Module:
     """Rebuild a saved seed-0 model (eval mode)."""
     config = _train_config(suite, cell)
     model = build_task_model(cell.variant, cell.task, cell.seq_len, config, json.loads(cell.params_json))
@@ -307,38 +337,33 @@ def run_suite(
     progress: bool = True,
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
-    """Run every unfinished cell of ``suite`` into ``out``; returns the path of ``results.csv``."""
+    """Run every unfinished cell of ``suite`` into ``out``; returns the path of ``results.csv``.
+
+    Raises:
+        efficient_attn.harness.runfolder.ConfigMismatchError: ``out`` holds a run with another training setup.
+    """
     from tqdm import tqdm
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_meta(out, suite)
-    results = out / "results.csv"
-    done = {tuple(r[c] for c in KEY_COLUMNS) for r in read_rows(results)}
-    todo = [c for c in plan_cells(suite) if c.key() not in done]
-    new_file = not results.exists()
-    with open(results, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
-        if new_file:
-            writer.writeheader()
-            handle.flush()
-        bar = tqdm(todo, desc="quality", unit="cell", disable=not progress)
+    folder = open_run_folder(Path(out), suite)
+    todo = [c for c in plan_cells(suite) if c.key() not in folder.finished]
+    with folder.session() as session, tqdm(todo, desc="quality", unit="cell", disable=not progress) as bar:
         for cell in bar:
             bar.set_postfix_str(f"{cell.task} {cell.variant} n={cell.seq_len} s={cell.seed} h={cell.num_heads}")
-            row = run_cell(suite, cell, out, save_model=cell.seed == 0)
-            writer.writerow({c: _fmt(row.get(c)) for c in RESULT_COLUMNS})
-            handle.flush()
+            row = run_cell(suite, cell, folder.path, save_model=cell.seed == 0)
+            folder.append({c: _fmt(row.get(c)) for c in RESULT_COLUMNS})
+            session.cells_run += 1
             if on_row is not None:
                 on_row(row)
-    return results
+    return folder.csv_path
 
 
-def _fmt(value: Any) -> Any:
+def _fmt(value: Any) -> str:
+    """How a quality value is written: None and NaN empty, floats with 6 digits."""
     if value is None:
         return ""
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.6g}"
-    return value
+    return str(value)
 
 
 def run_metrics(
@@ -363,7 +388,7 @@ def run_metrics(
     diversity_rows: list[dict[str, Any]] = []
     finished = {
         tuple(r[c] for c in KEY_COLUMNS)
-        for r in read_rows(out / "results.csv")
+        for r in read_rows(out / RESULTS_FILE)
         if r["status"] == "ok" and r["seed"] == "0"
     }
     cells = [c for c in plan_cells(suite) if c.seed == 0 and c.key() in finished and model_path(out, c).exists()]

@@ -1,20 +1,28 @@
-"""Reports from benchmark runs: load results, fit scaling laws and crossovers, plot, write report.md/.html.
+"""Reports from benchmark runs: load results, analyse them (scaling laws, crossovers, budget, tables), plot, and
+render ``report.md``/``report.html``.
 
-Entry point: :func:`efficient_attn.report.render.build_report` (``effattn report RUN_DIR...``). The submodules
-import pandas/matplotlib/seaborn only inside their functions, so importing this package is cheap.
+Data flows one way::
+
+    load.py (run folders -> one tidy frame, RunInfo from meta.json)
+      -> analyses/ (fit, crossover, budget, tables, overview: frame -> header + rows of text)
+      -> plots.py (frame -> PNG files)
+      -> sections.py (tables + prose -> blocks) -> render_md.py / render_html.py
+    build.py runs the whole chain (``effattn report RUN_DIR...``).
+
+Beside them: series.py (the baseline selector, mode order, names), palette.py (colours, shared with the quality
+report), format.py (numbers as text), blocks.py (the block types). The submodules import pandas/matplotlib/seaborn
+only inside their functions, so importing this package is cheap.
 """
 
-from efficient_attn.report.fit import (
-    BudgetReach,
+from efficient_attn.report.analyses.budget import BudgetReach, longest_within_budget
+from efficient_attn.report.analyses.crossover import (
     Crossover,
-    PowerFit,
     crossover_polynomial_fit,
     crossover_power,
-    fit_power_law,
-    longest_within_budget,
     measured_crossover,
 )
-from efficient_attn.report.render import ReportFiles, build_report
+from efficient_attn.report.analyses.fit import PowerFit, fit_power_law
+from efficient_attn.report.build import ReportFiles, build_report
 
 __all__ = [
     "BudgetReach",

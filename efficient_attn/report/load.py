@@ -2,7 +2,7 @@
 
 Each row of the returned frame is one cell (DESIGN.md "Results"). Columns added here:
 
-``run``        the run's label (``meta.json`` ``label`` / ``run_label``, else the folder name; made unique)
+``run``        the run's label (given by the caller, else the folder name; made unique)
 ``series``     what a line in a plot is: ``variant:backend`` (+ ``[params]`` when a variant was run with several
                parameter sets, + `` (peer)`` for peer rows). The colour of a series is keyed by this name.
 ``condition``  the configuration columns other than length and mode that vary inside the data (causal, dtype,
@@ -10,7 +10,9 @@ Each row of the returned frame is one cell (DESIGN.md "Results"). Columns added 
 ``flops_per_s`` achieved FLOP/s of the FLOPs the backend computes (``flops_computed / time`` when the harness did not
                write it); ``useful_flops_per_s``: ``flops_useful / time`` (only the pairs the pattern needs).
 
-The harness owns the schema; this module reads columns by name and tolerates optional ones being absent.
+The harness owns the schema (:mod:`efficient_attn.harness.schema`); this module reads columns by name and
+tolerates optional ones being absent. From ``meta.json`` it reads the keys the harness writes (``RunFolder`` and
+``environment_info``), into :class:`RunInfo`; the whole file stays available as ``Run.meta``.
 """
 
 from __future__ import annotations
@@ -27,11 +29,8 @@ from efficient_attn.harness import schema
 if TYPE_CHECKING:
     import pandas as pd
 
-# The harness (efficient_attn.results) owns the schema; the report reads it from there.
 RESULTS_FILE = schema.RESULTS_FILE
 META_FILE = schema.META_FILE
-CONFIG_COLUMNS = schema.CONFIG_COLUMNS
-STATUSES = vocab.STATUSES
 REQUIRED_COLUMNS = ("variant", "mode", "seq_len", "status")
 NUMERIC_COLUMNS = ("batch_size", "seq_len", "num_heads", "head_dim") + schema.NUMERIC_COLUMNS
 TEXT_COLUMNS = ("variant", "params_json", "backend_requested", "backend", "level", "mode", "device", "dtype", "note")
@@ -45,13 +44,113 @@ _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f", ""}
 
 
+def _typed(node: dict[str, Any], key: str, kinds: tuple[type, ...], where: str) -> Any:
+    """``node[key]`` if present and not null, checked against ``kinds``; None when absent."""
+    value = node.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ValueError(f"{where}: key {key!r} holds {value!r}; expected {names}")
+    return value
+
+
+def _section(meta: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    section = _typed(meta, key, (dict,), where)
+    return section if section is not None else {}
+
+
+def memory_budget(meta: dict[str, Any], where: str = META_FILE) -> float | None:
+    """The run's memory budget in bytes: ``budget_bytes`` (written by every finished session), else the suite's
+    ``config.budget_gb`` (GiB); None when the run recorded neither (a default budget is written when it ends)."""
+    in_bytes = _typed(meta, "budget_bytes", (int, float), where)
+    if in_bytes is not None:
+        return float(in_bytes)
+    in_gib = _typed(_section(meta, "config", where), "budget_gb", (int, float), f"{where} config")
+    return float(in_gib) * 2**30 if in_gib is not None else None
+
+
+def device_memory(meta: dict[str, Any], where: str = META_FILE) -> float | None:
+    """The measured device's total memory in bytes (``device_memory_bytes``: RAM on CPU, GPU memory on CUDA)."""
+    value = _typed(meta, "device_memory_bytes", (int, float), where)
+    return float(value) if value is not None else None
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a report shows of a run's ``meta.json``, read by the keys the harness writes.
+
+    The harness's ``RunFolder`` writes ``schema_version``, ``config`` (the suite as run), ``environment``
+    (``environment_info``: versions, CPU/GPU, threads, commit), ``sessions`` and, from the latest session,
+    ``budget_bytes``, ``device_memory_bytes``, ``wall_s`` and ``timed_window_s``. A key that is absent reads as
+    None (a run folder written by hand, or killed before its first session ended); a key of the wrong type is a
+    ``ValueError`` naming it.
+    """
+
+    suite: str | None = None
+    device: str | None = None
+    device_name: str | None = None
+    cpu_model: str | None = None
+    cpu_count: int | None = None
+    torch_threads: int | None = None
+    python: str | None = None
+    torch: str | None = None
+    cuda: str | None = None
+    efficient_attn: str | None = None
+    libraries: dict[str, str | None] = field(default_factory=dict)
+    platform: str | None = None
+    git_commit: str | None = None
+    budget_bytes: float | None = None
+    device_memory_bytes: float | None = None
+    wall_s: float | None = None
+    timed_window_s: float | None = None
+    sessions: int = 0
+    interrupted: bool = False
+    schema_version: int | None = None
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], where: Path | str = META_FILE) -> RunInfo:
+        """Read the harness's keys from a loaded ``meta.json`` (``where`` names it in errors)."""
+        where = str(where)
+        config = _section(meta, "config", where)
+        env = _section(meta, "environment", where)
+        env_where = f"{where} environment"
+        sessions = _typed(meta, "sessions", (list,), where) or []
+        libraries = _section(env, "libraries", env_where)
+        text = (str,)
+        return cls(
+            suite=_typed(config, "name", text, f"{where} config"),
+            device=_typed(config, "device", text, f"{where} config"),
+            device_name=_typed(env, "device_name", text, env_where),
+            cpu_model=_typed(env, "cpu_model", text, env_where),
+            cpu_count=_typed(env, "cpu_count", (int,), env_where),
+            torch_threads=_typed(env, "torch_threads", (int,), env_where),
+            python=_typed(env, "python", text, env_where),
+            torch=_typed(env, "torch", text, env_where),
+            cuda=_typed(env, "cuda", text, env_where),
+            efficient_attn=_typed(env, "efficient_attn", text, env_where),
+            libraries={str(k): None if v is None else str(v) for k, v in libraries.items()},
+            platform=_typed(env, "platform", text, env_where),
+            git_commit=_typed(env, "git_commit", text, env_where),
+            budget_bytes=memory_budget(meta, where),
+            device_memory_bytes=device_memory(meta, where),
+            wall_s=_typed(meta, "wall_s", (int, float), where),
+            timed_window_s=_typed(meta, "timed_window_s", (int, float), where),
+            sessions=len(sessions),
+            interrupted=any(isinstance(s, dict) and bool(s.get("interrupted")) for s in sessions),
+            schema_version=_typed(meta, "schema_version", (int,), where),
+        )
+
+
 @dataclass
 class Run:
-    """One run folder: its label, its path, its meta.json (``{}`` if absent) and its raw results frame."""
+    """One run folder: its label, its path, its meta.json (``{}`` if absent), what a report shows of that meta,
+    and its raw results frame."""
 
     label: str
     path: Path
     meta: dict[str, Any] = field(default_factory=dict)
+    info: RunInfo = field(default_factory=RunInfo)
     results: pd.DataFrame | None = None
 
 
@@ -105,8 +204,8 @@ def load_run(run_dir: str | Path, label: str | None = None) -> Run:
     if missing:
         raise ValueError(f"{csv_path}: missing required column(s) {missing}; found {list(frame.columns)}")
     if label is None:
-        label = str(meta.get("label") or meta.get("run_label") or folder.resolve().name)
-    return Run(label=label, path=folder, meta=meta, results=frame)
+        label = folder.resolve().name
+    return Run(label=label, path=folder, meta=meta, info=RunInfo.from_meta(meta, meta_path), results=frame)
 
 
 def _normalise(frame: pd.DataFrame, source: Path) -> pd.DataFrame:
@@ -128,9 +227,9 @@ def _normalise(frame: pd.DataFrame, source: Path) -> pd.DataFrame:
         frame[column] = [_to_bool(v, column, source) for v in frame[column]]
     frame["params_json"] = frame["params_json"].replace("", "{}")
     frame["status"] = frame["status"].fillna("").astype(str).str.strip().str.lower()
-    unknown = sorted(set(frame["status"]) - set(STATUSES))
+    unknown = sorted(set(frame["status"]) - set(vocab.STATUSES))
     if unknown:
-        raise ValueError(f"{source}: unknown status value(s) {unknown}; allowed: {', '.join(STATUSES)}")
+        raise ValueError(f"{source}: unknown status value(s) {unknown}; allowed: {', '.join(vocab.STATUSES)}")
     if frame["seq_len"].isna().any():
         raise ValueError(f"{source}: column 'seq_len' has empty or non-numeric values")
     frame["seq_len"] = frame["seq_len"].astype(int)
@@ -258,53 +357,3 @@ def load_runs(run_dirs: list[str | Path], labels: list[str] | None = None) -> tu
     frame["series_backend"] = _resolved_backend(frame)
     frame["condition"] = _condition_labels(frame)
     return frame, runs
-
-
-def parse_series_spec(spec: str) -> tuple[str, str]:
-    """``"full:naive"`` -> ``("full", "naive")``: the baseline a report compares against."""
-    variant, sep, backend = spec.partition(":")
-    if not sep or not variant or not backend:
-        raise ValueError(f"baseline {spec!r}: expected VARIANT:BACKEND, e.g. 'full:naive' or 'full:sdpa'")
-    return variant, backend
-
-
-def find_number(meta: dict[str, Any], names: tuple[str, ...]) -> float | None:
-    """The first positive number stored under one of ``names`` anywhere in ``meta`` (searched depth-first)."""
-    stack: list[Any] = [meta]
-    while stack:
-        node = stack.pop(0)
-        if isinstance(node, dict):
-            for name in names:
-                value = node.get(name)
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-                    return float(value)
-            stack.extend(v for v in node.values() if isinstance(v, dict))
-    return None
-
-
-BUDGET_KEYS = ("budget_bytes", "memory_budget_bytes", "mem_budget_bytes", "max_mem_bytes", "memory_budget")
-DEVICE_MEMORY_KEYS = (
-    "device_memory_bytes",
-    "device_total_memory_bytes",
-    "total_memory_bytes",
-    "gpu_memory_bytes",
-    "ram_bytes",
-    "memory_total_bytes",
-)
-
-
-BUDGET_GIB_KEYS = ("budget_gb", "memory_budget_gb", "budget_gib")
-
-
-def memory_budget(meta: dict[str, Any]) -> float | None:
-    """The run's memory budget in bytes, if its meta.json records one (bytes, or GiB under ``budget_gb``)."""
-    in_bytes = find_number(meta, BUDGET_KEYS)
-    if in_bytes is not None:
-        return in_bytes
-    in_gib = find_number(meta, BUDGET_GIB_KEYS)
-    return in_gib * 2**30 if in_gib is not None else None
-
-
-def device_memory(meta: dict[str, Any]) -> float | None:
-    """The measured device's total memory in bytes, if its meta.json records it."""
-    return find_number(meta, DEVICE_MEMORY_KEYS)

@@ -2,8 +2,9 @@
 
 Conventions kept in every plot of one report:
 
-- one colour per series (:func:`series_palette`, keyed by the series name; backends and parameter sets of one
-  variant are shades of its hue; a peer takes the hue of the variant it implements);
+- one colour per series (:func:`efficient_attn.report.palette.series_palette`: the variant's colour, the same as
+  in the quality report; backends and parameter sets of one variant are shades of its hue; a peer takes the hue
+  of the variant it implements);
 - peers (other libraries, layer level) are dashed with hollow markers; several runs differ by line style and
   marker shape, named in the legend;
 - cells that did not run are not dropped: they are marked along the bottom of the panel at their length
@@ -16,14 +17,15 @@ nothing is imported before a plot is asked for.
 
 from __future__ import annotations
 
-import colorsys
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from efficient_attn.report.load import device_memory, memory_budget, parse_series_spec
+from efficient_attn.report.format import format_bytes, format_ms, format_si, format_x, length_label
+from efficient_attn.report.palette import BACKEND_ORDER, VARIANT_COLOURS, series_palette
+from efficient_attn.report.series import DEFAULT_BASELINE, modes_in_order, parse_series_spec, references
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -31,20 +33,7 @@ if TYPE_CHECKING:
 
     from efficient_attn.report.load import Run
 
-MODE_ORDER = ("fwd", "fwd_bwd", "train_step")
 MODE_TITLE = {"fwd": "forward", "fwd_bwd": "forward + backward", "train_step": "training step"}
-VARIANT_COLOURS = {
-    "full": "#1a1a1a",
-    "window": "#1f77b4",
-    "longformer": "#ff7f0e",
-    "bigbird": "#2ca02c",
-    "linformer": "#d62728",
-    "performer": "#9467bd",
-    "nystrom": "#8c564b",
-}
-SPARE_COLOURS = ("#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5")
-BACKEND_ORDER = ("naive", "torch", "sdpa", "flex", "xformers")
-SHADES = (0.0, 0.45, -0.35, 0.65, -0.55, 0.25)
 STATUS_MARKERS = {
     "oom": ("X", "oom"),
     "skipped_budget": ("v", "over budget"),
@@ -66,86 +55,6 @@ class PlotFile:
     caption: str
 
 
-def length_label(n: float) -> str:
-    """``1024 -> "1K"``, ``16384 -> "16K"``, ``1048576 -> "1M"``, ``300 -> "300"``."""
-    n = int(round(n))
-    if n >= 1 << 20 and n % (1 << 20) == 0:
-        return f"{n >> 20}M"
-    if n >= 1024 and n % 1024 == 0:
-        return f"{n // 1024}K"
-    return str(n)
-
-
-def _si(value: float, unit: str) -> str:
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(value) >= factor:
-            return f"{value / factor:g} {prefix}{unit}" if unit else f"{value / factor:g}{prefix}"
-    return f"{value:g} {unit}".rstrip()
-
-
-def format_bytes(value: float) -> str:
-    """Decimal units, as the papers report them: ``9.48e9 -> "9.48 GB"``."""
-    for factor, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
-        if abs(value) >= factor:
-            return f"{value / factor:.3g} {unit}"
-    return f"{value:.0f} B"
-
-
-def format_ms(value: float) -> str:
-    """Milliseconds as ``"250 µs"``, ``"12 ms"``, ``"1.5 s"``."""
-    if value < 1:
-        return f"{value * 1e3:.3g} µs"
-    if value < 1000:
-        return f"{value:.3g} ms"
-    return f"{value / 1e3:.3g} s"
-
-
-def _shade(hex_colour: str, amount: float) -> str:
-    r, g, b = (int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5))
-    h, lightness, s = colorsys.rgb_to_hls(r, g, b)
-    lightness = lightness + (1 - lightness) * amount if amount >= 0 else lightness * (1 + amount)
-    r, g, b = colorsys.hls_to_rgb(h, min(max(lightness, 0.0), 0.85), s)
-    return "#{:02x}{:02x}{:02x}".format(*(round(c * 255) for c in (r, g, b)))
-
-
-def _peer_variant(name: str) -> str | None:
-    lowered = name.lower()
-    for key in ("bigbird", "longformer", "linformer", "performer", "nystrom"):
-        if key in lowered:
-            return key
-    if "local" in lowered or "window" in lowered:
-        return "window"
-    return None
-
-
-def series_palette(frame: pd.DataFrame) -> dict[str, str]:
-    """Series name -> hex colour, fixed for the whole report.
-
-    A known variant has a fixed hue (full black, window blue, longformer orange, bigbird green, linformer red,
-    performer purple, nystrom brown); its backends/parameter sets are shades of that hue in backend order;
-    a peer takes the hue of the variant its name mentions; anything else takes a spare colour in name order.
-    """
-    table = frame[["series", "variant", "series_backend", "is_peer"]].drop_duplicates("series")
-    family: dict[str, list[tuple[int, str]]] = {}
-    spare_index = 0
-    spare: dict[str, str] = {}
-    for row in table.itertuples(index=False):
-        base = _peer_variant(row.variant) if row.is_peer else row.variant
-        if base is None or base not in VARIANT_COLOURS:
-            base = f"?{row.variant}"
-            if base not in spare:
-                spare[base] = SPARE_COLOURS[spare_index % len(SPARE_COLOURS)]
-                spare_index += 1
-        order = BACKEND_ORDER.index(row.series_backend) if row.series_backend in BACKEND_ORDER else len(BACKEND_ORDER)
-        family.setdefault(base, []).append((order + (100 if row.is_peer else 0), row.series))
-    palette: dict[str, str] = {}
-    for base, members in family.items():
-        hue = spare.get(base) or VARIANT_COLOURS[base]
-        for i, (_, series) in enumerate(sorted(members)):
-            palette[series] = _shade(hue, SHADES[i % len(SHADES)])
-    return palette
-
-
 def _series_order(frame: pd.DataFrame) -> list[str]:
     table = frame[["series", "variant", "is_peer", "series_backend"]].drop_duplicates("series")
     known = list(VARIANT_COLOURS)
@@ -156,11 +65,6 @@ def _series_order(frame: pd.DataFrame) -> list[str]:
         return (bool(row.is_peer), variant_rank, row.variant, backend_rank, row.series)
 
     return [row.series for row in sorted(table.itertuples(index=False), key=key)]
-
-
-def _modes(frame: pd.DataFrame) -> list[str]:
-    present = list(dict.fromkeys(frame["mode"]))
-    return [m for m in MODE_ORDER if m in present] + [m for m in present if m not in MODE_ORDER]
 
 
 def _line_style(run_index: int, is_peer: bool) -> tuple[Any, str]:
@@ -423,7 +327,7 @@ def _metric_figure(
     from matplotlib.lines import Line2D
 
     rows = rows or [("", frame, None)]
-    modes = _modes(frame)
+    modes = modes_in_order(frame["mode"])
     order = [s for s in _series_order(frame) if s in set().union(*(set(r[1]["series"]) for r in rows))]
     run_index = {run: i for i, run in enumerate(runs)}
     lengths = sorted(set(frame["seq_len"]))
@@ -481,10 +385,10 @@ def _memory_lines(runs: list[Run]) -> list[tuple[float, str, str, Any]]:
     several = len(runs) > 1
     for i, run in enumerate(runs):
         prefix = f"{run.label}: " if several else ""
-        budget = memory_budget(run.meta)
+        budget = run.info.budget_bytes
         if budget is not None:
             lines.append((budget, f"{prefix}memory budget ({format_bytes(budget)})", "#c0392b", (0, (5, 2 + i))))
-        total = device_memory(run.meta)
+        total = run.info.device_memory_bytes
         if total is not None and (budget is None or abs(total - budget) > 1e-6 * total):
             lines.append((total, f"{prefix}device memory ({format_bytes(total)})", "#7b241c", (0, (1, 1 + i))))
     return lines
@@ -495,7 +399,7 @@ def make_plots(
     runs: list[Run],
     out_dir: str | Path,
     *,
-    baseline: str = "full:naive",
+    baseline: str = DEFAULT_BASELINE,
     dpi: int = 110,
 ) -> list[PlotFile]:
     """Write every plot of a report into ``out_dir``; one set per condition when conditions vary.
@@ -503,7 +407,7 @@ def make_plots(
     Plots: latency, peak memory (with each run's budget and device memory as lines), throughput (tokens/s),
     speed-up and memory saving vs ``baseline`` and vs ``full:sdpa``, achieved useful FLOP/s.
     """
-    from efficient_attn.report.tables import relative_to_baseline
+    from efficient_attn.report.analyses.tables import relative_to_baseline
 
     base_variant, base_backend = parse_series_spec(baseline)
     out = Path(out_dir)
@@ -527,7 +431,14 @@ def make_plots(
                 "Peak memory vs sequence length",
                 _memory_lines(runs),
             ),
-            ("throughput", "tokens_per_s", "tokens / s", lambda v: _si(v, ""), "Throughput vs sequence length", None),
+            (
+                "throughput",
+                "tokens_per_s",
+                "tokens / s",
+                lambda v: format_si(v, ""),
+                "Throughput vs sequence length",
+                None,
+            ),
         ]
         for kind, value, ylabel, yfmt, title, hlines in specs:
             path = target(kind)
@@ -542,15 +453,12 @@ def make_plots(
             title = "Achieved FLOP/s (FLOPs per call / time)"
             path = target("flops")
             _metric_figure(
-                data, "rate", "FLOP/s", lambda v: _si(v, "FLOP/s"), title + cond_title, path, palette, labels, dpi,
+                data, "rate", "FLOP/s", lambda v: format_si(v, "FLOP/s"), title + cond_title, path, palette, labels, dpi,
                 rows=flop_rows,
             )
             written.append(PlotFile("flops", title + cond_title, path, _CAPTIONS["flops"]))
-        references = [(base_variant, base_backend)]
-        if (base_variant, base_backend) != ("full", "sdpa"):
-            references.append(("full", "sdpa"))
         ratio_rows_t, ratio_rows_m = [], []
-        for variant, backend in references:
+        for variant, backend in references((base_variant, base_backend)):
             rel = relative_to_baseline(data, variant, backend)
             rel = rel[rel["base_status"] != ""]
             if rel.empty:
@@ -575,7 +483,7 @@ def make_plots(
                 ratio_frame,
                 value,
                 ylabel,
-                _fmt_x,
+                format_x,
                 title + cond_title,
                 path,
                 palette,
@@ -592,10 +500,6 @@ def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     import pandas as pd
 
     return pd.concat(frames, ignore_index=True)
-
-
-def _fmt_x(value: float) -> str:
-    return f"{value:g}x"
 
 
 _CAPTIONS = {

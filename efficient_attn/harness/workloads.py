@@ -30,15 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor
 
+from efficient_attn.harness.plan import Cell
 from efficient_attn.measure.flops import useful_flops_for_mode
 from efficient_attn.model import build_model
 from efficient_attn.registry import build_attention, get_spec
-from efficient_attn.results import Cell
+from efficient_attn.vocab import DTYPE_NAMES, LEVELS, MODES
 
 __all__ = [
     "DTYPES",
-    "LEVELS",
-    "MODES",
     "Workload",
     "attention_params_for",
     "build_cell_module",
@@ -46,9 +45,8 @@ __all__ = [
     "parse_dtype",
 ]
 
-LEVELS: tuple[str, ...] = ("core", "layer", "model")
-MODES: tuple[str, ...] = ("fwd", "fwd_bwd", "train_step")
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: the torch dtype of each name in :data:`efficient_attn.vocab.DTYPE_NAMES` (the names are torch's own)
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -11,7 +11,9 @@ meta takes the math path and predicts the full score matrix (131 GB at 64K token
 
 The workload is called twice: the first call's peak includes one-time state (caches, the optimizer's state) and is
 what the harness measures (its instrumented call is the warm-up); the second is the steady state. :class:`Prediction`
-keeps both.
+keeps both. The harness's precheck (:func:`efficient_attn.harness.cell.precheck`) compares the prediction with the
+memory budget before a cell runs; ``effattn predict`` searches the longest length that fits
+(:func:`longest_fitting_length`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
+from efficient_attn.harness import workloads
+from efficient_attn.harness.plan import Cell
 from efficient_attn.measure.storage import StorageTracker
-from efficient_attn.results import Cell
 
 __all__ = ["Prediction", "longest_fitting_length", "predict_cell"]
 
@@ -65,8 +68,6 @@ def predict_cell(cell: Cell, *, seed: int = 0, depth: int = 2, vocab_size: int =
     Raises:
         whatever building or running the workload raises (e.g. a data-dependent op fake tensors cannot run).
     """
-    from efficient_attn import workloads  # local: workloads imports the model, which imports the registry
-
     cpu_cell = replace(cell, device="cpu")
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:

@@ -1,4 +1,4 @@
-"""Ratios against a baseline, and the LRA-style table with published figures beside ours.
+"""Comparisons: ratios against a baseline, the LRA-style and published-figures tables, and runs against each other.
 
 Published figures (measured on other hardware, with other models and settings; shown for orientation only):
 
@@ -15,10 +15,16 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
+from efficient_attn.report.format import length_label
 from efficient_attn.report.load import FAILED_TO_FIT
+from efficient_attn.report.series import baseline_mask, display_name, mode_sorted
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from efficient_attn.report.load import Run
 
 LRA_LENGTHS = (1024, 2048, 4096)
 PUBLISHED_NOTE = "published, other hardware"
@@ -73,7 +79,7 @@ def relative_to_baseline(frame: pd.DataFrame, variant: str, backend: str) -> pd.
     import pandas as pd
 
     keys = ["run", "condition", "level", "mode", "seq_len"]
-    is_base = (frame["variant"] == variant) & (frame["series_backend"] == backend) & (~frame["is_peer"])
+    is_base = baseline_mask(frame, variant, backend)
     base = frame[is_base]
     if base.empty:
         return frame.iloc[0:0].assign(speedup=[], memory_saving=[], base_status=[], base_failed=[])
@@ -131,7 +137,7 @@ def lra_table(frame: pd.DataFrame, variant: str, backend: str) -> tuple[list[str
         return header, rows
     rel = rel[~rel["is_peer"]]
     for (run, condition, mode, series), group in rel.groupby(["run", "condition", "mode", "series"], sort=False):
-        name = series if not condition else f"{series} ({condition})"
+        name = display_name(str(condition), str(series))
         lra = LRA_NAME.get(str(group["variant"].iloc[0]))
         if lra is not None:
             speeds = LRA_SPEED[lra]
@@ -195,4 +201,40 @@ def published_table(
                     rows.append([fig.source, fig.hardware, fig.method, n_text, published, ours, "; ".join(parts)])
         if not found:
             rows.append([fig.source, fig.hardware, fig.method, n_text, published, "-", "not measured in these runs"])
+    return header, rows
+
+
+def run_comparison_rows(frame: pd.DataFrame, runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """Each later run against the first (before vs after, CPU vs GPU): time and memory ratios per series and mode.
+
+    ``first / later``: above 1x the later run is faster (smaller). Given at the longest length both ran, and as
+    the geometric mean over every length both ran.
+    """
+    header = ["series", "mode", "runs (first / later)", "lengths both ran", "time ratio", "memory ratio"]
+    rows: list[list[str]] = []
+    if len(runs) < 2:
+        return header, rows
+    ok = frame[frame["status"] == "ok"]
+    keys = ["condition", "level", "mode", "series", "seq_len"]
+    first = ok[ok["run"] == runs[0].label].groupby(keys)[["time_ms", "peak_mem_bytes"]].median()
+    for later in runs[1:]:
+        other = ok[ok["run"] == later.label].groupby(keys)[["time_ms", "peak_mem_bytes"]].median()
+        both = first.reset_index().merge(other.reset_index(), on=keys, how="inner", suffixes=("_a", "_b"))
+        for (condition, _level, mode, series), group in mode_sorted(both.assign(run="")).groupby(
+            ["condition", "level", "mode", "series"], sort=False
+        ):
+            group = group.sort_values("seq_len")
+            texts = []
+            for column in ("time_ms", "peak_mem_bytes"):
+                ratio = (group[f"{column}_a"] / group[f"{column}_b"]).dropna()
+                ratio = ratio[ratio > 0]
+                if ratio.empty:
+                    texts.append("-")
+                    continue
+                geo = math.exp(float(np.log(ratio).mean()))
+                texts.append(f"{ratio.iloc[-1]:.2f}x at {length_label(group['seq_len'].iloc[-1])} (mean {geo:.2f}x)")
+            lengths = f"{length_label(group['seq_len'].min())}-{length_label(group['seq_len'].max())} ({len(group)})"
+            rows.append(
+                [display_name(str(condition), str(series)), str(mode), f"{runs[0].label} / {later.label}", lengths, *texts]
+            )
     return header, rows

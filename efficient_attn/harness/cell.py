@@ -1,0 +1,295 @@
+"""One cell, from its configuration to its row: precheck (static status, prediction, budget), measure, row.
+
+1. **Static checks** (:func:`static_status`): a variant that cannot be causal, a backend that cannot run on the
+   device or cannot do backward (the module's ``unavailable_reason``), a peer at a level it cannot run at
+   (``peer_info(name)["levels"]``) or causal without a causal mode -> ``unsupported`` with the reason; a length above
+   the suite's per-mode ``max_len`` -> ``skipped_budget``.
+2. **Prediction** (:func:`efficient_attn.harness.predict.predict_cell`, CPU fake tensors, nothing allocated): a cell
+   whose predicted total (setup + peak) exceeds the memory budget -> ``skipped_budget``, predicted bytes in the note
+   (see :func:`efficient_attn.harness.host.budget_bytes`). Steps 1 and 2 are :func:`precheck`, the one check the
+   sweep, ``effattn bench --dry-run`` and ``effattn predict`` share.
+3. **Measurement** (:func:`measure_cell`), in this process or in a fresh one (:mod:`efficient_attn.harness.worker`):
+   build, then one instrumented call that is also the warm-up, measuring the first call's peak memory and FLOPs
+   together (:mod:`efficient_attn.measure.memory`; in a fresh process the peak RSS change around it is
+   ``peak_rss_bytes``), then the timed runs (:mod:`efficient_attn.measure.timing`). One instrumented call per cell
+   keeps slow cells cheap (a 16K SDPA forward+backward is 6.5 s per call on 2 cores). Compiled backends (flex)
+   refuse dispatch modes: their first call compiles (``compile_ms``), a second warms up (and gives the allocator
+   peak on CUDA). Nothing heavy precedes the measured calls. ``predicted_mem_bytes`` is the prediction of that same
+   first call.
+
+``torch.OutOfMemoryError`` -> ``oom``; a ``BackendUnavailableError`` (``auto`` on a device with nothing usable) or a
+missing peer package -> ``unsupported``; any other exception -> ``error`` with its message (:func:`classify`).
+:func:`make_row` turns the outcome into the cell's complete row (:mod:`efficient_attn.harness.schema`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from efficient_attn.errors import BackendUnavailableError
+from efficient_attn.harness.host import free_memory
+from efficient_attn.harness.plan import Cell, PlannedCell
+from efficient_attn.harness.predict import Prediction, predict_cell
+from efficient_attn.harness.runfolder import format_value
+from efficient_attn.harness.schema import ALL_COLUMNS, CONFIG_COLUMNS, MEASURED_COLUMNS, NUMERIC_COLUMNS
+from efficient_attn.harness.workloads import build_workload, parse_dtype
+from efficient_attn.measure.memory import measure_call, rss_probe
+from efficient_attn.measure.timing import time_call, time_callable
+from efficient_attn.registry import get_spec
+from efficient_attn.vocab import STATUSES
+
+__all__ = [
+    "UNCOUNTABLE_BACKENDS",
+    "Precheck",
+    "Timing",
+    "classify",
+    "make_row",
+    "measure_cell",
+    "precheck",
+    "run_cell",
+    "static_status",
+]
+
+#: compiled backends that refuse to run under a dispatch mode (StorageTracker, FlopCounterMode, fake tensors): their
+#: first call compiles (``compile_ms``), ``flops_computed`` falls back to the analytic useful count and
+#: ``peak_mem_bytes`` is measured on CUDA only
+UNCOUNTABLE_BACKENDS = frozenset({"flex"})
+
+
+# ----------------------------------------------------------------------------------------------------- the row
+def make_row(cell: Cell, *, status: str, note: str = "", **measured: Any) -> dict[str, str]:
+    """A complete CSV row for ``cell``: configuration columns, then measured ones (missing ones empty).
+
+    Numbers are blanked unless ``status == "ok"``, except ``predicted_mem_bytes``: a prediction rather than a
+    measurement, also kept for ``skipped_budget`` rows (it is why the cell was skipped; the note repeats it).
+
+    Raises:
+        ValueError: unknown status or unknown column.
+    """
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {', '.join(STATUSES)}; got {status!r}")
+    unknown = [name for name in measured if name not in MEASURED_COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown measured column(s) {unknown}; allowed: {', '.join(MEASURED_COLUMNS)}")
+    values: dict[str, Any] = {c: getattr(cell, c) for c in CONFIG_COLUMNS}
+    for column in MEASURED_COLUMNS:
+        values[column] = measured.get(column)
+    values["status"] = status
+    values["note"] = " ".join(str(note).split())  # one line
+    if status != "ok":
+        for column in NUMERIC_COLUMNS:
+            if column != "predicted_mem_bytes":
+                values[column] = None
+    return {c: format_value(values[c]) for c in ALL_COLUMNS}
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:500]
+
+
+def classify(error: BaseException) -> tuple[str, str]:
+    """``(status, note)`` of a cell that raised ``error``: ``oom``, ``unsupported`` or ``error``."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return "oom", _first_line(error)
+    if isinstance(error, BackendUnavailableError) or type(error).__name__ == "PeerUnavailableError":
+        return "unsupported", str(error)
+    return "error", _first_line(error)
+
+
+# ------------------------------------------------------------------------------------------------ the precheck
+def static_status(planned: PlannedCell) -> tuple[str, str] | None:
+    """``(status, note)`` when the cell must not run, decided without building anything; None when it may run."""
+    cell = planned.cell
+    if cell.is_peer:
+        try:
+            from efficient_attn.peers import peer_info
+        except ImportError as error:
+            return "unsupported", f"efficient_attn.peers is not importable: {error}"
+        info = peer_info(cell.variant)
+        if cell.level not in info["levels"]:
+            return "unsupported", f"peer {cell.variant!r} runs at level {' or '.join(info['levels'])}, not {cell.level!r}"
+        if cell.causal and "causal" not in info["params"]:
+            return "unsupported", f"peer {cell.variant!r} has no causal mode"
+    else:
+        spec = get_spec(cell.variant)
+        if cell.causal and not spec.supports_causal:
+            return "unsupported", f"{cell.variant} cannot be causal: {spec.module_cls.causal_unsupported_reason}"
+        if cell.backend_requested != "auto":
+            reason = spec.module_cls.unavailable_reason(
+                cell.backend_requested, torch.device(cell.device), cell.mode != "fwd", parse_dtype(cell.dtype)
+            )
+            if reason is not None:
+                return "unsupported", f"backend {cell.backend_requested!r}: {reason}"
+        if spec.max_len_field is not None:
+            bound = cell.params.get(spec.max_len_field)
+            if bound is not None and cell.seq_len > bound:
+                return "unsupported", f"seq_len {cell.seq_len} exceeds {spec.max_len_field}={bound} of the params"
+    if planned.cap is not None and cell.seq_len > planned.cap:
+        return "skipped_budget", f"above this suite's max_len for {cell.mode} ({planned.cap})"
+    return None
+
+
+@dataclass(frozen=True)
+class Precheck:
+    """What is decided about a cell before it is built for real.
+
+    Attributes:
+        status: the status the cell gets without being measured (``unsupported``, ``skipped_budget``); None when it
+            may run.
+        note: why (for a status), or that its memory could not be predicted (the cell still runs).
+        prediction: the predicted memory; None when the static checks stopped the cell or the prediction failed.
+    """
+
+    status: str | None
+    note: str = ""
+    prediction: Prediction | None = None
+
+    @property
+    def predicted_bytes(self) -> int | None:
+        """The predicted peak of the first call: the ``predicted_mem_bytes`` column."""
+        return self.prediction.first_call_bytes if self.prediction is not None else None
+
+
+def precheck(planned: PlannedCell, *, budget_bytes: int | None, seed: int = 0, depth: int = 2) -> Precheck:
+    """Static checks, then the memory prediction against ``budget_bytes`` (None: no budget); builds nothing real."""
+    static = static_status(planned)
+    if static is not None:
+        return Precheck(*static)
+    try:
+        prediction = predict_cell(planned.cell, seed=seed, depth=depth)
+    except Exception as error:  # noqa: BLE001 - the real run decides the status
+        return Precheck(None, f"memory not predicted ({_first_line(error)[:120]})")
+    if budget_bytes is not None and prediction.total_bytes > budget_bytes:
+        note = (f"predicted {_gib(prediction.total_bytes)} (peak {_gib(prediction.peak_bytes)} + setup "
+                f"{_gib(prediction.setup_bytes)}) > budget {_gib(budget_bytes)}")
+        return Precheck("skipped_budget", note, prediction)
+    return Precheck(None, "", prediction)
+
+
+# ------------------------------------------------------------------------------------------------- measurement
+@dataclass
+class Timing:
+    """Timing options of a sweep (see :func:`efficient_attn.measure.timing.time_callable`)."""
+
+    min_run_time: float = 0.5
+    slow_call_s: float = 1.0
+    slow_repeats: int = 3
+
+
+def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, rss: bool = False) -> dict[str, Any]:
+    """Build and measure one cell in this process; returns the measured columns plus ``_window_s``.
+
+    Raises whatever the cell raises (the caller turns it into a status).
+    """
+    work = build_workload(cell, seed=seed, depth=depth)
+    if work.attentions:
+        backend = work.attentions[0].resolve_backend(
+            torch.device(cell.device), cell.mode != "fwd", seq_len=cell.seq_len, dtype=parse_dtype(cell.dtype)
+        )
+    else:
+        backend = "peer"
+    notes: list[str] = []
+    probe = contextlib.nullcontext() if not rss else rss_probe()
+    compile_s = None
+    if backend in UNCOUNTABLE_BACKENDS:
+        # compiled kernels refuse to run under a dispatch mode (tracker, FLOP counter): the first call compiles,
+        # the second is the warm-up (and, on CUDA, the allocator's peak)
+        with probe as rss_result:
+            compile_s = time_call(work.run, cell.device)
+        start = time.perf_counter()
+        peak_bytes = measure_call(work.run, cell.device, count_flops=False).peak_bytes if cell.device == "cuda" else None
+        if peak_bytes is None:
+            time_call(work.run, cell.device)
+        first_s = time.perf_counter() - start
+        flops_computed = work.useful_flops
+        notes.append(f"flops_computed is the pattern's count: FlopCounterMode cannot see {backend}")
+        if peak_bytes is None:
+            notes.append(f"peak_mem_bytes not measured: {backend} cannot run under the storage tracker "
+                         "(--isolate gives peak_rss_bytes)")
+    else:
+        # one instrumented call is the warm-up: peak memory and FLOPs of the first call, outside the timed runs
+        with probe as rss_result:
+            start = time.perf_counter()
+            instrumented = measure_call(work.run, cell.device, count_flops=True)
+            first_s = time.perf_counter() - start
+        peak_bytes, flops_computed = instrumented.peak_bytes, instrumented.flops
+    timed = time_callable(
+        work.run, device=cell.device, min_run_time=timing.min_run_time, slow_call_s=timing.slow_call_s,
+        slow_repeats=timing.slow_repeats, first_call_s=first_s,
+    )
+    if work.attentions and work.last_backend != backend:
+        raise RuntimeError(f"backend resolved to {backend!r} before the run but {work.last_backend!r} ran")
+    if cell.is_peer and getattr(work.module, "last_note", None):
+        notes.append(work.module.last_note)  # e.g. HF BigBird's fallback to full attention, padding it added
+    if timed.method == "slow_repeats":
+        notes.append(f"slow cell ({timed.first_call_ms / 1e3:.1f} s first call): {timed.runs} timed calls")
+    if rss and not rss_result.exact:
+        notes.append("peak_rss_bytes is an upper bound (the call did not raise the process high-water mark)")
+    seconds = timed.median_ms / 1e3
+    measured: dict[str, Any] = {
+        "backend": backend,
+        "padded_len": work.last_padded_len if work.last_padded_len is not None else cell.seq_len,
+        "time_ms": timed.median_ms,
+        "time_iqr_ms": timed.iqr_ms,
+        "compile_ms": compile_s * 1e3 if compile_s is not None else None,
+        "tokens_per_s": work.tokens / seconds,
+        "peak_mem_bytes": peak_bytes,
+        "peak_rss_bytes": rss_result.peak_bytes if rss else None,
+        "flops_useful": work.useful_flops,
+        "flops_computed": flops_computed,
+        "flops_per_s": flops_computed / seconds if flops_computed else None,
+        "timed_runs": timed.runs,
+        "note": "; ".join(notes),
+        "_window_s": timed.window_s,
+    }
+    del work  # tensors are freed by reference counting; no full collection on the success path
+    free_memory(cell.device, collect=False)
+    return measured
+
+
+#: how a cell is measured: :func:`measure_cell` in this process, or
+#: :func:`efficient_attn.harness.worker.measure_isolated` in a fresh one. Returns the measured columns plus
+#: ``_window_s``, or ``{"_status": ..., "note": ...}`` for a failure it already classified.
+Measure = Callable[..., dict[str, Any]]
+
+
+def run_cell(
+    planned: PlannedCell,
+    *,
+    budget_bytes: int | None,
+    timing: Timing,
+    seed: int = 0,
+    depth: int = 2,
+    measure: Measure | None = None,
+) -> tuple[dict[str, str], float]:
+    """Run one cell through the precheck and ``measure`` (default :func:`measure_cell`); returns its row and its
+    timed window (s). Never raises for a failing cell: the failure is its status."""
+    cell = planned.cell
+    check = precheck(planned, budget_bytes=budget_bytes, seed=seed, depth=depth)
+    predicted = check.predicted_bytes
+    if check.status is not None:
+        return make_row(cell, status=check.status, note=check.note, predicted_mem_bytes=predicted), 0.0
+    notes = [check.note] if check.note else []
+    measure = measure if measure is not None else measure_cell
+    try:
+        measured = measure(cell, timing=timing, seed=seed, depth=depth)
+    except Exception as error:  # noqa: BLE001 - every failure becomes a recorded status, the sweep goes on
+        free_memory(cell.device)
+        status, note = classify(error)
+        return make_row(cell, status=status, note="; ".join([note, *notes]), predicted_mem_bytes=predicted), 0.0
+    if "_status" in measured:
+        return make_row(cell, status=measured["_status"], note="; ".join([measured["note"], *notes]),
+                        predicted_mem_bytes=predicted), 0.0
+    window = float(measured.pop("_window_s"))
+    note = "; ".join(n for n in [measured.pop("note"), *notes] if n)
+    return make_row(cell, status="ok", note=note, predicted_mem_bytes=predicted, **measured), window

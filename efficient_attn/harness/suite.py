@@ -1,0 +1,319 @@
+"""Benchmark suites: small declarative TOML files in ``bench/`` (contract 3 of the team brief).
+
+Example (``bench/quick.toml``)::
+
+    description = "what this suite answers"
+    device = "auto"            # auto | cpu | cuda
+    level = "core"             # core | layer | model
+    modes = ["fwd", "fwd_bwd"] # fwd | fwd_bwd | train_step
+    lengths = [128, 256]
+    batch_sizes = [1]
+    heads = 4
+    head_dim = 64
+    dtypes = ["float32"]       # float32 | bfloat16 | float16
+    causal = [false]
+    min_run_time = 0.5         # optional: seconds blocked_autorange measures each fast cell
+    slow_call_s = 1.0          # optional: a warm-up call slower than this -> slow_repeats timed calls
+    slow_repeats = 3           # optional
+    depth = 2                  # optional: blocks of the backbone at level "model"
+    [[variants]]
+    key = "full"
+    backends = ["naive", "sdpa"]   # optional: default every backend of the variant
+    params = {}                    # optional: the variant's config fields
+    max_len = { fwd_bwd = 8192 }   # optional: per-mode length cap (longer cells -> skipped_budget, with a note)
+    [[peers]]                      # optional; only run with --peers
+    name = "hf-bigbird"
+    params = { block_size = 64 }
+
+Every key is checked when the suite loads: an unknown key names the nearest valid one; an unregistered variant key,
+a backend the variant does not have, or a parameter its config rejects is an error naming the table it is in.
+Command-line changes to a loaded suite are :mod:`efficient_attn.harness.overrides`. :func:`read_toml`,
+:func:`check_keys` and :func:`choice_list` are the checks every TOML file of the project goes through (the quality
+suite's too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from efficient_attn.errors import did_you_mean, require_positive_int, unknown_name_error
+from efficient_attn.registry import build_config, get_spec
+from efficient_attn.vocab import DEVICES, DTYPE_NAMES, LEVELS, MODES
+
+__all__ = [
+    "PeerEntry",
+    "Suite",
+    "SuiteError",
+    "VariantEntry",
+    "available_suites",
+    "check_keys",
+    "check_unique",
+    "choice_list",
+    "load_suite",
+    "parse_suite",
+    "positive_float",
+    "positive_int_list",
+    "read_toml",
+    "resolve_suite_path",
+    "suites_dir",
+    "validate_variant",
+]
+
+
+class SuiteError(ValueError):
+    """A suite file (or a command-line override of it) is invalid; the message names the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class VariantEntry:
+    """One ``[[variants]]`` table: a registry key, the backends to run, config params and per-mode length caps."""
+
+    key: str
+    backends: tuple[str, ...]
+    params: dict[str, Any] = field(default_factory=dict)
+    max_len: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PeerEntry:
+    """One ``[[peers]]`` table: a peer name of :mod:`efficient_attn.peers` and its params."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A whole benchmark suite (see the module docstring for the file format)."""
+
+    name: str
+    description: str
+    device: str
+    level: str
+    modes: tuple[str, ...]
+    lengths: tuple[int, ...]
+    batch_sizes: tuple[int, ...]
+    heads: int
+    head_dim: int
+    dtypes: tuple[str, ...]
+    causal: tuple[bool, ...]
+    variants: tuple[VariantEntry, ...]
+    peers: tuple[PeerEntry, ...] = ()
+    min_run_time: float = 0.5
+    slow_call_s: float = 1.0
+    slow_repeats: int = 3
+    depth: int = 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_PLACEHOLDER_MAX_LEN = 1 << 16
+_TOP_KEYS = (
+    "description", "device", "level", "modes", "lengths", "batch_sizes", "heads", "head_dim", "dtypes", "causal",
+    "variants", "peers", "min_run_time", "slow_call_s", "slow_repeats", "depth",
+)
+_VARIANT_KEYS = ("key", "backends", "params", "max_len")
+_PEER_KEYS = ("name", "params")
+
+
+def suites_dir() -> Path:
+    """``bench/`` next to the package (the repository's suites)."""
+    import efficient_attn
+
+    return Path(efficient_attn.__file__).resolve().parents[1] / "bench"
+
+
+def available_suites() -> list[str]:
+    """Names of the suites in :func:`suites_dir`."""
+    return sorted(p.stem for p in suites_dir().glob("*.toml"))
+
+
+def resolve_suite_path(name_or_path: str | Path) -> Path:
+    """A suite name (``"default"`` -> ``bench/default.toml``) or a path to a TOML file.
+
+    Raises:
+        SuiteError: no such suite (names the nearest and lists the available ones).
+    """
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml" or candidate.exists():
+        if not candidate.is_file():
+            raise SuiteError(f"suite file {candidate} does not exist")
+        return candidate
+    path = suites_dir() / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise unknown_name_error("suite", str(name_or_path), available_suites(), f"available in {suites_dir()}",
+                                 error=SuiteError)
+    return path
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The parsed TOML file at ``path``; ``SuiteError`` naming the file for a syntax error."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise SuiteError(f"{path}: invalid TOML: {error}") from None
+
+
+def check_keys(table: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    """``SuiteError`` for the first key of ``table`` not in ``allowed``, with the nearest one and the allowed list."""
+    for key in table:
+        if key not in allowed:
+            raise SuiteError(f"{where}: unknown key {key!r}{did_you_mean(key, allowed, n=1)} "
+                             f"(allowed: {', '.join(allowed)})")
+
+
+def choice_list(value: Any, allowed: tuple[str, ...], where: str) -> tuple[str, ...]:
+    """``value`` (a name or a non-empty list of names) as a tuple, each checked against ``allowed``."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise SuiteError(f"{where}: expected a non-empty list of {', '.join(allowed)}; got {value!r}")
+    for item in value:
+        if item not in allowed:
+            raise SuiteError(f"{where}: {item!r} is not allowed{did_you_mean(str(item), allowed, n=1)} "
+                             f"(allowed: {', '.join(allowed)})")
+    return tuple(value)
+
+
+def positive_int_list(value: Any, where: str) -> tuple[int, ...]:
+    """``value`` (a positive int or a non-empty list of them) as a tuple."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise SuiteError(f"{where}: expected a non-empty list of positive integers; got {value!r}")
+    return tuple(require_positive_int(f"{where}[{i}]", v, error=SuiteError) for i, v in enumerate(value))
+
+
+def positive_float(value: Any, where: str) -> float:
+    """``value`` as a float; ``SuiteError`` unless it is a positive number (bools rejected)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise SuiteError(f"{where}: expected a positive number; got {value!r}")
+    return float(value)
+
+
+def validate_variant(key: str, backends: Any, params: Any, max_len: Any, *, heads: int, head_dim: int,
+                     where: str) -> VariantEntry:
+    """Check one variant entry against the registry; ``SuiteError`` naming ``where`` when it is wrong."""
+    if not isinstance(key, str):
+        raise SuiteError(f"{where}.key: expected a registry key string; got {key!r}")
+    try:
+        spec = get_spec(key)
+    except KeyError as error:
+        raise SuiteError(f"{where}.key: {error.args[0]}") from None
+    allowed_backends = ("auto", *spec.backends)
+    chosen = choice_list(backends if backends is not None else list(spec.backends), allowed_backends,
+                          f"{where}.backends (variant {key!r})")
+    if not isinstance(params, dict):
+        raise SuiteError(f"{where}.params: expected a table of config fields; got {params!r}")
+    check_params = dict(params)
+    if spec.max_len_field is not None and spec.max_len_field not in check_params:
+        check_params[spec.max_len_field] = _PLACEHOLDER_MAX_LEN  # the harness sets it to each cell's seq_len
+    try:
+        build_config(key, dim=heads * head_dim, num_heads=heads, **check_params)
+    except (TypeError, ValueError) as error:
+        raise SuiteError(f"{where}.params: {error}") from None
+    if not isinstance(max_len, dict):
+        raise SuiteError(f"{where}.max_len: expected a table mode -> length, e.g. {{ fwd_bwd = 8192 }}; got {max_len!r}")
+    for mode, cap in max_len.items():
+        choice_list([mode], MODES, f"{where}.max_len")
+        require_positive_int(f"{where}.max_len.{mode}", cap, error=SuiteError)
+    return VariantEntry(key=key, backends=chosen, params=dict(params), max_len=dict(max_len))
+
+
+def parse_suite(data: dict[str, Any], name: str, where: str | None = None) -> Suite:
+    """Validate a parsed TOML table and build the :class:`Suite`."""
+    where = where or name
+    check_keys(data, _TOP_KEYS, where)
+    for required in ("lengths",):
+        if required not in data:
+            raise SuiteError(f"{where}: missing required key {required!r}")
+    if "variants" not in data and "peers" not in data:
+        raise SuiteError(f"{where}: needs at least one [[variants]] (or [[peers]]) table")
+    device = data.get("device", "auto")
+    choice_list([device], DEVICES, f"{where}: device")
+    level = data.get("level", "core")
+    choice_list([level], LEVELS, f"{where}: level")
+    heads = require_positive_int(f"{where}: heads", data.get("heads", 4), error=SuiteError)
+    head_dim = require_positive_int(f"{where}: head_dim", data.get("head_dim", 64), error=SuiteError)
+    causal = data.get("causal", [False])
+    if isinstance(causal, bool):
+        causal = [causal]
+    if not isinstance(causal, list) or not causal or not all(isinstance(c, bool) for c in causal):
+        raise SuiteError(f"{where}: causal must be a list of booleans, e.g. [false] or [false, true]; got {causal!r}")
+    variants = []
+    raw_variants = data.get("variants", [])
+    if not isinstance(raw_variants, list):
+        raise SuiteError(f"{where}: variants must be an array of tables ([[variants]])")
+    for i, entry in enumerate(raw_variants):
+        at = f"{where}: variants[{i}]"
+        if not isinstance(entry, dict):
+            raise SuiteError(f"{at}: expected a table")
+        check_keys(entry, _VARIANT_KEYS, at)
+        if "key" not in entry:
+            raise SuiteError(f"{at}: missing 'key' (a registry key)")
+        variants.append(
+            validate_variant(entry["key"], entry.get("backends"), entry.get("params", {}), entry.get("max_len", {}),
+                             heads=heads, head_dim=head_dim, where=at)
+        )
+    peers = []
+    raw_peers = data.get("peers", [])
+    if not isinstance(raw_peers, list):
+        raise SuiteError(f"{where}: peers must be an array of tables ([[peers]])")
+    for i, entry in enumerate(raw_peers):
+        at = f"{where}: peers[{i}]"
+        if not isinstance(entry, dict):
+            raise SuiteError(f"{at}: expected a table")
+        check_keys(entry, _PEER_KEYS, at)
+        if not isinstance(entry.get("name"), str):
+            raise SuiteError(f"{at}: missing 'name' (a peer of efficient_attn.peers)")
+        if not isinstance(entry.get("params", {}), dict):
+            raise SuiteError(f"{at}.params: expected a table")
+        peers.append(PeerEntry(name=entry["name"], params=dict(entry.get("params", {}))))
+    check_unique(variants, where)
+    return Suite(
+        name=name,
+        description=str(data.get("description", "")),
+        device=device,
+        level=level,
+        modes=choice_list(data.get("modes", ["fwd"]), MODES, f"{where}: modes"),
+        lengths=tuple(sorted(set(positive_int_list(data["lengths"], f"{where}: lengths")))),
+        batch_sizes=positive_int_list(data.get("batch_sizes", [1]), f"{where}: batch_sizes"),
+        heads=heads,
+        head_dim=head_dim,
+        dtypes=choice_list(data.get("dtypes", ["float32"]), DTYPE_NAMES, f"{where}: dtypes"),
+        causal=tuple(causal),
+        variants=tuple(variants),
+        peers=tuple(peers),
+        min_run_time=positive_float(data.get("min_run_time", 0.5), f"{where}: min_run_time"),
+        slow_call_s=positive_float(data.get("slow_call_s", 1.0), f"{where}: slow_call_s"),
+        slow_repeats=require_positive_int(f"{where}: slow_repeats", data.get("slow_repeats", 3), error=SuiteError),
+        depth=require_positive_int(f"{where}: depth", data.get("depth", 2), error=SuiteError),
+    )
+
+
+def check_unique(variants: tuple[VariantEntry, ...] | list[VariantEntry], where: str) -> None:
+    """Two entries must not produce the same cells (same key, backend and params)."""
+    seen: dict[tuple[str, str, str], int] = {}
+    for i, entry in enumerate(variants):
+        params = repr(sorted(entry.params.items()))
+        for backend in entry.backends:
+            mark = (entry.key, backend, params)
+            if mark in seen:
+                raise SuiteError(f"{where}: variants[{seen[mark]}] and variants[{i}] both run {entry.key!r} with "
+                                 f"backend {backend!r} and the same params; merge them or change the params")
+            seen[mark] = i
+
+
+def load_suite(name_or_path: str | Path) -> Suite:
+    """Load and validate a suite by name (``bench/<name>.toml``) or path.
+
+    Raises:
+        SuiteError: missing file, TOML syntax error, or an invalid key or value (named, with the nearest valid one).
+    """
+    path = resolve_suite_path(name_or_path)
+    return parse_suite(read_toml(path), name=path.stem, where=str(path))
