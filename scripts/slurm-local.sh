@@ -6,7 +6,8 @@
 #   bash scripts/slurm-local.sh stop     # stop exactly the daemons `start` started, nothing else
 #
 # Everything it writes (slurm.conf, munge key and socket, logs, spool, pid files) lives in one folder,
-# $EFFATTN_SLURM_DIR (default /tmp/effattn-slurm). The Slurm commands find this cluster through
+# $EFFATTN_SLURM_DIR (default /tmp/effattn-slurm). The node declares $(nproc) CPUs unless EFFATTN_SLURM_CPUS says
+# otherwise. The Slurm commands find this cluster through
 #   export SLURM_CONF=$EFFATTN_SLURM_DIR/slurm.conf
 # (status prints it); when /etc/slurm/slurm.conf does not exist, start also links it there so plain `sinfo` works,
 # and stop removes that link again. Must run as root (the daemons run as root; the test fixture skips otherwise).
@@ -53,7 +54,7 @@ install_packages() {
 
 write_conf() {
   local cpus mem_mb
-  cpus="$(nproc)"
+  cpus="${EFFATTN_SLURM_CPUS:-$(nproc)}"
   mem_mb="$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)"
   cat >"$conf" <<EOF
 # one-node Slurm written by scripts/slurm-local.sh (efficient-attn); state under $dir
@@ -73,6 +74,9 @@ SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 MpiDefault=none
 ReturnToService=2
+# the node's CPUs as declared here (EFFATTN_SLURM_CPUS may declare more than the machine has, for tests of the
+# plumbing whose tasks mostly wait on Python's start-up)
+SlurmdParameters=config_overrides
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/filetxt

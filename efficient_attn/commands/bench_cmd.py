@@ -8,9 +8,15 @@ Examples::
     effattn bench --variant-params window.window_size=128 --variant-params 'bigbird={"block_size": 32}'
     effattn bench --dry-run                         # the cells, their predicted memory and status; runs nothing
 
+    effattn bench --executor slurm --slurm-partition gpu --slurm-time 30 --out runs/big   # one job array
+    effattn bench --executor local --max-parallel 4 --threads 2                          # parallel subprocesses
+
 Options given on the command line replace the suite's values. Rerunning with the same ``--out`` resumes: finished
-cells are kept, the rest run; a different configuration for the same folder is refused. Exit status: 0, 1 when a
-cell ended in ``error``, 2 for bad options or a config mismatch, 130 when interrupted (rerun to resume).
+cells are kept, the rest run; a different configuration for the same folder is refused, and so is a folder another
+process is writing. With ``--executor local|slurm`` a rerun also collects the tasks an earlier invocation submitted
+(waiting for the live ones) and resubmits the cells that have neither a row nor a live task, plus those whose task
+was killed by the scheduler. Exit status: 0, 1 when a cell ended in ``error``, 2 for bad options, a config mismatch
+or a busy folder, 130 when interrupted (rerun to resume).
 """
 
 from __future__ import annotations
@@ -54,6 +60,43 @@ def add_cell_options(parser: argparse.ArgumentParser) -> None:
                         "memory)")
 
 
+def add_executor_options(parser: argparse.ArgumentParser) -> None:
+    """Where the cells run: ``--executor`` and its options (see :mod:`efficient_attn.harness.executors`)."""
+    group = parser.add_argument_group("executor (where the cells run)")
+    # checked by ExecutorOptions (its names live with the executors, which building the parser must not import)
+    group.add_argument("--executor", default="inline",
+                       help="inline: one after the other in this process (default); local: parallel subprocesses "
+                            "here; slurm: one Slurm job array, a cell per task")
+    group.add_argument("--threads", type=int, help="torch threads per cell (default: inline keeps the current "
+                       "count, local shares the CPUs among --max-parallel, slurm uses each task's CPUs)")
+    group.add_argument("--max-parallel", type=int, help="cells at once (local; default: one per CPU) or the job "
+                       "array's concurrency limit (slurm; default: none)")
+    group.add_argument("--slurm-partition", help="partition (default: the cluster's default)")
+    group.add_argument("--slurm-time", type=int, default=60, help="time limit per task in minutes (default 60)")
+    group.add_argument("--slurm-gpus-per-job", type=int, help="GPUs per task (default: 1 for a CUDA sweep, else 0)")
+    group.add_argument("--slurm-cpus-per-job", type=int, help="CPUs per task (default: --threads, else 1)")
+    group.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other parameter of submitit's Slurm executor, e.g. mem=16G, constraint=a100, "
+                            "account=proj (VALUE is JSON when it parses); repeatable")
+    group.add_argument("--detach", action="store_true", help="submit and return (slurm); collect later with "
+                       "`effattn status RUN` or the same command again")
+
+
+def executor_from_args(args: argparse.Namespace):  # -> ExecutorOptions
+    """The :class:`~efficient_attn.harness.executors.ExecutorOptions` of the command line.
+
+    Raises:
+        ValueError: a bad value (which option, what is allowed).
+    """
+    from efficient_attn.harness.executors import ExecutorOptions, parse_slurm_params
+
+    return ExecutorOptions(
+        name=args.executor, threads=args.threads, max_parallel=args.max_parallel, partition=args.slurm_partition,
+        time_min=args.slurm_time, gpus_per_job=args.slurm_gpus_per_job, cpus_per_job=args.slurm_cpus_per_job,
+        slurm_params=parse_slurm_params(args.slurm_param), detach=args.detach,
+    )
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("suite", nargs="?", default="default", help="suite name in bench/ or a TOML path "
                         "(default: default)")
@@ -69,6 +112,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "suite's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of parameters and inputs (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_executor_options(parser)
 
 
 def suite_from_args(args: argparse.Namespace, suite_name: str) -> Suite:
@@ -122,12 +166,13 @@ def summary_table(rows: list[dict[str, str]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from efficient_attn.harness.runfolder import ConfigMismatchError
+    from efficient_attn.harness.runfolder import ConfigMismatchError, RunFolderBusyError
     from efficient_attn.harness.suite import SuiteError
     from efficient_attn.harness.sweep import dry_run, run_sweep
 
     try:
         suite = suite_from_args(args, args.suite)
+        executor = executor_from_args(args)
         if args.dry_run:
             plan = dry_run(suite, device=args.device, include_peers=args.peers, budget_gb=args.budget_gb,
                            out_dir=args.out, seed=args.seed)
@@ -135,14 +180,25 @@ def run(args: argparse.Namespace) -> int:
             return 0
         out = args.out or Path("runs") / f"{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"effattn bench: suite {suite.name!r} -> {out}", file=sys.stderr)
-        result = run_sweep(suite, out, device=args.device, include_peers=args.peers, isolate=args.isolate,
-                           budget_gb=args.budget_gb, seed=args.seed, progress=not args.no_progress)
-    except (SuiteError, ConfigMismatchError, ValueError) as error:
+        common = dict(device=args.device, include_peers=args.peers, isolate=args.isolate, budget_gb=args.budget_gb,
+                      seed=args.seed, progress=not args.no_progress)
+        if executor.parallel:
+            from efficient_attn.harness.executors.driver import run_sweep_parallel
+
+            result = run_sweep_parallel(suite, out, executor, **common)
+        else:
+            result = run_sweep(suite, out, threads=executor.threads, **common)
+    except (SuiteError, ConfigMismatchError, RunFolderBusyError, ValueError) as error:
         print(f"effattn bench: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\neffattn bench: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    if result.unfinished:
+        print(f"effattn bench: {result.unfinished} cells not finished yet ({result.live_tasks} tasks pending or "
+              f"running); collect with `effattn status {out}` or run the same command again", file=sys.stderr)
+    if not result.rows:
+        return 0
     print(summary_table(result.rows))
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.statuses.items()))
     print(

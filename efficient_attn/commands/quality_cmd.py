@@ -12,6 +12,7 @@ Re-running with the same ``--out`` resumes: finished cells are skipped, metrics 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -68,8 +69,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"quality: {len(cells)} cells ({len(suite.tasks)} tasks x {len(suite.variants)} variants x "
           f"{len(suite.lengths)} lengths x {suite.seeds} seeds{' + heads sweep' if suite.heads_sweep else ''}) "
           f"-> {out}")
+    from efficient_attn.harness.runfolder import RunFolderBusyError
+
     started = time.perf_counter()
-    results = run_suite(suite, out, progress=not args.no_progress)
+    try:
+        results = run_suite(suite, out, progress=not args.no_progress)
+    except RunFolderBusyError as error:
+        print(f"effattn quality: error: {error}", file=sys.stderr)
+        return 2
     if not args.no_metrics:
         run_metrics(suite, out, progress=not args.no_progress)
     report = write_report(out, num_heads=suite.train.num_heads)
