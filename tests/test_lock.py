@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from efficient_attn import cli
-from efficient_attn.harness.runfolder import LOCK_FILE, RunFolder, RunFolderBusyError, lock_holder
+from efficient_attn.harness.runfolder import LOCK_FILE, RunFolder, RunFolderBusyError, duplicate_keys, lock_holder
 
 COLUMNS = ("task", "seed", "status")
 
@@ -95,3 +95,9 @@ def test_every_writing_command_refuses_a_folder_another_process_writes(holder, c
     assert rc == 2
     assert len(err) >= 1 and f"pid {proc.pid}" in err[-1] and "being written by" in err[-1]
     assert not (folder / "results.csv").read_text().count("\n") > 1  # no row was written
+
+
+def test_duplicated_cells_of_a_table_written_before_the_lock_are_found():
+    rows = [{"task": "a", "seed": "0"}, {"task": "a", "seed": "1"}, {"task": "a", "seed": "0"}]
+    assert duplicate_keys(rows, ("task", "seed")) == {("a", "0"): 2}
+    assert duplicate_keys(rows[:2], ("task", "seed")) == {}

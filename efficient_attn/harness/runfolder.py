@@ -57,6 +57,7 @@ __all__ = [
     "Session",
     "config_id",
     "csv_line",
+    "duplicate_keys",
     "format_value",
     "lock_holder",
     "read_rows",
@@ -563,3 +564,17 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return []
     with open(path, newline="", encoding="utf-8") as handle:
         return [row for row in csv.DictReader(handle) if None not in row.values()]
+
+
+def duplicate_keys(rows: Iterable[dict[str, str]], key_columns: tuple[str, ...]) -> dict[tuple[str, ...], int]:
+    """The keys that occur more than once in ``rows``, with their counts (``{}`` for a sound table).
+
+    A table written through :class:`RunFolder` has none (a key is appended once, one writer at a time); a table from
+    before the lock, or edited by hand, may. For a benchmark run folder:
+    ``duplicate_keys(read_rows(run / RESULTS_FILE), CONFIG_COLUMNS)``.
+    """
+    counts: dict[tuple[str, ...], int] = {}
+    for row in rows:
+        key = tuple(row.get(c, "") for c in key_columns)
+        counts[key] = counts.get(key, 0) + 1
+    return {key: n for key, n in counts.items() if n > 1}
