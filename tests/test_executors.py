@@ -2,6 +2,7 @@
 short; placeholders replaced), the ``debug`` executor (submitit's, in this process) against the inline sweep, the
 ``local`` executor's parallel subprocesses, tasks that ended without a result, older results schemas, CLI options."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -232,3 +233,68 @@ def test_bad_executor_options_are_one_line_errors(tmp_path, capsys, options, mes
 def test_slurm_params_parse_json_values():
     assert parse_slurm_params(["mem=16G", "exclusive=true", "nodes=2"]) == {"mem": "16G", "exclusive": True,
                                                                               "nodes": 2}
+
+
+# ----------------------------------------------------------------------------------------- the quality suite
+QUALITY_SUITE = """
+tasks = ["recall"]
+variants = ["full", "window"]
+lengths = [32]
+seeds = 2
+error_lengths = [32]
+[train]
+dim = 16
+depth = 1
+num_heads = 2
+batch_size = 4
+steps = 2
+warmup_steps = 1
+eval_size = 8
+[params]
+window = { window_size = 4 }
+"""
+
+
+def test_quality_cells_through_an_executor_match_the_inline_run(tmp_path):
+    from efficient_attn.quality.suite import KEY_COLUMNS, load_suite, plan_cells, run_suite
+
+    (tmp_path / "q.toml").write_text(QUALITY_SUITE)
+    suite = load_suite(tmp_path / "q.toml")
+    inline = read_rows(run_suite(suite, tmp_path / "inline", progress=False))
+    parallel = read_rows(run_suite(suite, tmp_path / "debug", progress=False,
+                                   executor=ExecutorOptions("debug", poll_s=0.01)))
+
+    def by_key(rows):
+        return {tuple(r[c] for c in KEY_COLUMNS): r["status"] for r in rows}
+
+    assert by_key(inline) == by_key(parallel) and len(parallel) == len(plan_cells(suite)) == 4
+    assert set(by_key(parallel).values()) == {"ok"}
+    assert (tmp_path / "debug" / "models").is_dir()  # the seed-0 models, saved by the tasks for the metrics
+    sessions = json.loads((tmp_path / "debug" / "meta.json").read_text())["sessions"]
+    assert sessions[-1]["executor"]["name"] == "debug"
+
+
+def test_a_quality_task_that_ended_without_a_result_is_an_error_row_and_rerun(tmp_path):
+    from efficient_attn.harness.executors.backends import TaskState
+    from efficient_attn.harness.executors.driver import CellKind, collect
+    from efficient_attn.quality.suite import (
+        placeholder_row, load_suite, open_run_folder, plan_cells, run_cell_task, run_suite,
+    )
+
+    (tmp_path / "q.toml").write_text(QUALITY_SUITE)
+    suite = load_suite(tmp_path / "q.toml")
+    cell = plan_cells(suite)[0]
+    folder = open_run_folder(tmp_path / "run", suite)
+    Ledger(folder.path).append([TaskRecord("9_1", "9", "1", "slurm", cell.key(), dataclasses.asdict(cell), None, 0)])
+
+    class Dead:
+        def states(self, records):
+            return {r.task_id: TaskState("OUT_OF_MEMORY") for r in records}
+
+    [row] = collect(folder, Dead(), [cell.key()], kind=CellKind(run_cell_task, placeholder_row)).new_rows
+    assert row["status"] == "error"  # quality rows have no oom status; the state is in the note
+    assert "state OUT_OF_MEMORY (task 9_1)" in row["note"] and is_placeholder(row)
+    folder.close()
+    run_suite(suite, tmp_path / "run", progress=False, executor=ExecutorOptions("debug", poll_s=0.01))
+    rows = {tuple(r[c] for c in ("task", "variant", "seed")): r for r in read_rows(tmp_path / "run" / "results.csv")}
+    assert len(rows) == 4 and rows[(cell.task, cell.variant, str(cell.seed))]["status"] == "ok"

@@ -1,12 +1,25 @@
 """Against a real Slurm (the one the environment reaches, or a one-node Slurm started by the ``slurm`` fixture in
-conftest.py through scripts/slurm-local.sh): submitit submits a job array there and gets every task's result back."""
+conftest.py through scripts/slurm-local.sh): submitit's job arrays there, and ``effattn bench --executor slurm``:
+12 cells as one array give the inline run's cells, keys and statuses; a task cancelled with scancel is recorded
+with its Slurm state and resubmitted by a rerun; a submitter killed with SIGKILL is collected by its rerun, every
+cell exactly once."""
 
 from __future__ import annotations
 
+import json
 import operator
-import os
+import signal
+import subprocess
+import sys
+import time
 
 import submitit
+
+from efficient_attn import cli
+from efficient_attn.harness.executors.driver import is_placeholder
+from efficient_attn.harness.executors.ledger import Ledger
+from efficient_attn.harness.runfolder import read_rows
+from efficient_attn.harness.schema import CONFIG_COLUMNS
 
 
 def test_map_array_returns_every_result_in_order(slurm, tmp_path):
@@ -23,18 +36,6 @@ def test_map_array_returns_every_result_in_order(slurm, tmp_path):
 
 
 # --------------------------------------------------------------------------------- effattn bench --executor slurm
-import json  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-from efficient_attn import cli  # noqa: E402
-from efficient_attn.harness.executors.driver import is_placeholder  # noqa: E402
-from efficient_attn.harness.executors.ledger import Ledger  # noqa: E402
-from efficient_attn.harness.runfolder import read_rows  # noqa: E402
-from efficient_attn.harness.schema import CONFIG_COLUMNS  # noqa: E402
-
 # 12 fast cells: full attention (naive, sdpa) x fwd, fwd_bwd x 3 lengths
 CELLS_12 = ["quick", "--lengths", "32,64,128", "--min-run-time", "0.01", "--no-progress"]
 

@@ -5,8 +5,11 @@ Example::
 
     effattn quality --out runs/quality                       # the default suite, bench/quality/default.toml
     effattn quality --tasks recall --variants full window --lengths 256 --seeds 1 --steps 50 --out /tmp/q
+    effattn quality --executor slurm --slurm-time 60 --out runs/quality   # every training cell an array task
 
-Re-running with the same ``--out`` resumes: finished cells are skipped, metrics and the report are rebuilt.
+Re-running with the same ``--out`` resumes: finished cells are skipped, metrics and the report are rebuilt. With
+``--executor local|slurm`` the cells train in parallel tasks (``--threads`` each); metrics and the report follow
+in this process once every cell has its row.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+from efficient_attn.commands.executor_options import add_executor_options, executor_from_args
 
 DEFAULT_SUITE = Path(__file__).resolve().parents[2] / "bench" / "quality" / "default.toml"
 
@@ -39,6 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-metrics", action="store_true", help="skip approximation error and head diversity")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--out", default=None, help="run folder (default: runs/quality-<UTC time>)")
+    add_executor_options(parser, threads=False)  # --threads above is the threads per cell for every executor
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,10 +79,15 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     try:
-        results = run_suite(suite, out, progress=not args.no_progress)
-    except RunFolderBusyError as error:
+        executor = executor_from_args(args)
+        results = run_suite(suite, out, progress=not args.no_progress, executor=executor)
+    except (RunFolderBusyError, ValueError) as error:
         print(f"effattn quality: error: {error}", file=sys.stderr)
         return 2
+    if executor.detach:
+        print(f"submitted; collect with the same command again (metrics and the report follow when every cell has "
+              f"its row)\nresults: {results}")
+        return 0
     if not args.no_metrics:
         run_metrics(suite, out, progress=not args.no_progress)
     report = write_report(out, num_heads=suite.train.num_heads)

@@ -1,7 +1,7 @@
 """The schedulers behind the ``local``, ``slurm`` and ``debug`` executors, through submitit.
 
-Each backend submits :func:`~efficient_attn.harness.executors.task.run_task` for a list of
-:class:`~efficient_attn.harness.executors.task.TaskRequest` and answers what state each submitted task is in
+Each backend submits a task function (:func:`~efficient_attn.harness.executors.task.run_task` for benchmark cells)
+for a list of requests (each with its ``cell`` dict and ``key``) and answers what state each submitted task is in
 (:meth:`states`): live (pending, running, completing, requeued) or ended, with the scheduler's final state.
 
 * :class:`SlurmBackend`: one job array (``map_array``) per submission; states from ``squeue`` (every state, array
@@ -23,11 +23,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from efficient_attn.harness.executors import ExecutorOptions
 from efficient_attn.harness.executors.ledger import TaskRecord
-from efficient_attn.harness.executors.task import TaskRequest, run_task
 
 __all__ = ["LIVE_STATES", "Backend", "DebugBackend", "LocalBackend", "SlurmBackend", "TaskState", "make_backend"]
 
@@ -51,12 +50,10 @@ class TaskState:
         return self.state in LIVE_STATES
 
 
-def _record(request: TaskRequest, executor: str, job_id: str, array_index: str, task_id: str) -> TaskRecord:
-    from efficient_attn.harness.plan import Cell
-
-    key = Cell(**request.cell).key()
-    return TaskRecord(task_id=task_id, job_id=job_id, array_index=array_index, executor=executor, key=key,
-                      cell=request.cell, cap=request.cap, submitted=time.time())
+def _record(request: Any, executor: str, job_id: str, array_index: str, task_id: str) -> TaskRecord:
+    return TaskRecord(task_id=task_id, job_id=job_id, array_index=array_index, executor=executor,
+                      key=tuple(request.key), cell=request.cell, cap=getattr(request, "cap", None),
+                      submitted=time.time())
 
 
 class Backend:
@@ -64,8 +61,8 @@ class Backend:
 
     name = "?"
 
-    def submit(self, requests: list[TaskRequest]) -> list[TaskRecord]:
-        """Submit (or queue) the tasks; returns the records of those actually submitted now."""
+    def submit(self, task: Callable[[Any], Any], requests: list[Any]) -> list[TaskRecord]:
+        """Submit (or queue) ``task(request)`` for each request; returns the records of those submitted now."""
         raise NotImplementedError
 
     def poll(self) -> list[TaskRecord]:
@@ -143,10 +140,10 @@ class SlurmBackend(Backend):
         params.update(options.slurm_params)
         self.executor.update_parameters(**params)
 
-    def submit(self, requests: list[TaskRequest]) -> list[TaskRecord]:
+    def submit(self, task: Callable[[Any], Any], requests: list[Any]) -> list[TaskRecord]:
         if not requests:
             return []
-        jobs = self.executor.map_array(run_task, requests)
+        jobs = self.executor.map_array(task, requests)
         records = []
         for request, job in zip(requests, jobs):
             array_id, _, index = job.job_id.partition("_")
@@ -217,11 +214,11 @@ class LocalBackend(Backend):
         self.executor = submitit.LocalExecutor(folder=str(Path(jobs_dir) / "%j"), python=sys.executable)
         self.executor.update_parameters(timeout_min=options.time_min)
         self.max_parallel = options.max_parallel or max(1, len(os.sched_getaffinity(0)))
-        self._waiting: list[TaskRequest] = []
+        self._waiting: list[tuple[Callable[[Any], Any], Any]] = []
         self._jobs: dict[str, Any] = {}  # task id -> submitit job of this process
 
-    def submit(self, requests: list[TaskRequest]) -> list[TaskRecord]:
-        self._waiting.extend(requests)
+    def submit(self, task: Callable[[Any], Any], requests: list[Any]) -> list[TaskRecord]:
+        self._waiting.extend((task, request) for request in requests)
         return self.poll()
 
     def queued(self) -> int:
@@ -234,8 +231,8 @@ class LocalBackend(Backend):
         started = []
         free = self.max_parallel - self._running()
         while self._waiting and free > 0:
-            request = self._waiting.pop(0)
-            job = self.executor.submit(run_task, request)
+            task, request = self._waiting.pop(0)
+            job = self.executor.submit(task, request)
             self._jobs[job.job_id] = job
             started.append(_record(request, self.name, job.job_id, "", job.job_id))
             free -= 1
@@ -272,10 +269,10 @@ class DebugBackend(Backend):
         self.executor = submitit.DebugExecutor(folder=str(jobs_dir))
         self._jobs: dict[str, Any] = {}
 
-    def submit(self, requests: list[TaskRequest]) -> list[TaskRecord]:
+    def submit(self, task: Callable[[Any], Any], requests: list[Any]) -> list[TaskRecord]:
         records = []
         for request in requests:
-            job = self.executor.submit(run_task, request)
+            job = self.executor.submit(task, request)
             self._jobs[job.job_id] = job
             records.append(_record(request, self.name, job.job_id, "", job.job_id))
         return records

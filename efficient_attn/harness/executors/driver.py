@@ -18,18 +18,19 @@ config, run folder, plan and OOM skips, the cells run by :func:`run_cells`.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Collection
 
 from efficient_attn.harness.cell import Timing, make_row
 from efficient_attn.harness.executors import ExecutorOptions
 from efficient_attn.harness.executors.backends import Backend, TaskState, make_backend
 from efficient_attn.harness.executors.ledger import Ledger, TaskRecord
-from efficient_attn.harness.executors.task import TaskRequest
+from efficient_attn.harness.executors.task import TaskRequest, run_task
 from efficient_attn.harness.plan import Cell, PlannedCell
 from efficient_attn.harness.runfolder import RunFolder
 
@@ -37,7 +38,18 @@ if TYPE_CHECKING:
     from efficient_attn.harness.suite import Suite
     from efficient_attn.harness.sweep import SweepResult
 
-__all__ = ["ENDED_NOTE", "Collected", "collect", "is_placeholder", "run_cells", "run_sweep_parallel"]
+__all__ = [
+    "BENCH",
+    "ENDED_NOTE",
+    "CellKind",
+    "Collected",
+    "collect",
+    "is_placeholder",
+    "placeholder_task",
+    "run_cells",
+    "run_sweep_parallel",
+    "run_tasks",
+]
 
 #: how the note of a row written for a task that ended without a result begins
 ENDED_NOTE = "task ended without a result:"
@@ -49,6 +61,44 @@ JOBS_DIR = "jobs"
 def is_placeholder(row: dict[str, str]) -> bool:
     """Whether ``row`` was written for a task that ended without a result (killed, cancelled, timed out, lost)."""
     return row.get("note", "").startswith(ENDED_NOTE)
+
+
+_TASK_IN_NOTE = re.compile(r"\(task (\S+?)(?: on [^)]*)?\)$")
+
+
+def placeholder_task(row: dict[str, str]) -> str | None:
+    """The task id a placeholder row was written for (its note ends ``(task <id>)`` or ``(task <id> on <node>)``)."""
+    match = _TASK_IN_NOTE.search(row.get("note", "")) if is_placeholder(row) else None
+    return match.group(1) if match else None
+
+
+def placeholder_note(record: TaskRecord, state: TaskState) -> str:
+    """The note of a placeholder row: the scheduler's state and which task it was."""
+    where = f" on {state.node}" if state.node else ""
+    return f"{ENDED_NOTE} {record.executor} state {state.state} (task {record.task_id}{where})"
+
+
+@dataclass(frozen=True)
+class CellKind:
+    """What the driver needs to know about one kind of cell (benchmark cells, quality training cells).
+
+    Attributes:
+        task: runs one request on its allocation and writes its shard (submitit pickles it by reference).
+        placeholder: the row of a task that ended without a result: ``(record, state)`` -> complete row.
+    """
+
+    task: Callable[[Any], Any]
+    placeholder: Callable[[TaskRecord, TaskState], dict[str, str]]
+
+
+def _bench_placeholder(record: TaskRecord, state: TaskState) -> dict[str, str]:
+    status = "oom" if state.state in OOM_STATES else "error"
+    return make_row(Cell(**record.cell), status=status, note=placeholder_note(record, state), host=state.node,
+                    job_id=record.job_id, array_index=record.array_index)
+
+
+#: benchmark cells (:class:`~efficient_attn.harness.executors.task.TaskRequest`, :func:`run_task`)
+BENCH = CellKind(task=run_task, placeholder=_bench_placeholder)
 
 
 @dataclass
@@ -68,27 +118,16 @@ class Collected:
         return len(self.running) + len(self.pending)
 
 
-def _placeholder_row(record: TaskRecord, state: TaskState) -> dict[str, str]:
-    status = "oom" if state.state in OOM_STATES else "error"
-    where = f" on {state.node}" if state.node else ""
-    note = f"{ENDED_NOTE} {record.executor} state {state.state} (task {record.task_id}{where})"
-    host = state.node or ""
-    return make_row(Cell(**record.cell), status=status, note=note, host=host, job_id=record.job_id,
-                    array_index=record.array_index)
-
-
 def _resolved(row: dict[str, str] | None, record: TaskRecord) -> bool:
     """Whether the cell of ``record`` needs nothing more from that task: a real row, or its placeholder."""
     if row is None:
         return False
-    if not is_placeholder(row):
-        return True
-    return (row["job_id"], row["array_index"]) == (record.job_id, record.array_index)
+    return not is_placeholder(row) or placeholder_task(row) == record.task_id
 
 
-def collect(folder: RunFolder, backend: Backend | None, planned: dict[tuple[str, ...], PlannedCell], *,
-            ended_once: set[str] | None = None) -> Collected:
-    """Merge arrived shards, then give a row to each current task that ended without one.
+def collect(folder: RunFolder, backend: Backend | None, planned: Collection[tuple[str, ...]], *,
+            kind: CellKind = BENCH, ended_once: set[str] | None = None) -> Collected:
+    """Merge arrived shards of the ``planned`` keys, then give a row to each current task that ended without one.
 
     ``ended_once`` carries the tasks seen ended without a shard at the previous look: a task gets its placeholder
     only at the second look that finds it ended and shard-less (a shard written just before the end may take a
@@ -118,7 +157,7 @@ def collect(folder: RunFolder, backend: Backend | None, planned: dict[tuple[str,
             ended_once.add(record.task_id)
             result.running.append(record.task_id)  # ended a moment ago: its shard may still be on its way
             continue
-        placeholder = _placeholder_row(record, state)
+        placeholder = kind.placeholder(record, state)
         if row is None:
             folder.append(placeholder)
         else:
@@ -130,7 +169,7 @@ def collect(folder: RunFolder, backend: Backend | None, planned: dict[tuple[str,
             if key not in latest:
                 result.not_submitted += 1
         elif is_placeholder(row):
-            result.failed.append(f"{row['job_id']}_{row['array_index']}".rstrip("_"))
+            result.failed.append(placeholder_task(row) or "?")
         else:
             result.done += 1
     return result
@@ -138,6 +177,86 @@ def collect(folder: RunFolder, backend: Backend | None, planned: dict[tuple[str,
 
 def _needs_run(row: dict[str, str] | None) -> bool:
     return row is None or is_placeholder(row)
+
+
+def run_tasks(
+    folder: RunFolder,
+    planned: Collection[tuple[str, ...]],
+    requests: Callable[[tuple[str, ...]], Any],
+    options: ExecutorOptions,
+    *,
+    kind: CellKind = BENCH,
+    device: str = "cpu",
+    skip_row: Callable[[tuple[str, ...]], dict[str, str] | None] | None = None,
+    progress: bool = True,
+    on_row: Callable[[dict[str, str]], None] | None = None,
+) -> tuple[int, Collected]:
+    """Run the cells ``planned`` (their keys) through the executor of ``options`` into ``folder`` (whose lock this
+    process holds): collect what an earlier submitter left, submit ``requests(key)`` for each cell with neither a row
+    nor a live task (or with a placeholder), then collect until every cell has its row (or return at once with
+    ``detach``).
+
+    Args:
+        requests: the task request of a cell (what ``kind.task`` runs), by key.
+        device: the sweep's device (a CUDA sweep asks Slurm for a GPU per task by default).
+        skip_row: a row to record for a cell without running it (e.g. ``skipped_after_oom`` after a known OOM of its
+            group), or None to run it.
+
+    Returns:
+        ``(rows this call added or replaced, the last look)``.
+    """
+    planned = list(planned)
+    backend = make_backend(options, folder.path / JOBS_DIR, device=device)
+    ledger = Ledger(folder.path)
+    first = collect(folder, backend, planned, kind=kind)  # what an earlier submitter left
+    new_rows = len(first.new_rows)
+    live = set(first.running) | set(first.pending)
+    live_keys = {r.key for r in ledger.latest().values() if r.task_id in live}
+    todo = []
+    for key in planned:
+        if key in live_keys or not _needs_run(folder.finished.get(key)):
+            continue
+        row = skip_row(key) if skip_row is not None else None
+        if row is not None:
+            (folder.append if key not in folder.finished else folder.replace)(row)
+            new_rows += 1
+            continue
+        todo.append(requests(key))
+    ledger.append(backend.submit(kind.task, todo))
+    if options.detach:
+        look = collect(folder, None, planned, kind=kind)
+        return new_rows + len(look.new_rows), look
+    from tqdm import tqdm
+
+    done = sum(1 for k in planned if k in folder.finished and not _needs_run(folder.finished[k]))
+    bar = tqdm(total=len(planned), initial=done, disable=not progress, unit="cell", dynamic_ncols=True,
+               file=sys.stderr)
+    ended_once: set[str] = set()
+    try:
+        while True:
+            ledger.append(backend.poll())
+            look = collect(folder, backend, planned, kind=kind, ended_once=ended_once)
+            new_rows += len(look.new_rows)
+            for row in look.new_rows:
+                if on_row is not None:
+                    on_row(row)
+            bar.n = sum(1 for k in planned if k in folder.finished)
+            bar.set_postfix_str(f"{len(look.running)} running, {len(look.pending) + backend.queued()} pending",
+                                refresh=True)
+            if look.live == 0 and backend.queued() == 0:
+                return new_rows, look
+            time.sleep(options.poll_s)
+    finally:
+        bar.close()
+
+
+def threads_per_task(options: ExecutorOptions) -> int | None:
+    """The threads of each task: ``--threads``, else for ``local`` this machine's CPUs shared among
+    ``--max-parallel`` (None: slurm tasks use their allocation's CPUs)."""
+    if options.threads is not None or options.name != "local":
+        return options.threads
+    cpus = len(os.sched_getaffinity(0))
+    return max(1, cpus // (options.max_parallel or cpus))
 
 
 def run_cells(
@@ -154,68 +273,23 @@ def run_cells(
     progress: bool = True,
     on_row: Callable[[dict[str, str]], None] | None = None,
 ) -> tuple[int, Collected]:
-    """Run ``planned`` through the executor of ``options`` into ``folder`` (whose lock this process holds).
-
-    Args:
-        skip_row: a row to record for a cell without running it (e.g. ``skipped_after_oom`` after a known OOM of its
-            group), or None to run it.
-
-    Returns:
-        ``(rows this call added or replaced, the last look)``.
-    """
+    """:func:`run_tasks` for benchmark cells: one :class:`~efficient_attn.harness.executors.task.TaskRequest` each."""
     by_key = {p.cell.key(): p for p in planned}
-    device = planned[0].cell.device if planned else "cpu"
-    backend = make_backend(options, folder.path / JOBS_DIR, device=device)
-    ledger = Ledger(folder.path)
-    first = collect(folder, backend, by_key)  # what an earlier submitter left: merge, and record its dead tasks
-    new_rows = len(first.new_rows)
-    live_keys = {r.key for r in ledger.latest().values()
-                 if r.task_id in set(first.running) | set(first.pending)}
-    threads = options.threads
-    if threads is None and options.name == "local":
-        threads = max(1, len(os.sched_getaffinity(0)) // (options.max_parallel or len(os.sched_getaffinity(0))))
-    requests = []
-    for p in planned:
-        key = p.cell.key()
-        if key in live_keys or not _needs_run(folder.finished.get(key)):
-            continue
-        row = skip_row(p) if skip_row is not None else None
-        if row is not None:
-            (folder.append if key not in folder.finished else folder.replace)(row)
-            new_rows += 1
-            continue
-        requests.append(TaskRequest(
+    threads = threads_per_task(options)
+
+    def request(key: tuple[str, ...]) -> TaskRequest:
+        p = by_key[key]
+        return TaskRequest(
             folder=str(folder.path.resolve()), config_id=folder.config_id, cell=p.cell.to_dict(), cap=p.cap,
             budget_gb=budget_gb, timing=vars(timing).copy(), seed=seed, depth=depth, isolate=isolate,
             threads=threads,
-        ))
-    ledger.append(backend.submit(requests))
-    if options.detach:
-        look = collect(folder, None, by_key)
-        return new_rows + len(look.new_rows), look
-    from tqdm import tqdm
+        )
 
-    done_keys = {k for k in by_key if k in folder.finished and not _needs_run(folder.finished[k])}
-    bar = tqdm(total=len(by_key), initial=len(done_keys), disable=not progress, unit="cell", dynamic_ncols=True,
-               file=sys.stderr)
-    ended_once: set[str] = set()
-    try:
-        while True:
-            ledger.append(backend.poll())
-            look = collect(folder, backend, by_key, ended_once=ended_once)
-            new_rows += len(look.new_rows)
-            for row in look.new_rows:
-                if on_row is not None:
-                    on_row(row)
-            finished = sum(1 for k in by_key if k in folder.finished)
-            bar.n = finished
-            bar.set_postfix_str(f"{len(look.running)} running, {len(look.pending) + backend.queued()} pending",
-                                refresh=True)
-            if look.live == 0 and backend.queued() == 0:
-                return new_rows, look
-            time.sleep(options.poll_s)
-    finally:
-        bar.close()
+    return run_tasks(
+        folder, list(by_key), request, options, kind=BENCH, device=planned[0].cell.device if planned else "cpu",
+        skip_row=(lambda key: skip_row(by_key[key])) if skip_row is not None else None, progress=progress,
+        on_row=on_row,
+    )
 
 
 def run_sweep_parallel(

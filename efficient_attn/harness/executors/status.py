@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from efficient_attn.harness.executors.backends import Backend, LocalBackend, SlurmBackend
-from efficient_attn.harness.executors.driver import JOBS_DIR, Collected, collect, is_placeholder
+from efficient_attn.harness.executors.driver import JOBS_DIR, Collected, collect, is_placeholder, placeholder_task
 from efficient_attn.harness.executors.ledger import Ledger
 from efficient_attn.harness.plan import PlannedCell, plan_cells
 from efficient_attn.harness.runfolder import RunFolderBusyError, lock_holder, read_rows
@@ -141,7 +141,7 @@ def _look_only(path: Path, ledger: Ledger, backend: Backend | None,
                 look.not_submitted += 1
         elif is_placeholder(row):
             if key not in live:
-                look.failed.append(f"{row['job_id']}_{row['array_index']}".rstrip("_"))
+                look.failed.append(placeholder_task(row) or "?")
         else:
             look.done += 1
     return look

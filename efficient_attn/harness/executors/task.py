@@ -48,6 +48,13 @@ class TaskRequest:
     threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def key(self) -> tuple[str, ...]:
+        """The cell's key (its configuration columns as written)."""
+        from efficient_attn.harness.plan import Cell
+
+        return Cell(**self.cell).key()
+
 
 def cell_digest(key: tuple[str, ...]) -> str:
     """A short stable name for a cell key (shard file names)."""
