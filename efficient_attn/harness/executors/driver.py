@@ -75,7 +75,11 @@ def placeholder_task(row: dict[str, str]) -> str | None:
 def placeholder_note(record: TaskRecord, state: TaskState) -> str:
     """The note of a placeholder row: the scheduler's state and which task it was."""
     where = f" on {state.node}" if state.node else ""
-    return f"{ENDED_NOTE} {record.executor} state {state.state} (task {record.task_id}{where})"
+    why = ""
+    if state.state == "UNKNOWN":
+        why = (" - the scheduler no longer knows the task (cancelled before it started, or forgotten after "
+               "MinJobAge with no accounting to ask)")
+    return f"{ENDED_NOTE} {record.executor} state {state.state}{why} (task {record.task_id}{where})"
 
 
 @dataclass(frozen=True)
