@@ -1,11 +1,21 @@
 """One transformer backbone shared by every attention variant.
 
-Token embedding -> positions (sinusoidal | learned | none) -> ``depth`` pre-LN blocks -> final LayerNorm -> a head:
+Token embedding -> positions -> ``depth`` pre-LN blocks -> final LayerNorm -> a head:
 
 * ``task="lm"``: causal language model; ``model(tokens)`` returns logits ``(batch, seq, vocab_size)``.
 * ``task="classify"``: encoder classifier; ``model(tokens, key_padding_mask)`` returns ``(batch, num_classes)``,
   pooling by the mean over real tokens (``pooling="mean"``) or taking the first token's state (``pooling="first"``,
   BERT's [CLS] convention: the first token must gather what the answer needs through attention).
+* ``task="seq2seq"``: encoder-decoder (Vaswani et al. 2017): ``model(src, key_padding_mask, decoder_tokens=tgt)``
+  returns logits ``(batch, tgt_len, vocab_size)``. The encoder uses ``attention_key`` (any variant, non-causal);
+  each decoder block has causal self-attention (``decoder_attention``, any causal-capable variant), cross-attention
+  to the encoder output (``cross_attention``, a variant that accepts a query length != key length) and an MLP.
+
+Positions: ``"sinusoidal"`` / ``"learned"`` tables added to the embedding, ``"none"``, or inside attention:
+``"rope"`` (every self-attention rotates q and k; Su et al. 2021) or ``"alibi"`` (every self-attention biases its
+scores by distance; Press et al. 2022; exact variants only). Cross-attention gets no positions. ``num_kv_heads``
+gives every attention grouped key/value heads. Packed batches: ``model(tokens, document_ids=...)`` attends each
+document alone, with positions restarting at every document.
 
 Each block is ``x + Attention(LN(x))`` then ``x + MLP(LN(x))`` (pre-LN, Xiong et al. 2020, arXiv:2002.04745), with the
 attention built from the registry by key, so every variant runs in exactly the same network. The whole backbone is
@@ -22,22 +32,31 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from efficient_attn.attention.base import variants_supporting
+from efficient_attn.attention.positions import default_positions
 from efficient_attn.errors import require_positive_int
 from efficient_attn.registry import build_attention, get_spec
 
-TASKS = ("lm", "classify")
-POSITIONALS = ("sinusoidal", "learned", "none")
+TASKS = ("lm", "classify", "seq2seq")
+POSITIONALS = ("sinusoidal", "learned", "none", "rope", "alibi")
+#: Positions added to the token embedding (the others act inside attention).
+TABLE_POSITIONALS = ("sinusoidal", "learned")
 POOLINGS = ("mean", "first")
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
-def sinusoidal_table(seq_len: int, dim: int, device: torch.device | None = None) -> Tensor:
-    """The fixed sin/cos position table of Vaswani et al. 2017: ``(seq_len, dim)``."""
-    position = torch.arange(seq_len, device=device, dtype=torch.float32)[:, None]  # (n, 1)
+def sinusoidal_table(
+    seq_len: int, dim: int, device: torch.device | None = None, positions: Tensor | None = None
+) -> Tensor:
+    """The fixed sin/cos position table of Vaswani et al. 2017: ``(seq_len, dim)``, or ``(*positions.shape, dim)`` at
+    the given int ``positions``."""
+    if positions is None:
+        positions = torch.arange(seq_len, device=device)
+    position = positions.to(torch.float32)[..., None]  # (..., 1)
     freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(seq_len, dim, device=device)
-    table[:, 0::2] = torch.sin(position * freq)
-    table[:, 1::2] = torch.cos(position * freq[: dim // 2])
+    table = torch.zeros(*positions.shape, dim, device=device)
+    table[..., 0::2] = torch.sin(position * freq)
+    table[..., 1::2] = torch.cos(position * freq[: dim // 2])
     return table
 
 
@@ -66,8 +85,35 @@ class Block(nn.Module):
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio, activation, dropout)
 
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        x = x + self.drop(self.attn(self.norm_attn(x), key_padding_mask=key_padding_mask))
+    def forward(
+        self, x: Tensor, key_padding_mask: Tensor | None = None, document_ids: Tensor | None = None
+    ) -> Tensor:
+        extra = {} if document_ids is None else {"document_ids": document_ids}
+        x = x + self.drop(self.attn(self.norm_attn(x), key_padding_mask=key_padding_mask, **extra))
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LN decoder block: causal self-attention, cross-attention to the encoder output, MLP (each residual)."""
+
+    def __init__(
+        self, self_attention: nn.Module, cross_attention: nn.Module, dim: int, mlp_ratio: int, activation: str,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.norm_self = nn.LayerNorm(dim)
+        self.self_attn = self_attention
+        self.norm_cross = nn.LayerNorm(dim)
+        self.cross_attn = cross_attention
+        self.drop = nn.Dropout(dropout)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, mlp_ratio, activation, dropout)
+
+    def forward(
+        self, x: Tensor, memory: Tensor, memory_padding_mask: Tensor | None, padding_mask: Tensor | None
+    ) -> Tensor:
+        x = x + self.drop(self.self_attn(self.norm_self(x), key_padding_mask=padding_mask))
+        x = x + self.drop(self.cross_attn(self.norm_cross(x), key_padding_mask=memory_padding_mask, context=memory))
         return x + self.mlp(self.norm_mlp(x))
 
 
@@ -94,6 +140,10 @@ class ModelConfig:
         pooling: ``"mean"`` over real tokens or ``"first"`` token (``task="classify"``).
         attention_params: the attention config's own fields (a misspelt name is a ``TypeError`` there); after
             creation it includes the ``max_len`` filled in for attentions that have one.
+        num_kv_heads: key/value heads of every attention (None = ``num_heads``; grouped-query attention below).
+        decoder_attention: ``task="seq2seq"``: registry key of the decoder's causal self-attention.
+        cross_attention: ``task="seq2seq"``: registry key of the decoder's cross-attention.
+        decoder_params, cross_params: the own config fields of those two attentions.
 
     Raises:
         KeyError: unknown ``attention_key``.
@@ -116,6 +166,11 @@ class ModelConfig:
     tie_weights: bool = False
     pooling: str = "mean"
     attention_params: dict[str, Any] = field(default_factory=dict)
+    num_kv_heads: int | None = None
+    decoder_attention: str | None = None
+    cross_attention: str | None = None
+    decoder_params: dict[str, Any] = field(default_factory=dict)
+    cross_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         spec = get_spec(self.attention_key)
@@ -127,6 +182,13 @@ class ModelConfig:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
         for name in ("vocab_size", "depth", "max_len", "mlp_ratio"):
             require_positive_int(name, getattr(self, name))
+        if self.num_kv_heads is not None:
+            valid = [h for h in range(1, self.num_heads + 1) if isinstance(self.num_heads, int) and self.num_heads % h == 0]
+            if isinstance(self.num_kv_heads, bool) or self.num_kv_heads not in valid:
+                raise ValueError(
+                    f"num_kv_heads must divide num_heads={self.num_heads}, got {self.num_kv_heads!r}; valid values: "
+                    f"{', '.join(map(str, valid))}"
+                )
         num_classes = self.num_classes
         if self.task == "classify":
             if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -140,18 +202,76 @@ class ModelConfig:
         if self.causal and not spec.supports_causal:
             reason = spec.module_cls.causal_unsupported_reason
             raise ValueError(f"attention {self.attention_key!r} cannot be used with task='lm' (causal): {reason}")
-        params = dict(self.attention_params)
-        if "causal" in params:
-            raise TypeError("causal is set by the task ('lm' is causal, 'classify' is not); do not pass it")
-        config_fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+        object.__setattr__(self, "attention_params", self._attention_fields(self.attention_key, self.attention_params))
+        self._check_positional(self.attention_key, "attention_key")
+        if self.task == "seq2seq":
+            decoder = "full" if self.decoder_attention is None else self.decoder_attention
+            cross = "full" if self.cross_attention is None else self.cross_attention
+            object.__setattr__(self, "decoder_attention", decoder)
+            object.__setattr__(self, "cross_attention", cross)
+            decoder_spec = get_spec(decoder)  # KeyError with the nearest keys
+            if not decoder_spec.supports_causal:
+                raise ValueError(
+                    f"decoder_attention {decoder!r} cannot be causal: {decoder_spec.module_cls.causal_unsupported_reason}"
+                )
+            self._check_positional(decoder, "decoder_attention")
+            if not get_spec(cross).module_cls.supports_cross_attention:
+                raise ValueError(
+                    f"cross_attention {cross!r} does not support cross-attention (query length != key length); "
+                    f"variants that do: {', '.join(variants_supporting('cross'))}"
+                )
+            if not get_spec(cross).module_cls.queries_independent:
+                raise ValueError(
+                    f"cross_attention {cross!r} mixes the queries of a sequence (its outputs at t depend on later "
+                    "decoder positions), so the decoder would not be causal; use "
+                    + ", ".join(k for k in variants_supporting("cross") if get_spec(k).module_cls.queries_independent)
+                )
+            object.__setattr__(self, "decoder_params", self._attention_fields(decoder, self.decoder_params))
+            object.__setattr__(self, "cross_params", self._attention_fields(cross, self.cross_params))
+        else:
+            for name in ("decoder_attention", "cross_attention"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is only used with task='seq2seq'")
+            for name in ("decoder_params", "cross_params"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} is only used with task='seq2seq'")
+
+    def _attention_fields(self, key: str, given: dict[str, Any]) -> dict[str, Any]:
+        """The attention config fields of ``key``: ``given`` plus ``max_len`` where the config has one."""
+        params = dict(given)
+        for name, owner in (("causal", "the task ('lm' is causal, 'classify' is not)"),
+                            ("num_kv_heads", "the model's num_kv_heads"), ("rope", "positional='rope'"),
+                            ("alibi", "positional='alibi'")):
+            if name in params:
+                raise TypeError(f"{name} is set by {owner}; do not pass it in the attention parameters")
+        config_fields = {f.name for f in dataclasses.fields(get_spec(key).config_cls)}
         if "max_len" in config_fields and "max_len" not in params:
             params["max_len"] = self.max_len
-        object.__setattr__(self, "attention_params", params)  # frozen: set once, here
+        return params
+
+    def _check_positional(self, key: str, field_name: str) -> None:
+        if self.positional == "alibi" and not get_spec(key).module_cls.alibi_backends:
+            raise ValueError(
+                f"positional='alibi' needs exact softmax scores, which {field_name} {key!r} never forms; variants "
+                f"that support it: {', '.join(variants_supporting('alibi'))}"
+            )
 
     @property
     def causal(self) -> bool:
-        """Whether every attention is causal: ``task="lm"`` is, ``task="classify"`` is not."""
+        """Whether the (encoder) attention is causal: ``task="lm"`` is; ``"classify"`` and the seq2seq encoder are
+        not (the seq2seq decoder's self-attention always is)."""
         return self.task == "lm"
+
+    def self_attention_fields(self) -> dict[str, Any]:
+        """Fields every self-attention gets from the backbone: ``num_kv_heads`` and the in-attention positions."""
+        fields: dict[str, Any] = {}
+        if self.num_kv_heads is not None:
+            fields["num_kv_heads"] = self.num_kv_heads
+        if self.positional == "rope":
+            fields["rope"] = True
+        elif self.positional == "alibi":
+            fields["alibi"] = True
+        return fields
 
 
 class TransformerModel(nn.Module):
@@ -169,6 +289,7 @@ class TransformerModel(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, dim)
         self.position_embedding = nn.Embedding(config.max_len, dim) if config.positional == "learned" else None
         self.embed_drop = nn.Dropout(config.dropout)
+        positions = config.self_attention_fields()
         self.blocks = nn.ModuleList(
             Block(
                 build_attention(
@@ -176,6 +297,7 @@ class TransformerModel(nn.Module):
                     dim=dim,
                     num_heads=config.num_heads,
                     causal=config.causal,
+                    **positions,
                     **config.attention_params,
                 ),
                 dim,
@@ -186,7 +308,21 @@ class TransformerModel(nn.Module):
             for _ in range(config.depth)
         )
         self.norm = nn.LayerNorm(dim)
-        if config.task == "lm":
+        self.decoder_blocks: nn.ModuleList | None = None
+        if config.task == "seq2seq":
+            kv = {} if config.num_kv_heads is None else {"num_kv_heads": config.num_kv_heads}
+            self.decoder_blocks = nn.ModuleList(
+                DecoderBlock(
+                    build_attention(config.decoder_attention, dim=dim, num_heads=config.num_heads, causal=True,
+                                    **positions, **config.decoder_params),
+                    build_attention(config.cross_attention, dim=dim, num_heads=config.num_heads, **kv,
+                                    **config.cross_params),
+                    dim, config.mlp_ratio, config.activation, config.dropout,
+                )
+                for _ in range(config.depth)
+            )
+            self.decoder_norm = nn.LayerNorm(dim)
+        if config.task in ("lm", "seq2seq"):
             self.head = nn.Linear(dim, config.vocab_size, bias=False)
             if config.tie_weights:
                 self.head.weight = self.token_embedding.weight
@@ -204,8 +340,9 @@ class TransformerModel(nn.Module):
         """``"lm"`` or ``"classify"``."""
         return self.config.task
 
-    def embed(self, tokens: Tensor) -> Tensor:
-        """Token plus position embeddings: ``(batch, seq)`` -> ``(batch, seq, dim)``."""
+    def embed(self, tokens: Tensor, document_ids: Tensor | None = None) -> Tensor:
+        """Token plus position embeddings: ``(batch, seq)`` -> ``(batch, seq, dim)``; table positions restart at every
+        packed document."""
         seq_len = tokens.shape[1]
         max_len = self.config.max_len
         if self.config.positional == "learned" and seq_len > max_len:
@@ -214,24 +351,67 @@ class TransformerModel(nn.Module):
                 "build the model with a larger max_len or positional='sinusoidal'"
             )
         x = self.token_embedding(tokens)
-        if self.position_embedding is not None:
-            x = x + self.position_embedding(torch.arange(seq_len, device=tokens.device))
-        elif self.config.positional == "sinusoidal":
-            x = x + sinusoidal_table(seq_len, x.shape[-1], tokens.device).to(x.dtype)
+        if self.config.positional in TABLE_POSITIONALS:
+            positions = (
+                torch.arange(seq_len, device=tokens.device)
+                if document_ids is None
+                else default_positions(tokens.shape[0], seq_len, document_ids, tokens.device)
+            )
+            if self.position_embedding is not None:
+                x = x + self.position_embedding(positions)
+            else:
+                x = x + sinusoidal_table(seq_len, x.shape[-1], tokens.device, positions).to(x.dtype)
         return self.embed_drop(x)
 
-    def features(self, tokens: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """The final hidden states after the last LayerNorm: ``(batch, seq, dim)``."""
+    def features(
+        self, tokens: Tensor, key_padding_mask: Tensor | None = None, *, document_ids: Tensor | None = None
+    ) -> Tensor:
+        """The final hidden states (of the encoder, for seq2seq) after the last LayerNorm: ``(batch, seq, dim)``."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, seq), got shape {tuple(tokens.shape)}")
-        x = self.embed(tokens)
+        x = self.embed(tokens, document_ids)
         for block in self.blocks:
-            x = block(x, key_padding_mask=key_padding_mask)
+            x = block(x, key_padding_mask=key_padding_mask, document_ids=document_ids)
         return self.norm(x)
 
-    def forward(self, tokens: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """LM: logits ``(batch, seq, vocab_size)``; classify: logits ``(batch, num_classes)``."""
-        hidden = self.features(tokens, key_padding_mask)
+    def decode(
+        self, decoder_tokens: Tensor, memory: Tensor, memory_padding_mask: Tensor | None = None,
+        decoder_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """seq2seq: decoder logits ``(batch, tgt_len, vocab_size)`` for ``decoder_tokens`` ``(batch, tgt_len)`` given
+        the encoder output ``memory`` ``(batch, src_len, dim)``. Causal: logits at t depend on tokens 0..t only."""
+        if self.decoder_blocks is None:
+            raise ValueError(f"decode is for task='seq2seq', not {self.task!r}")
+        if decoder_tokens.dim() != 2:
+            raise ValueError(f"decoder_tokens must be (batch, tgt_len), got shape {tuple(decoder_tokens.shape)}")
+        y = self.embed(decoder_tokens)
+        for block in self.decoder_blocks:
+            y = block(y, memory, memory_padding_mask, decoder_padding_mask)
+        return self.head(self.decoder_norm(y))
+
+    def forward(
+        self,
+        tokens: Tensor,
+        key_padding_mask: Tensor | None = None,
+        *,
+        document_ids: Tensor | None = None,
+        decoder_tokens: Tensor | None = None,
+        decoder_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """LM: logits ``(batch, seq, vocab_size)``; classify: logits ``(batch, num_classes)``; seq2seq: decoder
+        logits ``(batch, tgt_len, vocab_size)`` (``tokens`` is the source, ``decoder_tokens`` the shifted target).
+
+        ``document_ids`` int ``(batch, seq)`` (lm, classify): packed documents, each attended alone."""
+        if self.task == "seq2seq":
+            if decoder_tokens is None:
+                raise ValueError("task='seq2seq' needs decoder_tokens (the target shifted right)")
+            if document_ids is not None:
+                raise ValueError("document_ids (packing) is not supported with task='seq2seq'")
+            memory = self.features(tokens, key_padding_mask)
+            return self.decode(decoder_tokens, memory, key_padding_mask, decoder_padding_mask)
+        if decoder_tokens is not None or decoder_padding_mask is not None:
+            raise ValueError(f"decoder_tokens are for task='seq2seq', not {self.task!r}")
+        hidden = self.features(tokens, key_padding_mask, document_ids=document_ids)
         if self.task == "lm":
             return self.head(hidden)
         if self.config.pooling == "first":
@@ -260,6 +440,11 @@ def build_model(
     activation: str = "gelu",
     tie_weights: bool = False,
     pooling: str = "mean",
+    num_kv_heads: int | None = None,
+    decoder_attention: str | None = None,
+    cross_attention: str | None = None,
+    decoder_params: dict[str, Any] | None = None,
+    cross_params: dict[str, Any] | None = None,
     **attention_params: Any,
 ) -> TransformerModel:
     """Build the shared backbone with the attention registered under ``attention_key`` in every block.
@@ -267,7 +452,8 @@ def build_model(
     The keywords are the fields of :class:`ModelConfig` (which validates them); ``attention_params`` go to the
     attention's config (so a misspelt name is a ``TypeError`` there); ``max_len`` is also passed to any attention
     config with a ``max_len`` field. ``task="lm"`` makes every attention causal and is refused for variants that
-    cannot be causal.
+    cannot be causal. ``task="seq2seq"`` takes ``decoder_attention`` and ``cross_attention`` keys (default ``"full"``)
+    with their own ``decoder_params`` / ``cross_params``.
     """
     config = ModelConfig(
         attention_key=attention_key,
@@ -285,5 +471,10 @@ def build_model(
         tie_weights=tie_weights,
         pooling=pooling,
         attention_params=attention_params,
+        num_kv_heads=num_kv_heads,
+        decoder_attention=decoder_attention,
+        cross_attention=cross_attention,
+        decoder_params=dict(decoder_params or {}),
+        cross_params=dict(cross_params or {}),
     )
     return TransformerModel(config)

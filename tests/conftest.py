@@ -71,7 +71,8 @@ def slurm():
             start = subprocess.run(["bash", str(SLURM_LOCAL), "start"], capture_output=True, text=True, timeout=300,
                                    env=env)
             if start.returncode == _NOT_POSSIBLE_HERE:
-                pytest.skip(f"no Slurm reachable and scripts/slurm-local.sh cannot start one here: {start.stderr.strip()}")
+                pytest.skip("no Slurm reachable and scripts/slurm-local.sh cannot start one here: "
+                            f"{start.stderr.strip()}")
             if start.returncode != 0:
                 pytest.fail(f"scripts/slurm-local.sh start failed (rc {start.returncode}):\n{start.stderr}")
         partition = _default_partition()

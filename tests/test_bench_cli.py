@@ -89,8 +89,8 @@ def test_variant_params_overrides():
         override_suite(suite, variant_params=["full.dropot=0.1"])
     with pytest.raises(SuiteError, match="not among the variants"):
         override_suite(suite, variant_params=["window.window_size=8"])
-    with pytest.raises(SuiteError, match="none of torch"):
-        override_suite(suite, backends="torch")
+    with pytest.raises(SuiteError, match="none of sdp"):
+        override_suite(suite, backends="sdp")
 
 
 def test_suite_validation_names_the_bad_key_and_the_nearest():

@@ -115,3 +115,45 @@ def test_causal_variants_ignore_the_future(key):
 def test_non_causal_variants_refuse_causal_with_reason(key):
     with pytest.raises(ValueError, match=rf"attention '{key}' cannot be causal: \w+"):
         build_for_test(key, causal=True)
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_declared_capabilities_match_behaviour(key):
+    """What ``effattn list`` shows (attention.base.capabilities) is what the variant does."""
+    from efficient_attn.attention.base import capabilities
+
+    caps = capabilities(ea.get_spec(key).module_cls)
+    if caps["gqa"]:
+        assert build_for_test(key, num_kv_heads=1).config.num_kv_heads == 1
+    else:
+        with pytest.raises(ValueError, match="grouped key/value heads"):
+            build_for_test(key, num_kv_heads=1)
+    if not caps["alibi"]:
+        with pytest.raises(ValueError, match="alibi is not supported"):
+            build_for_test(key, alibi=True)
+    attn = build_for_test(key).double().eval()
+    q, k, v = (t.detach() for t in random_qkv(1, 4, 12, 8))
+    k2, v2 = (t.detach() for t in random_qkv(1, 4, 7, 8, seed=1)[1:])
+    with torch.no_grad():
+        if caps["cross"]:
+            assert attn.attend(q, k2, v2).shape == q.shape
+        else:
+            with pytest.raises(ValueError, match="does not support cross-attention"):
+                attn.attend(q, k2, v2)
+        ids = torch.tensor([[0] * 5 + [1] * 7])
+        if caps["packing"]:
+            assert attn.attend(q, k, v, document_ids=ids).shape == q.shape
+        else:
+            with pytest.raises(ValueError, match="packed"):
+                attn.attend(q, k, v, document_ids=ids)
+
+
+def test_effattn_list_shows_the_capabilities(capsys):
+    from efficient_attn import cli
+
+    assert cli.main(["list"]) == 0
+    header, _, *rows = capsys.readouterr().out.splitlines()
+    for column in ("gqa", "alibi", "packing", "cross"):
+        assert column in header.split()
+    full = next(r for r in rows if r.startswith("full "))
+    assert "naive,torch,flex" in full  # full's ALiBi backends

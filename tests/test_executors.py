@@ -102,7 +102,8 @@ def test_a_placeholder_is_replaced_atomically_by_a_later_shard(tmp_path):
 def test_a_results_table_of_an_older_schema_is_read_and_upgraded(tmp_path):
     old_columns = [c for c in ALL_COLUMNS if c not in RUN_COLUMNS]
     values = {c: "" for c in old_columns} | {"variant": "full", "seq_len": "64", "status": "ok", "time_ms": "1.5"}
-    (tmp_path / "results.csv").write_text(",".join(old_columns) + "\n" + ",".join(values[c] for c in old_columns) + "\n")
+    lines = [",".join(old_columns), ",".join(values[c] for c in old_columns)]
+    (tmp_path / "results.csv").write_text("\n".join(lines) + "\n")
     (tmp_path / "meta.json").write_text(json.dumps({"schema_version": 1, "config": {"a": 1}, "sessions": []}))
     folder = open_run_folder(tmp_path, {"a": 1})
     [only] = folder.rows()
@@ -220,8 +221,8 @@ def test_the_local_executor_runs_cells_as_parallel_subprocesses(tmp_path):
     (["--detach"], "--detach needs --executor slurm"),
     (["--executor", "local", "--detach"], "--detach needs --executor slurm"),
     (["--executor", "slrum"], "did you mean 'slurm'?"),
-    (["--executor", "local", "--max-parallel", "0"], "--max-parallel must be a positive int"),
-    (["--threads", "-1"], "--threads must be a positive int"),
+    (["--executor", "local", "--max-parallel", "0"], "argument --max-parallel: expected a positive integer"),
+    (["--threads", "-1"], "argument --threads: expected a positive integer"),
 ])
 def test_bad_executor_options_are_one_line_errors(tmp_path, capsys, options, message, monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/" + name)  # as if Slurm were installed

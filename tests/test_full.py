@@ -95,9 +95,9 @@ def test_full_property_over_shapes(batch, heads, seq, head_dim, causal, padded, 
 def test_attend_rejects_bad_shapes_and_masks():
     attn = ea.build_attention("full", dim=16, num_heads=2)
     q = torch.randn(1, 2, 5, 8)
-    with pytest.raises(ValueError, match=r"one shape \(batch, heads, seq, head_dim\)"):
+    with pytest.raises(ValueError, match=r"k, v of one shape \(batch, kv_heads, kv_len, head_dim\)"):
         attn.attend(q, q[:, :, :4], q)
-    with pytest.raises(ValueError, match="expects 2 heads"):
+    with pytest.raises(ValueError, match="expects 2 query heads"):
         attn.attend(torch.randn(1, 3, 5, 8), torch.randn(1, 3, 5, 8), torch.randn(1, 3, 5, 8))
     with pytest.raises(ValueError, match="key_padding_mask must be bool"):
         attn.attend(q, q, q, key_padding_mask=torch.ones(1, 5))

@@ -94,7 +94,7 @@ def test_weight_tying():
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(task="seq2seq"), ValueError, "task must be one of"),
+        (dict(task="translate"), ValueError, "task must be one of"),
         (dict(task="classify"), ValueError, "needs num_classes >= 2"),
         (dict(task="lm", positional="rotary"), ValueError, "positional must be one of"),
         (dict(task="lm", activation="tanh"), ValueError, "activation must be one of"),
@@ -148,7 +148,7 @@ def test_model_config_is_the_one_description_of_the_backbone():
 
 def test_model_config_validates_on_creation():
     with pytest.raises(ValueError, match="task must be one of"):
-        ea.ModelConfig(attention_key="full", task="seq2seq", **SMALL)
+        ea.ModelConfig(attention_key="full", task="translate", **SMALL)
     with pytest.raises(KeyError, match="did you mean 'full'"):
         ea.ModelConfig(attention_key="fulll", task="lm", **SMALL)
     with pytest.raises(TypeError, match="causal is set by the task"):

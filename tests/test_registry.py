@@ -94,6 +94,6 @@ def test_new_variant_registers_and_builds():
 def test_spec_capabilities_for_full():
     spec = ea.get_spec("full")
     assert spec.supports_causal and spec.supports_key_padding and spec.exact
-    assert spec.backends == ("naive", "sdpa", "flex", "xformers")
+    assert spec.backends == ("naive", "sdpa", "flex", "xformers", "torch")
     assert spec.complexity == "O(n^2)"
     assert spec.length_multiple == 1 and spec.max_len_field is None

@@ -72,12 +72,17 @@ class FakeMemoryEfficientAttention:
         self.calls: list[dict] = []
 
     def __call__(self, query, key, value, attn_bias=None, p=0.0, scale=None):
+        self.calls.append(dict(shape=tuple(query.shape), bias=attn_bias, p=p, scale=scale,
+                               key_strides=tuple(key.stride())))
+        if query.dim() == 5:  # grouped layout (b, n, groups, heads per group, d): k, v must be expanded, not copied
+            assert key.stride(3) == 0 and value.stride(3) == 0, "grouped k, v must be stride-0 over a group's heads"
+            query, key, value = (t.flatten(2, 3) for t in (query, key, value))
         batch, n, heads, dim = query.shape
-        assert key.shape == query.shape and value.shape[:3] == query.shape[:3]
-        self.calls.append(dict(shape=tuple(query.shape), bias=attn_bias, p=p, scale=scale))
+        m = key.shape[1]
+        assert key.shape[2:] == query.shape[2:] and value.shape[:3] == key.shape[:3]
         scores = torch.einsum("bnhd,bmhd->bhnm", query.double(), key.double()) * scale  # (b, h, n, m)
         if attn_bias is not None:
-            scores = scores + attn_bias.materialize((n, n), dtype=torch.float64)
+            scores = scores + attn_bias.materialize((n, m), dtype=torch.float64)
         probs = torch.softmax(scores, dim=-1)
         return torch.einsum("bhnm,bmhd->bnhd", probs, value.double()).to(query.dtype)  # (b, n, h, d)
 
@@ -130,6 +135,38 @@ def test_window_module_plumbing(fake_op, causal):
     torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-7)
     (call,) = fake_op.calls
     assert call["bias"].__class__ is type(attention_bias(causal, 4))
+
+
+@pytest.mark.parametrize("key, causal", [("full", False), ("full", True), ("window", True)])
+def test_grouped_heads_use_the_grouped_layout(fake_op, key, causal):
+    params = {"window_size": 4} if key == "window" else {}
+    attn = ea.build_attention(key, dim=32, num_heads=4, num_kv_heads=2, causal=causal, backend="xformers",
+                              **params).double()
+    q, _, _ = random_qkv(2, 4, 19, 8, seed=13)
+    _, k, v = random_qkv(2, 2, 19, 8, seed=14)
+    kpm = random_padding(2, 19, seed=15)
+    out = attn._attend_xformers(q, k, v, kpm)
+    (call,) = fake_op.calls
+    assert call["shape"] == (2, 19, 2, 2, 16)  # (batch, seq, kv heads, heads per group, head_dim + padding column)
+    assert call["key_strides"][3] == 0
+    allowed = pattern_with_padding(attn.dense_mask(19), kpm)
+    ref = reference_attention(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), allowed)
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-7)
+    grad = torch.randn_like(ref)
+    for g, r in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(g, r, atol=1e-9, rtol=1e-7)
+
+
+def test_cross_attention_with_encoder_padding(fake_op):
+    attn = ea.build_attention("full", dim=32, num_heads=4, num_kv_heads=2, backend="xformers").double()
+    q, _, _ = random_qkv(3, 4, 11, 8, seed=16)
+    _, k, v = random_qkv(3, 2, 23, 8, seed=17)
+    kpm = random_padding(3, 23, seed=18, empty_row=True)
+    out = attn._attend_xformers(q, k, v, kpm)
+    allowed = kpm[:, None, None, :].expand(3, 1, 11, 23)
+    ref = reference_attention(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), allowed)
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-7)
+    assert (out[0] == 0).all()
 
 
 def test_only_a_plain_window_may_use_xformers():

@@ -12,6 +12,9 @@ from efficient_attn.attention import longformer  # noqa: F401  (registers "longf
 from efficient_attn.attention import linformer  # noqa: F401  (registers "linformer")
 from efficient_attn.attention import nystrom  # noqa: F401  (registers "nystrom")
 from efficient_attn.attention import performer  # noqa: F401  (registers "performer")
+from efficient_attn.attention import linear  # noqa: F401  (registers "linear")
+from efficient_attn.attention import retention  # noqa: F401  (registers "retention")
+from efficient_attn.attention import moba  # noqa: F401  (registers "moba")
 from efficient_attn.attention.base import Attention, AttentionConfig
 from efficient_attn.errors import BackendUnavailableError
 

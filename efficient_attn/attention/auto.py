@@ -15,6 +15,9 @@ forward-only on CPU, so every CPU ``needs_grad=True`` row starts with a backend 
 is preferred (the CUDA rows) it is only chosen from ``FLEX_MIN_LEN`` tokens on: each new shape costs seconds of
 compilation, which a short input never earns back. ``backend="flex"`` always remains selectable explicitly.
 
+With ``alibi=True`` a backend without ALiBi (``sdpa``, ``xformers``) is skipped, so every full-attention row ends
+with the blocked ``torch`` backend as the fallback that adds it.
+
 CUDA rows are *unmeasured* (no GPU was available): they follow the kernels' published behaviour (fused
 FlashAttention-style kernels first, the blocked PyTorch backend last) until a GPU run replaces them.
 """
@@ -67,16 +70,20 @@ _FLEX_THEN_TORCH = (Choice("flex", FLEX_MIN_LEN), Choice("torch"))
 #: FlexAttention at every measured length, and compiles nothing, so it leads every CPU row. (Earlier measurements
 #: on a machine loaded by other jobs favoured flex for window and longformer; they did not survive a quiet rerun.)
 AUTO_TABLE: dict[tuple[str, str, bool], AutoRow] = {
-    ("full", "cpu", False): AutoRow((Choice("sdpa"),), "flex skips nothing for all pairs; not measured apart"),
-    ("full", "cpu", True): AutoRow((Choice("sdpa"),), "sdpa has a fused backward; flex has none on CPU"),
-    ("full", "cuda", False): AutoRow((Choice("sdpa"), Choice("xformers")), "unmeasured"),
-    ("full", "cuda", True): AutoRow((Choice("sdpa"), Choice("xformers")), "unmeasured"),
-    ("full-causal", "cpu", False): AutoRow(
-        (Choice("sdpa"),), "4K: sdpa 660 [47] vs flex 1000 [154]; 16K: sdpa 9434 vs flex 15201"
+    ("full", "cpu", False): AutoRow(
+        (Choice("sdpa"), Choice("torch")), "flex skips nothing for all pairs; not measured apart"
     ),
-    ("full-causal", "cpu", True): AutoRow((Choice("sdpa"),), "sdpa has a fused backward; flex has none on CPU"),
-    ("full-causal", "cuda", False): AutoRow((Choice("sdpa"), Choice("flex")), "unmeasured"),
-    ("full-causal", "cuda", True): AutoRow((Choice("sdpa"), Choice("flex")), "unmeasured"),
+    ("full", "cpu", True): AutoRow((Choice("sdpa"), Choice("torch")), "sdpa has a fused backward; flex has none on CPU"),
+    ("full", "cuda", False): AutoRow((Choice("sdpa"), Choice("xformers"), Choice("torch")), "unmeasured"),
+    ("full", "cuda", True): AutoRow((Choice("sdpa"), Choice("xformers"), Choice("torch")), "unmeasured"),
+    ("full-causal", "cpu", False): AutoRow(
+        (Choice("sdpa"), Choice("torch")), "4K: sdpa 660 [47] vs flex 1000 [154]; 16K: sdpa 9434 vs flex 15201"
+    ),
+    ("full-causal", "cpu", True): AutoRow(
+        (Choice("sdpa"), Choice("torch")), "sdpa has a fused backward; flex has none on CPU"
+    ),
+    ("full-causal", "cuda", False): AutoRow((Choice("sdpa"), Choice("flex"), Choice("torch")), "unmeasured"),
+    ("full-causal", "cuda", True): AutoRow((Choice("sdpa"), Choice("flex"), Choice("torch")), "unmeasured"),
     **_pattern_rows(
         "window",
         (Choice("torch"),),
@@ -156,6 +163,8 @@ class FusedBackendsMixin:
         def is_available(backend: str) -> bool:
             if backend == "flex" and self.dropout_p > 0.0:  # type: ignore[attr-defined]
                 return False  # FlexAttention has no attention dropout
+            if self.config.alibi and backend not in self.alibi_backends:  # type: ignore[attr-defined]
+                return False  # e.g. sdpa would need a dense bias
             return self.unavailable_reason(backend, device, needs_grad, dtype) is None
 
         return choose_backend(self.auto_family, device, needs_grad, seq_len=seq_len, is_available=is_available)

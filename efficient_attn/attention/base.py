@@ -2,17 +2,25 @@
 
 A variant is ``projections + core``:
 
-* ``forward(x, key_padding_mask=None)``: ``(batch, seq, dim) -> (batch, seq, dim)``; a fused QKV projection, the core,
-  and an output projection.
-* ``attend(q, k, v, key_padding_mask=None)``: ``(batch, heads, seq, head_dim) -> (batch, heads, seq, head_dim)``; the core
-  with no projections. It resolves the backend (``auto`` or the configured one), records it in ``last_backend``, and
-  calls ``_attend_<backend>``.
+* ``forward(x, key_padding_mask=None, *, positions=None, document_ids=None, context=None)``:
+  ``(batch, seq, dim) -> (batch, seq, dim)``; the QKV projection (``num_heads`` query heads, ``num_kv_heads`` key and
+  value heads), rotary positions on q and k when ``config.rope``, the core, and an output projection. With
+  ``context`` ``(batch, ctx_len, dim)`` keys and values come from it (encoder-decoder attention).
+* ``attend(q, k, v, key_padding_mask=None, *, document_ids=None, cross=None)``: the core with no projections.
+  q is ``(batch, heads, q_len, head_dim)``, k and v ``(batch, kv_heads, kv_len, head_dim)`` (grouped-query attention
+  when ``kv_heads < heads``: query head ``i`` uses key/value head ``i // (heads // kv_heads)``, Ainslie et al. 2023,
+  arXiv:2305.13245); the output has q's shape. It resolves the backend (``auto`` or the configured one), records it
+  in ``last_backend``, and calls ``_attend_<backend>(q, k, v, key_padding_mask)``. ``q_len != kv_len`` is
+  encoder-decoder attention (variants with ``supports_cross_attention``). ``document_ids`` packs documents: each
+  is attended exactly as if it were alone (see :meth:`Attention.attend`).
 
 ``key_padding_mask`` is bool ``(batch, seq)`` with True = real token. A query with no allowed key (all of its keys
 are padding, or masked by the pattern) yields zeros, never NaN.
 
 Subclasses implement ``_attend_<name>`` for each backend listed in their registry spec, and ``auto_backend``.
-Exact pattern variants also implement ``dense_mask(seq_len)`` and ``num_pairs(seq_len)``.
+Exact pattern variants also implement ``dense_mask(seq_len)`` and ``num_pairs(seq_len)``. What a variant supports
+beyond the plain core (grouped key/value heads, ALiBi, packing, cross-attention) is declared by the class attributes
+read by :func:`capabilities`.
 """
 
 from __future__ import annotations
@@ -25,7 +33,10 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from efficient_attn.attention import packing
+from efficient_attn.attention import positions as positional
 from efficient_attn.errors import BackendUnavailableError, require_positive_int, unknown_name_error
+from efficient_attn.registry import get_spec, list_attentions
 
 if TYPE_CHECKING:  # pragma: no cover - import only for type checkers
     from efficient_attn.registry import AttentionSpec
@@ -45,6 +56,14 @@ class AttentionConfig:
         dropout: dropout probability on attention weights (training mode only). Backends that never form the
             weights explicitly apply it where they can; see each variant.
         bias: whether the QKV and output projections have a bias.
+        num_kv_heads: key/value heads (None = ``num_heads``); must divide ``num_heads``. Fewer than ``num_heads`` is
+            grouped-query attention (Ainslie et al. 2023, arXiv:2305.13245), 1 is multi-query attention (Shazeer
+            2019, arXiv:1911.02150): ``num_heads / num_kv_heads`` query heads share each key/value head.
+        alibi: add ALiBi's per-head linear distance penalty to the scores (Press et al. 2022, arXiv:2108.12409);
+            only the exact variants' backends listed in their ``alibi_backends`` support it.
+        rope: rotate q and k by rotary position embeddings in ``forward`` (Su et al. 2021, arXiv:2104.09864);
+            needs an even ``head_dim``.
+        rope_base: RoPE's frequency base (10000 in the paper).
     """
 
     dim: int
@@ -53,6 +72,10 @@ class AttentionConfig:
     backend: str = AUTO
     dropout: float = 0.0
     bias: bool = True
+    num_kv_heads: int | None = None
+    alibi: bool = False
+    rope: bool = False
+    rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
         require_positive_int("dim", self.dim)
@@ -66,10 +89,36 @@ class AttentionConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.causal, bool):
             raise ValueError(f"causal must be a bool, got {self.causal!r}")
+        self._check_shape_fields()
+
+    def _check_shape_fields(self) -> None:
+        """Validate (and resolve) ``num_kv_heads``, ``alibi``, ``rope`` and ``rope_base``."""
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        valid = [h for h in range(1, self.num_heads + 1) if self.num_heads % h == 0]
+        kv = self.num_kv_heads
+        if isinstance(kv, bool) or not isinstance(kv, int) or kv not in valid:
+            raise ValueError(
+                f"num_kv_heads must divide num_heads={self.num_heads}, got {kv!r}; valid values: "
+                f"{', '.join(map(str, valid))} (1 = multi-query attention)"
+            )
+        for name in ("alibi", "rope"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.rope and self.head_dim % 2:
+            raise ValueError(f"rope rotates pairs of dimensions: head_dim={self.head_dim} must be even")
+        base = self.rope_base
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1:
+            raise ValueError(f"rope_base must be a number > 1, got {base!r}")
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the key (and of the value) projection: ``num_kv_heads * head_dim``."""
+        return self.num_kv_heads * self.head_dim  # type: ignore[operator]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -83,6 +132,27 @@ class Attention(nn.Module):
     spec_key: ClassVar[str]
     #: Why this variant cannot be causal (used in the error message when ``supports_causal`` is False).
     causal_unsupported_reason: ClassVar[str] = "this variant does not support causal masking"
+    #: Whether k, v may have fewer heads than q (``num_kv_heads < num_heads``) without being repeated in memory.
+    supports_gqa: ClassVar[bool] = False
+    #: Backends that add ALiBi's bias (``config.alibi``); empty = the variant has no ALiBi.
+    alibi_backends: ClassVar[tuple[str, ...]] = ()
+    #: Why ALiBi is not defined for this variant (used when ``alibi_backends`` is empty).
+    alibi_unsupported_reason: ClassVar[str] = "ALiBi biases individual query-key scores, which this variant never forms"
+    #: Whether ``attend(..., document_ids=...)`` is accepted (the default runs each document alone, see ``attend``).
+    supports_packing: ClassVar[bool] = True
+    #: Backends that accept ``document_ids`` (None = every backend).
+    packing_backends: ClassVar[tuple[str, ...] | None] = None
+    #: Whether q may have a different length than k and v (encoder-decoder attention).
+    supports_cross_attention: ClassVar[bool] = False
+    #: Why cross-attention is not defined for this variant.
+    cross_unsupported_reason: ClassVar[str] = "its pattern is defined on one sequence (query i and key j index the same tokens)"
+    #: Whether each query's output depends on that query alone (not on the other queries). False for Nystrom, whose
+    #: query landmarks average the queries: as a decoder's cross-attention it would break the decoder's causality.
+    queries_independent: ClassVar[bool] = True
+    #: Set while a packed call runs its second and later documents: variants that redraw per call skip the redraw.
+    _redraw_frozen: bool = False
+    #: Whether the running ``attend`` call is cross-attention (read by variants that treat it differently).
+    _call_is_cross: bool = False
 
     def __init__(self, config: AttentionConfig) -> None:
         super().__init__()
@@ -101,7 +171,8 @@ class Attention(nn.Module):
         if config.causal and not spec.supports_causal:
             raise ValueError(f"attention {spec.key!r} cannot be causal: {self.causal_unsupported_reason}")
         self.config = config
-        self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=config.bias)
+        self._check_capabilities()
+        self.qkv = nn.Linear(config.dim, config.dim + 2 * config.kv_dim, bias=config.bias)
         self.out = nn.Linear(config.dim, config.dim, bias=config.bias)
         #: The backend the last ``attend`` call ran (what ``auto`` resolved to).
         self.last_backend: str | None = None
@@ -109,21 +180,104 @@ class Attention(nn.Module):
         self.last_padded_len: int | None = None
 
     # ----------------------------------------------------------------------------------------------- public API
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """``(batch, seq, dim) -> (batch, seq, dim)``: QKV projection, :meth:`attend`, output projection."""
-        if x.dim() != 3 or x.shape[-1] != self.config.dim:
-            raise ValueError(f"expected x of shape (batch, seq, {self.config.dim}), got {tuple(x.shape)}")
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.config.num_heads)
-        o = self.attend(q, k, v, key_padding_mask=key_padding_mask)
+    def forward(
+        self,
+        x: Tensor,
+        key_padding_mask: Tensor | None = None,
+        *,
+        positions: Tensor | None = None,
+        document_ids: Tensor | None = None,
+        context: Tensor | None = None,
+    ) -> Tensor:
+        """``(batch, seq, dim) -> (batch, seq, dim)``: QKV projection, RoPE (``config.rope``), :meth:`attend`, output.
+
+        Args:
+            x: ``(batch, seq, dim)``.
+            key_padding_mask: bool ``(batch, kv_len)``, True = real key (kv_len = ctx_len with ``context``).
+            positions: int ``(batch, seq)`` token positions for RoPE; default ``0, 1, ...`` per row, restarting at
+                every document when ``document_ids`` is given (a cache would pass ``t, t + 1, ...``).
+            document_ids: int ``(batch, seq)``, non-decreasing: packed documents, each attended alone.
+            context: ``(batch, ctx_len, dim)``: keys and values come from it (encoder-decoder attention; no RoPE).
+        """
+        cfg = self.config
+        if x.dim() != 3 or x.shape[-1] != cfg.dim:
+            raise ValueError(f"expected x of shape (batch, seq, {cfg.dim}), got {tuple(x.shape)}")
+        if context is None:
+            q, kv = self.qkv(x).split([cfg.dim, 2 * cfg.kv_dim], dim=-1)
+        else:
+            if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != cfg.dim:
+                raise ValueError(
+                    f"expected context of shape ({x.shape[0]}, ctx_len, {cfg.dim}), got {tuple(context.shape)}"
+                )
+            if document_ids is not None or positions is not None:
+                raise ValueError("document_ids and positions are for self-attention, not with context")
+            weight, bias = self.qkv.weight, self.qkv.bias
+            q = nn.functional.linear(x, weight[: cfg.dim], None if bias is None else bias[: cfg.dim])
+            kv = nn.functional.linear(context, weight[cfg.dim :], None if bias is None else bias[cfg.dim :])
+        q = rearrange(q, "b n (h d) -> b h n d", h=cfg.num_heads)
+        k, v = rearrange(kv, "b n (two h d) -> two b h n d", two=2, h=cfg.num_kv_heads)
+        if cfg.rope:
+            if context is not None:
+                raise ValueError("rope rotates q and k of one sequence; it is not defined for cross-attention")
+            if positions is None:
+                positions = positional.default_positions(x.shape[0], x.shape[1], document_ids, x.device)
+            positional.check_positions(positions, x.shape[0], x.shape[1])
+            q, k = positional.apply_rope(q, positions, cfg.rope_base), positional.apply_rope(k, positions, cfg.rope_base)
+        elif positions is not None:
+            raise ValueError("positions are only used by rope (config.rope=False here)")
+        o = self.attend(q, k, v, key_padding_mask=key_padding_mask, document_ids=document_ids,
+                        cross=context is not None)
         return self.out(rearrange(o, "b h n d -> b n (h d)"))
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """The core: ``(batch, heads, seq, head_dim)`` q, k, v -> output of the same shape."""
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        key_padding_mask: Tensor | None = None,
+        *,
+        document_ids: Tensor | None = None,
+        cross: bool | None = None,
+    ) -> Tensor:
+        """The core: q ``(batch, heads, q_len, head_dim)``, k and v ``(batch, kv_heads, kv_len, head_dim)`` -> q's shape.
+
+        Args:
+            key_padding_mask: bool ``(batch, kv_len)``, True = real key.
+            document_ids: int ``(batch, seq)``, non-decreasing along the sequence: which packed document each token
+                belongs to. Each document is attended exactly as if it were alone (its own positions from 0, its own
+                pattern, causal within itself); the default does it with one call per document, documents of equal
+                length batched into one call, so the cost follows the documents, not the packed length.
+            cross: whether q comes from another sequence than k, v (encoder-decoder attention); None = whenever
+                ``q_len != kv_len``. Variants that treat the key padding mask as the query padding too in
+                self-attention (Nystrom's landmarks) read it.
+        """
         self._check_inputs(q, k, v, key_padding_mask)
+        is_cross = q.shape[-2] != k.shape[-2] if cross is None else bool(cross)
+        if is_cross:
+            self._check_cross()
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         backend = self.resolve_backend(q.device, needs_grad, seq_len=q.shape[-2], dtype=q.dtype)
         self.last_backend = backend
         self.last_padded_len = q.shape[-2]
+        self._call_is_cross = is_cross
+        if document_ids is not None:
+            if is_cross:
+                raise ValueError("document_ids packs documents of one sequence; it cannot be used with cross-attention")
+            self._check_document_ids(document_ids, q)
+            if self.config.backend == AUTO and self.packing_backends and backend not in self.packing_backends:
+                # auto picked a backend that cannot pack (e.g. flex for a pattern anchored at the row start)
+                backend = next(
+                    (b for b in self.packing_backends
+                     if self.unavailable_reason(b, q.device, needs_grad, q.dtype) is None), backend
+                )
+                self.last_backend = backend
+            self._check_packing(backend)
+            native = getattr(self, f"_attend_{backend}_packed", None)
+            if native is not None:
+                return native(q, k, v, key_padding_mask, document_ids)
+            return packing.attend_per_document(
+                getattr(self, f"_attend_{backend}"), q, k, v, key_padding_mask, document_ids, self
+            )
         return getattr(self, f"_attend_{backend}")(q, k, v, key_padding_mask)
 
     def resolve_backend(
@@ -147,6 +301,7 @@ class Attention(nn.Module):
         backend = self.config.backend
         if backend == AUTO:
             backend = self.auto_backend(device, needs_grad, seq_len=seq_len, dtype=dtype)
+        self._check_alibi(backend)
         reason = self.unavailable_reason(backend, device, needs_grad, dtype)
         if reason is not None:
             raise BackendUnavailableError(f"backend {backend!r} of attention {self.spec_key!r}: {reason}")
@@ -169,6 +324,35 @@ class Attention(nn.Module):
         """
         return None
 
+    def _alibi_slopes(self, q: Tensor) -> Tensor | None:
+        """``(heads,)`` ALiBi slopes in q's dtype and device, or None when ``config.alibi`` is off."""
+        if not self.config.alibi:
+            return None
+        return positional.slopes_tensor(self.config.num_heads, q.device, q.dtype)
+
+    def _alibi_dense(self, q: Tensor) -> Tensor | None:
+        """The dense ``(heads, n, n)`` ALiBi bias for the ``naive`` backends (O(n^2): the oracle only), or None."""
+        slopes = self._alibi_slopes(q)
+        if slopes is None:
+            return None
+        idx = torch.arange(q.shape[-2], device=q.device)
+        return positional.alibi_bias(slopes, idx[:, None], idx[None, :])
+
+    def _alibi_score_mod(self, q: Tensor):
+        """FlexAttention ``score_mod`` adding ALiBi (one closure per device, so compiled kernels are reused), or None."""
+        if not self.config.alibi:
+            return None
+        cache = self.__dict__.setdefault("_score_mods", {})
+        key = str(q.device)
+        if key not in cache:
+            slopes = positional.slopes_tensor(self.config.num_heads, q.device, torch.float32)
+
+            def alibi_score(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+                return score - slopes[h] * (q_idx - kv_idx).abs()
+
+            cache[key] = alibi_score
+        return cache[key]
+
     def _parameter_dtype(self) -> torch.dtype | None:
         for param in self.parameters():
             return param.dtype
@@ -184,20 +368,117 @@ class Attention(nn.Module):
         return f"key={self.spec_key!r}, dim={self.config.dim}, num_heads={self.config.num_heads}, {fields}"
 
     # --------------------------------------------------------------------------------------------- validation
-    def _check_inputs(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> None:
-        if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+    def _check_capabilities(self) -> None:
+        """Config fields the variant cannot honour are refused when the module is built (named, with the reason)."""
+        cfg = self.config
+        if cfg.num_kv_heads != cfg.num_heads and not self.supports_gqa:
             raise ValueError(
-                "attend expects q, k, v of one shape (batch, heads, seq, head_dim); got "
-                f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+                f"attention {self.spec_key!r} does not support grouped key/value heads yet "
+                f"(num_kv_heads={cfg.num_kv_heads} < num_heads={cfg.num_heads}); variants that do: "
+                f"{', '.join(variants_supporting('gqa'))}"
             )
-        if q.shape[1] != self.config.num_heads:
-            raise ValueError(f"attend expects {self.config.num_heads} heads (config.num_heads), got {q.shape[1]}")
+        if cfg.alibi:
+            if not self.alibi_backends:
+                raise ValueError(
+                    f"alibi is not supported by attention {self.spec_key!r}: {self.alibi_unsupported_reason}; "
+                    f"variants that support it: {', '.join(variants_supporting('alibi'))}"
+                )
+            if cfg.backend != AUTO:
+                self._check_alibi(cfg.backend)
+
+    def _check_alibi(self, backend: str) -> None:
+        if self.config.alibi and backend not in self.alibi_backends:
+            raise ValueError(
+                f"backend {backend!r} of attention {self.spec_key!r} cannot add ALiBi: "
+                f"{ALIBI_REFUSALS.get(backend, 'it has no ALiBi bias')}; backends with ALiBi: "
+                f"{', '.join(self.alibi_backends)}"
+            )
+
+    def _check_cross(self) -> None:
+        if not self.supports_cross_attention:
+            raise ValueError(
+                f"attention {self.spec_key!r} does not support cross-attention (query length != key length): "
+                f"{self.cross_unsupported_reason}; variants that do: {', '.join(variants_supporting('cross'))}"
+            )
+        if self.config.causal:
+            raise ValueError(
+                f"attention {self.spec_key!r} with causal=True needs one sequence; cross-attention (query length != "
+                "key length) has no causal order between decoder queries and encoder keys: use causal=False"
+            )
+        if self.config.alibi:
+            raise ValueError("alibi penalises distances within one sequence; it is not defined for cross-attention")
+
+    def _check_packing(self, backend: str) -> None:
+        if not self.supports_packing:
+            raise ValueError(
+                f"attention {self.spec_key!r} does not support packed documents (document_ids); variants that do: "
+                f"{', '.join(variants_supporting('packing'))}"
+            )
+        if self.packing_backends is not None and backend not in self.packing_backends:
+            raise ValueError(
+                f"backend {backend!r} of attention {self.spec_key!r} does not support packed documents "
+                f"(document_ids); use one of: {', '.join(self.packing_backends)}"
+            )
+
+    def _check_document_ids(self, document_ids: Tensor, q: Tensor) -> None:
+        expected = (q.shape[0], q.shape[-2])
+        packing.check_document_ids(document_ids, expected)
+
+    def _check_inputs(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> None:
+        cfg = self.config
+        if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[-1] != q.shape[-1]:
+            raise ValueError(
+                "attend expects q (batch, heads, q_len, head_dim) and k, v of one shape (batch, kv_heads, kv_len, "
+                f"head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            )
+        if q.shape[1] != cfg.num_heads:
+            raise ValueError(f"attend expects {cfg.num_heads} query heads (config.num_heads), got {q.shape[1]}")
+        if k.shape[1] != cfg.num_kv_heads:
+            raise ValueError(
+                f"attend expects {cfg.num_kv_heads} key/value heads (config.num_kv_heads), got {k.shape[1]}"
+            )
         if key_padding_mask is not None:
             if not self.spec.supports_key_padding:
                 raise ValueError(f"attention {self.spec_key!r} does not support key_padding_mask")
-            expected = (q.shape[0], q.shape[2])
+            expected = (k.shape[0], k.shape[2])
             if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != expected:
                 raise ValueError(
-                    f"key_padding_mask must be bool of shape (batch, seq) = {expected} with True = real token, got "
+                    f"key_padding_mask must be bool of shape (batch, kv_len) = {expected} with True = real token, got "
                     f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
                 )
+
+
+#: Why a backend without ALiBi cannot add it (for the error message).
+ALIBI_REFUSALS = {
+    "sdpa": "scaled_dot_product_attention takes a bias only as a dense (q_len, kv_len) tensor, and no efficient "
+    "variant builds an n x n tensor outside 'naive'",
+    "xformers": "this backend passes xFormers only structural masks, never a dense bias",
+}
+
+#: Capability names of :func:`capabilities` and what they mean.
+CAPABILITIES = {
+    "gqa": "grouped/multi-query key-value heads (num_kv_heads < num_heads)",
+    "alibi": "ALiBi distance bias (alibi=True)",
+    "packing": "packed documents (document_ids)",
+    "cross": "cross-attention (query length != key length)",
+}
+
+
+def capabilities(module_cls: type) -> dict[str, object]:
+    """What a variant supports beyond the plain core: ``{"gqa": bool, "alibi": backends, "packing": bool or backends,
+    "cross": bool}`` (read from the class attributes of :class:`Attention`)."""
+    packing_backends = getattr(module_cls, "packing_backends", None)
+    supports_packing = getattr(module_cls, "supports_packing", False)
+    return {
+        "gqa": bool(getattr(module_cls, "supports_gqa", False)),
+        "alibi": tuple(getattr(module_cls, "alibi_backends", ())),
+        "packing": (tuple(packing_backends) if packing_backends is not None else True) if supports_packing else False,
+        "cross": bool(getattr(module_cls, "supports_cross_attention", False)),
+    }
+
+
+def variants_supporting(capability: str) -> list[str]:
+    """Registered keys whose variant supports ``capability`` (a key of :data:`CAPABILITIES`)."""
+    if capability not in CAPABILITIES:
+        raise KeyError(f"unknown capability {capability!r}; known: {', '.join(CAPABILITIES)}")
+    return [key for key in list_attentions() if capabilities(get_spec(key).module_cls)[capability]]

@@ -69,6 +69,9 @@ class BigBirdAttention(PatternAttention):
     """
 
     config: BigBirdConfig
+    #: Packed documents run each document alone (its own re-blocking, global blocks and random plan); flex's document
+    #: mask could not re-anchor the pattern at each document's start.
+    packing_backends = ("torch", "naive")
     pattern: BigBirdPattern
 
     def _make_pattern(self) -> Pattern:
@@ -84,7 +87,7 @@ class BigBirdAttention(PatternAttention):
         )
 
     def _before_attend(self) -> None:
-        if self.config.redraw and self.training:
+        if self.config.redraw and self.training and not self._redraw_frozen:
             self.pattern.draw += 1
 
     def effective_random_blocks(self, seq_len: int) -> Tensor:

@@ -17,8 +17,19 @@ Two executions share those calls:
 * :func:`sparse_attention_autograd`: the same chunks through ``F.scaled_dot_product_attention`` and plain autograd;
   used when attention dropout is on (dropout cannot be replayed in a recomputing backward).
 
-Shapes: q, k, v ``(batch, heads, padded_len, head_dim)``; the key padding mask bool ``(batch, padded_len)``.
-A query with no allowed key yields zeros and zero gradients.
+Grouped key/value heads (k, v with ``kv_heads < heads``) are never repeated: a pattern shared by all heads gathers
+each key block once per key/value head (so once for the whole group of query heads that share it), and the fused
+kernel runs the group's query heads against it; a per-head pattern (BigBird) gathers each query head's own blocks
+from its shared key/value head. The exact matmul version folds a group's query heads into the rows of one product.
+
+ALiBi (``slopes`` given): the bias ``-slope_h * |i - j|`` is computed per chunk from the chunk's query positions and
+gathered key indices and added to the chunk's mask bias; nothing of size n x n exists.
+
+:func:`dense_chunked_attention` is the same machinery for full attention (every key, or the causal prefix, of a
+chunk of query rows, sliced rather than gathered): the ``torch`` backend of ``full``.
+
+Shapes: q ``(batch, heads, padded_len, head_dim)``, k and v ``(batch, kv_heads, padded_len, head_dim)``; the key
+padding mask bool ``(batch, padded_len)``. A query with no allowed key yields zeros and zero gradients.
 """
 
 from __future__ import annotations
@@ -32,6 +43,8 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.autograd.function import once_differentiable
 
+from efficient_attn.attention.functional import fold_query_groups, grouped_matmul
+from efficient_attn.attention.positions import alibi_bias
 from efficient_attn.attention.patterns import (
     BlockStructure,
     MaskMod,
@@ -40,7 +53,7 @@ from efficient_attn.attention.patterns import (
     global_rows_mask,
 )
 
-__all__ = ["BlockedPlan", "sparse_attention", "sparse_attention_autograd"]
+__all__ = ["BlockedPlan", "dense_chunked_attention", "sparse_attention", "sparse_attention_autograd"]
 
 #: Query rows per fused call in the block-wise part (several query blocks are folded into one call).
 DEFAULT_ROWS_PER_CALL = 1024
@@ -50,6 +63,8 @@ KEY_ROWS_PER_CALL = 16384
 GLOBAL_ROWS_PER_CALL = 64
 #: Keys per backward call of the dense global rows: their key gradients are computed in slices of this many keys.
 GLOBAL_KEYS_PER_BACKWARD = 4096
+#: Elements of one call's ALiBi bias (batch * heads * rows * keys): with ALiBi, calls take fewer query blocks.
+BIAS_ELEMENTS_PER_CALL = 1 << 22
 
 
 @dataclass
@@ -84,11 +99,19 @@ class _Call:
     kind: str  # "blocks" or "global"
     start: int  # blocks: first query-block row (relative); global: first global row
     stop: int
-    key_index: Tensor | None  # blocks: flat (g * h * kt,) index into (heads * padded_len) rows; global: None
+    key_index: Tensor | None  # blocks: flat (g * kh * kt,) index into (kv_heads * padded_len) rows; global: None
     allowed: Tensor | None  # bool, broadcastable to (calls_batch, heads, rows, keys); None = everything allowed
     biases: dict | None = None  # dtype -> additive bias of ``allowed``, shared across calls when cached
+    additive: Tensor | None = None  # float ALiBi bias broadcastable like ``allowed``; None = no bias
+    key_heads: int = 1  # heads of the gathered keys: kv_heads (shared pattern) or heads (per-head pattern)
 
     def bias(self, dtype: torch.dtype) -> Tensor | None:
+        if self.additive is not None:
+            additive = self.additive.to(dtype)
+            if self.allowed is None:
+                return additive
+            return torch.where(self.allowed, additive, torch.full((), float("-inf"), dtype=dtype,
+                                                                  device=additive.device))
         if self.allowed is None:
             return None
         if self.biases is None:
@@ -97,30 +120,60 @@ class _Call:
             self.biases[dtype] = _bias(self.allowed, dtype)
         return self.biases[dtype]
 
+    def keys(self, k0: int, k1: int) -> "_Call":
+        """This global call restricted to keys ``k0:k1`` (the backward's key slices)."""
+        allowed = None if self.allowed is None else self.allowed[..., k0:k1]
+        additive = None if self.additive is None else self.additive[..., k0:k1]
+        return _Call(self.kind, self.start, self.stop, None, allowed, None, additive, self.key_heads)
 
-def _calls(plan: BlockedPlan, batch: int, heads: int, key_padding_mask: Tensor | None) -> Iterator[_Call]:
+
+def _calls(
+    plan: BlockedPlan,
+    batch: int,
+    heads: int,
+    key_padding_mask: Tensor | None,
+    kv_heads: int | None = None,
+    slopes: Tensor | None = None,
+) -> Iterator[_Call]:
     st = plan.structure
     n_pad = st.padded_len
+    kv_heads = heads if kv_heads is None else kv_heads
+    group_size = heads // kv_heads
+    # a shared pattern gathers per key/value head; a per-head one per query head (from its shared kv head)
+    key_heads = kv_heads if plan.pattern.mask_heads == 1 else heads
     # query blocks per call: up to rows_per_call query rows, and at most KEY_ROWS_PER_CALL gathered key rows
-    group = max(1, min(plan.rows_per_call // st.block_size, KEY_ROWS_PER_CALL // max(1, heads * st.keys_per_block)))
+    group = max(1, min(plan.rows_per_call // st.block_size, KEY_ROWS_PER_CALL // max(1, key_heads * st.keys_per_block)))
+    if slopes is not None:
+        group = max(1, min(group, BIAS_ELEMENTS_PER_CALL // max(1, batch * heads * st.block_size * st.keys_per_block)))
     for start in range(0, st.num_query_blocks, group):
         stop = min(start + group, st.num_query_blocks)
         g = stop - start
-        cache_key = (start, stop, heads)
+        cache_key = (start, stop, heads, kv_heads)
         cached = plan.group_cache.get(cache_key)
         if cached is None:
             with unset_fake_temporarily():  # index arithmetic only: real even when predicting with fake tensors
                 tokens, allowed = plan.pattern.chunk_mask(st, plan.mask_mod, plan.is_global, start, stop)
                 # tokens (hp, g, kt); allowed (hp, g or 1, b or 1, kt): size-1 dims broadcast in the fused kernel
                 safe = tokens.clamp_min(0)
-                head_offsets = torch.arange(heads, device=safe.device)[None, :, None] * n_pad  # (1, h, 1)
-                flat = (safe.transpose(0, 1) + head_offsets).reshape(-1)  # (g * h * kt,) hp broadcast to h
+                kv_of_head = torch.arange(key_heads, device=safe.device)
+                if key_heads == heads:
+                    kv_of_head = kv_of_head // group_size  # query head i reads key/value head i // group_size
+                head_offsets = kv_of_head[None, :, None] * n_pad  # (1, kh, 1)
+                flat = (safe.transpose(0, 1) + head_offsets).reshape(-1)  # (g * kh * kt,) hp broadcast to kh
                 allowed = allowed.transpose(0, 1)  # (g or 1, hp, b or 1, kt)
             small = allowed.shape[0] == 1 or allowed.shape[2] == 1
             cached = (safe, flat, allowed, {} if small else None)
             if small:
                 plan.group_cache[cache_key] = cached
         safe, flat, allowed, biases = cached
+        additive = None
+        if slopes is not None:
+            q_idx = _block_queries(st, start, stop, safe.device)  # (g, b)
+            distance = (q_idx[None, :, :, None] - safe[:, :, None, :]).abs().transpose(0, 1)  # (g, hp, b, kt)
+            additive = -slopes.view(1, -1, 1, 1) * distance.to(slopes.dtype)  # (g, h, b, kt)
+            if batch > 1:
+                additive = additive[None].expand(batch, *additive.shape).flatten(0, 1)
+            biases = None
         if key_padding_mask is not None:
             real = key_padding_mask[:, safe.transpose(0, 1)]  # (batch, g, hp, kt)
             allowed = (allowed[None] & real[:, :, :, None, :]).flatten(0, 1)  # (batch * g, hp, b, kt)
@@ -128,7 +181,7 @@ def _calls(plan: BlockedPlan, batch: int, heads: int, key_padding_mask: Tensor |
         elif batch > 1:
             allowed = allowed[None].expand(batch, g, *allowed.shape[1:]).flatten(0, 1)
             biases = None
-        yield _Call("blocks", start, stop, flat, allowed, biases)
+        yield _Call("blocks", start, stop, flat, allowed, biases, additive, key_heads)
     num_global = st.global_queries.numel()
     for start in range(0, num_global, GLOBAL_ROWS_PER_CALL):
         stop = min(start + GLOBAL_ROWS_PER_CALL, num_global)
@@ -146,7 +199,18 @@ def _calls(plan: BlockedPlan, batch: int, heads: int, key_padding_mask: Tensor |
         if key_padding_mask is not None:
             padding = key_padding_mask[:, None, None, :]
             allowed = padding if allowed is None else allowed & padding
-        yield _Call("global", start, stop, None, allowed)
+        additive = None
+        if slopes is not None:
+            rows = st.global_queries[start:stop]
+            keys = torch.arange(n_pad, device=rows.device)
+            additive = alibi_bias(slopes, rows[:, None], keys[None, :])[None]  # (1, h, rows, n)
+        yield _Call("global", start, stop, None, allowed, None, additive, kv_heads)
+
+
+def _block_queries(st: BlockStructure, start: int, stop: int, device: torch.device) -> Tensor:
+    """Long ``(g, block_size)`` query positions of the block-wise rows ``start:stop``."""
+    first = (st.first_query_block + start) * st.block_size
+    return torch.arange(first, first + (stop - start) * st.block_size, device=device).view(stop - start, -1)
 
 
 # ------------------------------------------------------------------------------------------- gather / scatter
@@ -183,13 +247,13 @@ def _put_query_rows(dest: Tensor, value: Tensor, plan: BlockedPlan, call: _Call,
 
 
 def _key_rows(x: Tensor, call: _Call) -> Tensor:
-    """Gathered keys (or values): blocks -> ``(batch * g, h, kt, d)``; global -> x itself."""
+    """Gathered keys (or values): blocks -> ``(batch * g, key_heads, kt, d)``; global -> x itself."""
     if call.kind == "global":
         return x
-    batch, heads, _, d = x.shape
-    rows = x.reshape(batch, -1, d).index_select(1, call.key_index)  # (batch, g * h * kt, d)
-    keys_per_block = call.key_index.numel() // (heads * (call.stop - call.start))
-    return rows.view(-1, heads, keys_per_block, d)
+    batch, _, _, d = x.shape
+    rows = x.reshape(batch, -1, d).index_select(1, call.key_index)  # (batch, g * kh * kt, d)
+    keys_per_block = call.key_index.numel() // (call.key_heads * (call.stop - call.start))
+    return rows.view(-1, call.key_heads, keys_per_block, d)
 
 
 def _add_key_rows(dest: Tensor, value: Tensor, call: _Call) -> None:
@@ -212,23 +276,33 @@ def _use_cpu_flash(q: Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+def _scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """``(N, h, m, kt)`` scaled scores of q ``(N, h, m, d)`` against k ``(N, kh, kt, d)`` (kh dividing h)."""
+    return grouped_matmul(q, k.transpose(-1, -2)) * scale
+
+
 def _chunk_forward(q: Tensor, k: Tensor, v: Tensor, call: _Call, scale: float) -> tuple[Tensor, Tensor]:
-    """Exact attention of one chunk: ``(out (N, h, m, d), lse (N, h, m))``; rows with no allowed key -> 0."""
+    """Exact attention of one chunk: ``(out (N, h, m, d), lse (N, h, m))``; rows with no allowed key -> 0.
+
+    q is ``(N, h, m, d)``, k and v ``(N, kh, kt, d)`` with kh dividing h (grouped heads, never repeated)."""
     allowed = call.allowed
     if _use_cpu_flash(q):
-        # the CPU flash kernel returns 0 output (and lse 0) for a row whose bias is all -inf
+        # the CPU flash kernel returns 0 output (and lse 0) for a row whose bias is all -inf; it reads grouped
+        # key/value heads directly
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=call.bias(q.dtype), scale=scale
         )
         return out, lse
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (N, h, m, kt)
+    scores = _scores(q, k, scale)  # (N, h, m, kt)
+    if call.additive is not None:
+        scores = scores + call.additive.to(scores.dtype)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     row_max = scores.amax(-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     probs = torch.exp(scores - row_max)
     denom = probs.sum(-1, keepdim=True)
-    out = torch.matmul(probs, v) / denom.clamp_min(torch.finfo(probs.dtype).tiny)
+    out = grouped_matmul(probs, v) / denom.clamp_min(torch.finfo(probs.dtype).tiny)
     lse = (row_max + torch.log(denom)).squeeze(-1)  # -inf for empty rows
     return out, lse
 
@@ -236,22 +310,27 @@ def _chunk_forward(q: Tensor, k: Tensor, v: Tensor, call: _Call, scale: float) -
 def _chunk_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, call: _Call, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of one chunk, recomputing its probabilities from ``lse``."""
+    """Gradients of one chunk, recomputing its probabilities from ``lse``; dk, dv have k's (grouped) heads."""
     allowed = call.allowed
     if _use_cpu_flash(q):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=call.bias(q.dtype), scale=scale
         )
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    kh = k.shape[1]
+    scores = _scores(q, k, scale)
+    if call.additive is not None:
+        scores = scores + call.additive.to(scores.dtype)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
     probs = torch.exp(scores - lse[..., None])  # (N, h, m, kt); empty rows -> 0
-    grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
-    grad_probs = torch.matmul(grad_out, v.transpose(-1, -2))
+    grad_out = grad_out.contiguous()
+    grad_v = torch.matmul(fold_query_groups(probs, kh).transpose(-1, -2), fold_query_groups(grad_out, kh))
+    grad_probs = grouped_matmul(grad_out, v.transpose(-1, -2))  # (N, h, m, kt)
     delta = (grad_out * out).sum(-1, keepdim=True)
     grad_scores = probs * (grad_probs - delta) * scale
-    return torch.matmul(grad_scores, k), torch.matmul(grad_scores.transpose(-1, -2), q), grad_v
+    grad_k = torch.matmul(fold_query_groups(grad_scores, kh).transpose(-1, -2), fold_query_groups(q, kh))
+    return grouped_matmul(grad_scores, k), grad_k, grad_v  # dk, dv: (N, kh, kt, d)
 
 
 # -------------------------------------------------------------------------------------------- autograd function
@@ -267,29 +346,32 @@ def _rows_buffer(like: Tensor, plan: BlockedPlan, dtype: torch.dtype) -> Tensor:
 
 class _SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: BlockedPlan, scale: float) -> Tensor:
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: BlockedPlan, scale: float,
+        slopes: Tensor | None,
+    ) -> Tensor:
         batch, heads = q.shape[:2]
         out = _rows_buffer(q, plan, q.dtype)
         lses = []
-        for call in _calls(plan, batch, heads, kpm):
+        for call in _calls(plan, batch, heads, kpm, k.shape[1], slopes):
             qc, kc, vc = _query_rows(q, plan, call), _key_rows(k, call), _key_rows(v, call)
             o, lse = _chunk_forward(qc, kc, vc, call, scale)
             _put_query_rows(out, o, plan, call, accumulate=call.kind == "global")
             lses.append(lse)
         ctx.plan, ctx.scale, ctx.num_lse = plan, scale, len(lses)
-        ctx.save_for_backward(q, k, v, out, kpm, *lses)
+        ctx.save_for_backward(q, k, v, out, kpm, slopes, *lses)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        q, k, v, out, kpm, *lses = ctx.saved_tensors
+        q, k, v, out, kpm, slopes, *lses = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
         acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         grad_q = _rows_buffer(q, plan, acc)
         grad_k = torch.zeros_like(k, dtype=acc)
         grad_v = torch.zeros_like(v, dtype=acc)
-        for call, lse in zip(_calls(plan, q.shape[0], q.shape[1], kpm), lses):
+        for call, lse in zip(_calls(plan, q.shape[0], q.shape[1], kpm, k.shape[1], slopes), lses):
             if call.kind == "global":
                 _global_backward(grad_out, q, k, v, out, lse, plan, call, scale, grad_q, grad_k, grad_v)
                 continue
@@ -300,7 +382,7 @@ class _SparseAttentionFunction(torch.autograd.Function):
             _put_query_rows(grad_q, gq, plan, call, accumulate=call.kind == "global")
             _add_key_rows(grad_k, gk, call)
             _add_key_rows(grad_v, gv, call)
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None
 
 
 def _global_backward(
@@ -316,8 +398,7 @@ def _global_backward(
     n_pad = k.shape[2]
     for k0 in range(0, n_pad, GLOBAL_KEYS_PER_BACKWARD):
         k1 = min(k0 + GLOBAL_KEYS_PER_BACKWARD, n_pad)
-        allowed = None if call.allowed is None else call.allowed[..., k0:k1]
-        part = _Call("global", call.start, call.stop, None, allowed)
+        part = call.keys(k0, k1)
         gq, gk, gv = _chunk_backward(rows[0], rows[1], k[:, :, k0:k1], v[:, :, k0:k1], rows[2], lse, part, scale)
         _put_query_rows(grad_q, gq, plan, call, accumulate=True)
         grad_k[:, :, k0:k1] += gk
@@ -325,26 +406,42 @@ def _global_backward(
 
 
 def sparse_attention(
-    q: Tensor, k: Tensor, v: Tensor, plan: BlockedPlan, key_padding_mask: Tensor | None, scale: float
+    q: Tensor, k: Tensor, v: Tensor, plan: BlockedPlan, key_padding_mask: Tensor | None, scale: float,
+    slopes: Tensor | None = None,
 ) -> Tensor:
     """Exact blocked attention over ``plan``'s pattern with a recomputing backward (see the module docstring).
 
     Args:
-        q, k, v: ``(batch, heads, padded_len, head_dim)``, padded_len a multiple of the block size.
+        q: ``(batch, heads, padded_len, head_dim)``, padded_len a multiple of the block size.
+        k, v: ``(batch, kv_heads, padded_len, head_dim)``, kv_heads dividing heads (grouped-query attention).
         plan: from :meth:`BlockedPlan.build` for the true length.
         key_padding_mask: bool ``(batch, padded_len)``, True = real token, or None.
         scale: score scale.
+        slopes: ``(heads,)`` ALiBi slopes, or None for no bias.
 
     Returns:
         ``(batch, heads, padded_len, head_dim)``; padded query rows are zero.
     """
     return _SparseAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), key_padding_mask, plan,
-                                          scale)
+                                          scale, slopes)
+
+
+def _sdpa_mask(call: _Call, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+    """(mask for ``F.scaled_dot_product_attention``, has_key) of one call: an empty row sees everything (then is
+    zeroed) so no kernel returns NaN."""
+    if call.additive is not None:
+        bias = call.bias(dtype)
+        has_key = torch.isfinite(bias).any(-1, keepdim=True)
+        return torch.where(has_key, bias, torch.zeros((), dtype=dtype, device=bias.device)), has_key
+    if call.allowed is None:
+        return None, None
+    has_key = call.allowed.any(-1, keepdim=True)
+    return call.allowed | ~has_key, has_key
 
 
 def sparse_attention_autograd(
     q: Tensor, k: Tensor, v: Tensor, plan: BlockedPlan, key_padding_mask: Tensor | None, scale: float,
-    dropout_p: float = 0.0,
+    dropout_p: float = 0.0, slopes: Tensor | None = None,
 ) -> Tensor:
 
     """The same chunks as :func:`sparse_attention` through ``F.scaled_dot_product_attention`` and plain autograd.
@@ -355,15 +452,13 @@ def sparse_attention_autograd(
     batch, heads, n_pad, d = q.shape
     st = plan.structure
     blocks, glob_rows, glob_out = [], [], []
-    for call in _calls(plan, batch, heads, key_padding_mask):
-        allowed = call.allowed
+    for call in _calls(plan, batch, heads, key_padding_mask, k.shape[1], slopes):
         qc = _query_rows(q, plan, call)
-        if allowed is not None:
-            has_key = allowed.any(-1, keepdim=True)
-            allowed = allowed | ~has_key  # an empty row sees everything, then is zeroed
-        o = F.scaled_dot_product_attention(qc, _key_rows(k, call), _key_rows(v, call), attn_mask=allowed,
-                                           dropout_p=dropout_p, scale=scale)
-        if allowed is not None:
+        mask, has_key = _sdpa_mask(call, q.dtype)
+        kc, vc = _key_rows(k, call), _key_rows(v, call)
+        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                           enable_gqa=kc.shape[1] != qc.shape[1])
+        if has_key is not None:
             o = o * has_key
         if call.kind == "blocks":
             blocks.append(o.view(batch, call.stop - call.start, heads, st.block_size, d))
@@ -380,3 +475,108 @@ def sparse_attention_autograd(
         glob_rows = st.global_queries
         out = out.index_copy(2, glob_rows, torch.cat(glob_out, dim=2))
     return out
+
+
+# ------------------------------------------------------------------------------------------ dense (full) chunks
+#: Query rows per call of :func:`dense_chunked_attention` (fewer when a mask or bias must be held per call).
+DENSE_ROWS_PER_CALL = 512
+
+
+def _dense_calls(
+    q_len: int, kv_len: int, batch: int, heads: int, kv_heads: int, causal: bool, key_padding_mask: Tensor | None,
+    slopes: Tensor | None, device: torch.device, rows_per_call: int,
+) -> Iterator[tuple[int, int, int, _Call]]:
+    """``(q0, q1, keys, call)``: query rows ``q0:q1`` against keys ``0:keys`` (every key, or the causal prefix)."""
+    per_row = kv_len * (heads if slopes is not None else 1) * (batch if key_padding_mask is not None else 1)
+    step = rows_per_call
+    if causal or slopes is not None or key_padding_mask is not None:
+        step = max(1, min(rows_per_call, BIAS_ELEMENTS_PER_CALL // max(1, per_row)))
+    for q0 in range(0, q_len, step):
+        q1 = min(q0 + step, q_len)
+        keys = q1 if causal else kv_len
+        allowed = additive = None
+        q_idx = torch.arange(q0, q1, device=device)[:, None]
+        k_idx = torch.arange(keys, device=device)[None, :]
+        if causal:
+            allowed = (k_idx <= q_idx)[None, None]  # (1, 1, rows, keys)
+        if key_padding_mask is not None:
+            padding = key_padding_mask[:, None, None, :keys]
+            allowed = padding if allowed is None else allowed & padding
+        if slopes is not None:
+            additive = alibi_bias(slopes, q_idx, k_idx)[None]  # (1, h, rows, keys)
+        yield q0, q1, keys, _Call("global", q0, q1, None, allowed, None, additive, kv_heads)
+
+
+class _DenseChunksFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, scale: float, causal: bool,
+        slopes: Tensor | None, rows_per_call: int,
+    ) -> Tensor:
+        batch, heads, q_len, _ = q.shape
+        out = torch.empty_like(q)
+        lses = []
+        for q0, q1, keys, call in _dense_calls(
+            q_len, k.shape[2], batch, heads, k.shape[1], causal, kpm, slopes, q.device, rows_per_call
+        ):
+            o, lse = _chunk_forward(q[:, :, q0:q1], k[:, :, :keys], v[:, :, :keys], call, scale)
+            out[:, :, q0:q1] = o
+            lses.append(lse)
+        ctx.args = (scale, causal, rows_per_call)
+        ctx.save_for_backward(q, k, v, out, kpm, slopes, *lses)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, out, kpm, slopes, *lses = ctx.saved_tensors
+        scale, causal, rows_per_call = ctx.args
+        acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        grad_q = torch.empty_like(q, dtype=acc)
+        grad_k = torch.zeros_like(k, dtype=acc)
+        grad_v = torch.zeros_like(v, dtype=acc)
+        calls = _dense_calls(q.shape[2], k.shape[2], q.shape[0], q.shape[1], k.shape[1], causal, kpm, slopes,
+                             q.device, rows_per_call)
+        for (q0, q1, keys, call), lse in zip(calls, lses):
+            gq, gk, gv = _chunk_backward(
+                grad_out[:, :, q0:q1], q[:, :, q0:q1], k[:, :, :keys], v[:, :, :keys], out[:, :, q0:q1], lse, call,
+                scale,
+            )
+            grad_q[:, :, q0:q1] = gq
+            grad_k[:, :, :keys] += gk
+            grad_v[:, :, :keys] += gv
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None, None
+
+
+def dense_chunked_attention(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, scale: float, *, causal: bool,
+    slopes: Tensor | None = None, dropout_p: float = 0.0, rows_per_call: int = DENSE_ROWS_PER_CALL,
+) -> Tensor:
+    """Exact full attention in chunks of query rows, each against a slice of the keys: never an n x n tensor.
+
+    Args:
+        q: ``(batch, heads, q_len, head_dim)``; k, v: ``(batch, kv_heads, kv_len, head_dim)`` (grouped heads).
+        key_padding_mask: bool ``(batch, kv_len)``, True = real key, or None.
+        scale: score scale.
+        causal: key j <= query i (needs ``q_len == kv_len``); a chunk reads only its causal prefix of the keys.
+        slopes: ``(heads,)`` ALiBi slopes, or None.
+        dropout_p: attention dropout; when > 0 the chunks run through ``F.scaled_dot_product_attention`` and plain
+            autograd (which keeps each chunk's weights for backward), otherwise a recomputing backward keeps
+            O(n * d) plus one chunk.
+
+    Memory per call: ``rows * keys`` (times heads with ALiBi, times batch with padding) mask elements, bounded by
+    :data:`BIAS_ELEMENTS_PER_CALL`.
+    """
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal dense attention needs q_len == kv_len, got {q.shape[2]} and {k.shape[2]}")
+    if dropout_p == 0.0:
+        return _DenseChunksFunction.apply(q, k, v, key_padding_mask, scale, causal, slopes, rows_per_call)
+    outs = []
+    for q0, q1, keys, call in _dense_calls(q.shape[2], k.shape[2], q.shape[0], q.shape[1], k.shape[1], causal,
+                                           key_padding_mask, slopes, q.device, rows_per_call):
+        mask, has_key = _sdpa_mask(call, q.dtype)
+        o = F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, :keys], v[:, :, :keys], attn_mask=mask,
+                                           dropout_p=dropout_p, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        outs.append(o if has_key is None else o * has_key)
+    return torch.cat(outs, dim=2)

@@ -18,6 +18,11 @@ Rules this module keeps (measured on torch 2.13 CPU, see the tests):
   recompilation of ``create_block_mask``: key blocks that are all padding are dropped, "full" blocks that hold some
   padding become "partial". The compiled kernel is specialised once more for the batch-shaped block mask.
 * A query with no allowed key yields zeros (FlexAttention's own behaviour for an empty row; tested).
+* Grouped key/value heads run with ``enable_gqa=True`` (k and v keep their ``kv_heads``); ALiBi is a ``score_mod``
+  (the caller keeps one closure per device so the compiled kernel is reused).
+* Packed documents (:meth:`FlexRunner.packed`): the pattern's ``mask_mod`` AND "same document" (AND the key padding),
+  built per call by the compiled ``create_block_mask`` with a batch dimension (the document layout is data); only
+  for patterns that are translation invariant (full, window), where that equals each document alone.
 * On CPU (torch 2.13) FlexAttention is forward-only (its backward raises ``NotImplementedError``) and supports
   float32, float16 and bfloat16 only; :func:`unavailable_reason` says so before anything runs.
 * Compilation costs 5-15 s per new shape on a 2-core CPU; :meth:`FlexRunner.warmup` lets a harness pay it outside
@@ -223,9 +228,11 @@ class FlexRunner:
 
     # ------------------------------------------------------------------------------------------------- run
     def __call__(
-        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None, tag: Hashable = None
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None, tag: Hashable = None,
+        score_mod: Callable | None = None,
     ) -> Tensor:
-        """Attention over the pattern: ``(batch, heads, seq, head_dim)`` q, k, v -> same shape.
+        """Attention over the pattern: q ``(batch, heads, seq, head_dim)``, k, v ``(batch, kv_heads, seq, head_dim)``
+        -> q's shape. ``score_mod`` (FlexAttention's, e.g. ALiBi) is applied to the scaled scores.
 
         Raises:
             BackendUnavailableError: a ``TorchDispatchMode`` (``StorageTracker``, ``FlopCounterMode``,
@@ -234,15 +241,42 @@ class FlexRunner:
                 ``profile_memory=True``) or the process RSS instead.
         """
         _refuse_dispatch_modes()
-        if q.device.type == "cpu" and not torch.is_grad_enabled():
-            # FlexAttention's CPU check looks at requires_grad even under no_grad; nothing will be differentiated
-            q, k, v = q.detach(), k.detach(), v.detach()
+        # (on CPU under no_grad, _run detaches q, k, v: FlexAttention's CPU check looks at requires_grad even then)
         if key_padding_mask is None:
             block_mask = self.block_mask(q.shape[-2], q.device, tag)
         else:
             block_mask = self.padded_block_mask(key_padding_mask, tag)
+        return self._run(q, k, v, block_mask, score_mod)
+
+    def _run(self, q: Tensor, k: Tensor, v: Tensor, block_mask: "BlockMask", score_mod: Callable | None) -> Tensor:  # noqa: F821
+        if q.device.type == "cpu" and not torch.is_grad_enabled():
+            q, k, v = q.detach(), k.detach(), v.detach()
         with _dynamo_limits():
-            return compiled_flex_attention()(q, k, v, block_mask=block_mask)
+            return compiled_flex_attention()(
+                q, k, v, block_mask=block_mask, score_mod=score_mod, enable_gqa=k.shape[1] != q.shape[1]
+            )
+
+    def packed(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, document_ids: Tensor,
+        score_mod: Callable | None = None,
+    ) -> Tensor:
+        """Attention over the pattern restricted to each packed document (see the module docstring); shapes as in
+        :meth:`__call__`, ``document_ids`` int ``(batch, seq)``. The block mask is built for this call (O(batch *
+        heads * (n / 128)^2) booleans plus the compiled predicate pass), never cached."""
+        from efficient_attn.attention.packing import same_document
+        from torch.nn.attention.flex_attention import and_masks
+
+        _refuse_dispatch_modes()
+        batch, seq_len = document_ids.shape
+        mods = [self.mask_mod_factory(seq_len, q.device), same_document(document_ids)]
+        if key_padding_mask is not None:
+            mods.append(_key_is_real(key_padding_mask))
+        heads = None if self.mask_heads == 1 else self.mask_heads
+        with _dynamo_limits():
+            block_mask = compiled_create_block_mask()(
+                and_masks(*mods), batch, heads, seq_len, seq_len, device=q.device
+            )
+        return self._run(q, k, v, block_mask, score_mod)
 
     def warmup(
         self,

@@ -4,7 +4,15 @@ Vaswani et al. 2017, "Attention Is All You Need", arXiv:1706.03762.
 Cost: O(n^2 d) time; the ``naive`` backend also holds the O(n^2) score matrix, the ``sdpa`` backend
 (``torch.nn.functional.scaled_dot_product_attention``) uses fused kernels that avoid it where the device allows, and so
 do ``flex`` (compiled FlexAttention over :meth:`FullAttention.mask_mod`; forward-only on CPU) and ``xformers``
-(``memory_efficient_attention``, CUDA only). ``auto`` reads :data:`efficient_attn.attention.auto.AUTO_TABLE`.
+(``memory_efficient_attention``, CUDA only). ``torch`` runs chunks of query rows against all keys (the causal prefix)
+with the blocked backend's kernels (:func:`~efficient_attn.attention.blocked.dense_chunked_attention`): no n x n
+tensor, and the backend that adds ALiBi outside ``naive`` and ``flex`` (``sdpa`` would need a dense bias).
+``auto`` reads :data:`efficient_attn.attention.auto.AUTO_TABLE` (with ALiBi it skips ``sdpa``).
+
+Grouped key/value heads: ``naive`` repeats them, ``sdpa`` and ``flex`` pass ``enable_gqa``, ``xformers`` uses its
+grouped layout, ``torch`` runs the group's query heads against the shared head. Cross-attention (query length !=
+key length, non-causal, optional key padding on the encoder side): every backend except ``flex``. Packed documents:
+``flex`` composes its mask with a document mask; the others run each document alone.
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ from torch import Tensor
 from efficient_attn.attention import flex as flex_backend
 from efficient_attn.attention.auto import FusedBackendsMixin
 from efficient_attn.attention.base import Attention, AttentionConfig
-from efficient_attn.attention.functional import combine_masks, dense_attention
+from efficient_attn.attention.blocked import dense_chunked_attention
+from efficient_attn.attention.functional import combine_masks, default_scale, dense_attention
 from efficient_attn.attention.xformers_backend import xformers_attention
 from efficient_attn.registry import register_attention
 
@@ -34,7 +43,7 @@ class FullConfig(AttentionConfig):
     description="Full softmax attention (Vaswani et al. 2017), the quadratic baseline",
     paper="Vaswani et al. 2017, arXiv:1706.03762",
     complexity="O(n^2)",
-    backends=("naive", "sdpa", "flex", "xformers"),
+    backends=("naive", "sdpa", "flex", "xformers", "torch"),
 )
 class FullAttention(FusedBackendsMixin, Attention):
     """Exact softmax attention over every (query, key) pair (lower triangle when causal).
@@ -44,7 +53,12 @@ class FullAttention(FusedBackendsMixin, Attention):
         ``sdpa``: ``F.scaled_dot_product_attention``; ``auto`` picks it (see ``AUTO_TABLE``).
         ``flex``: compiled FlexAttention with :meth:`mask_mod`; forward-only and float32/16/bf16-only on CPU.
         ``xformers``: ``xformers.ops.memory_efficient_attention`` (causal: ``LowerTriangularMask``); CUDA only.
+        ``torch``: chunks of query rows against sliced keys with a recomputing backward; adds ALiBi.
     """
+
+    supports_gqa = True
+    alibi_backends = ("naive", "torch", "flex")
+    supports_cross_attention = True
 
     def __init__(self, config: FullConfig) -> None:
         super().__init__(config)
@@ -77,21 +91,46 @@ class FullAttention(FusedBackendsMixin, Attention):
     def _attend_naive(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         pattern = self.dense_mask(q.shape[-2], q.device) if self.config.causal else None
         allowed = combine_masks(pattern, key_padding_mask)
-        return dense_attention(q, k, v, allowed, dropout_p=self.dropout_p)
+        return dense_attention(q, k, v, allowed, dropout_p=self.dropout_p, bias=self._alibi_dense(q))
 
     def _attend_sdpa(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        gqa = k.shape[1] != q.shape[1]
         if key_padding_mask is None:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p, is_causal=self.config.causal)
+            return F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout_p, is_causal=self.config.causal, enable_gqa=gqa
+            )
         pattern = self.dense_mask(q.shape[-2], q.device) if self.config.causal else None
         allowed = combine_masks(pattern, key_padding_mask)  # (b, 1, 1 or n, n)
         has_key = allowed.any(dim=-1, keepdim=True)
         # A query with no real key would be NaN in some SDPA kernels: let it see every key, then zero it.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_key, dropout_p=self.dropout_p)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed | ~has_key, dropout_p=self.dropout_p, enable_gqa=gqa
+        )
         return out.masked_fill(~has_key, 0.0)
+
+    def _attend_torch(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        return dense_chunked_attention(
+            q, k, v, key_padding_mask, default_scale(q.shape[-1]), causal=self.config.causal,
+            slopes=self._alibi_slopes(q), dropout_p=self.dropout_p,
+        )
 
     def _attend_flex(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         flex_backend.check_supported(q, self.dropout_p)
-        return self._flex(q, k, v, key_padding_mask)
+        self._refuse_flex_cross(q, k)
+        return self._flex(q, k, v, key_padding_mask, score_mod=self._alibi_score_mod(q))
+
+    def _attend_flex_packed(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, document_ids: Tensor
+    ) -> Tensor:
+        flex_backend.check_supported(q, self.dropout_p)
+        return self._flex.packed(q, k, v, key_padding_mask, document_ids, score_mod=self._alibi_score_mod(q))
+
+    def _refuse_flex_cross(self, q: Tensor, k: Tensor) -> None:
+        if q.shape[-2] != k.shape[-2]:
+            raise ValueError(
+                "backend 'flex' of attention 'full' runs self-attention only (its block masks are built for one "
+                "length); use 'sdpa', 'torch' or 'xformers' for cross-attention"
+            )
 
     def _attend_xformers(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         return xformers_attention(

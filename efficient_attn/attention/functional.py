@@ -18,6 +18,20 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
+def fold_query_groups(x: Tensor, kv_heads: int) -> Tensor:
+    """``(batch, heads, m, e) -> (batch, kv_heads, (heads / kv_heads) * m, e)``: the query heads that share a key/value
+    head stacked along the rows (a view when ``x`` is contiguous), so one product with the shared head ``(batch,
+    kv_heads, ., .)`` serves the whole group and k, v are never repeated. Undo with ``.view(batch, heads, m, -1)``."""
+    return x.reshape(x.shape[0], kv_heads, -1, x.shape[-1])
+
+
+def grouped_matmul(x: Tensor, shared: Tensor) -> Tensor:
+    """``x (batch, heads, m, e) @ shared (batch, kv_heads, e, f) -> (batch, heads, m, f)``, each query head against
+    its group's key/value head (query head i uses kv head ``i // (heads / kv_heads)``), without repeating ``shared``."""
+    out = torch.matmul(fold_query_groups(x, shared.shape[1]), shared)
+    return out.view(*x.shape[:-1], shared.shape[-1])
+
+
 def masked_softmax(scores: Tensor, allowed: Tensor | None) -> Tensor:
     """Softmax over the last dim restricted to ``allowed`` entries; rows with no allowed entry give all zeros.
 
@@ -61,20 +75,28 @@ def dense_attention(
     *,
     dropout_p: float = 0.0,
     scale: float | None = None,
+    bias: Tensor | None = None,
 ) -> Tensor:
-    """Explicit ``softmax(Q K^T * scale) V`` that materialises the full score matrix: O(n^2) time and memory.
+    """Explicit ``softmax(Q K^T * scale + bias) V`` that materialises the full score matrix: O(n^2) time and memory.
 
-    This is the correctness oracle of every exact variant and the quadratic baseline of every benchmark.
+    This is the correctness oracle of every exact variant and the quadratic baseline of every benchmark (the
+    ``naive`` backends). Grouped key/value heads are repeated to the query heads here, and only here.
 
     Args:
-        q, k, v: ``(batch, heads, seq, head_dim)``.
-        allowed: bool mask broadcastable to ``(batch, heads, seq, seq)``; True = may attend. Rows with no allowed key
-            produce zeros.
+        q: ``(batch, heads, q_len, head_dim)``; k, v: ``(batch, kv_heads, kv_len, head_dim)``, kv_heads dividing heads.
+        allowed: bool mask broadcastable to ``(batch, heads, q_len, kv_len)``; True = may attend. Rows with no
+            allowed key produce zeros.
         dropout_p: dropout on the attention probabilities.
         scale: score scale; default ``1 / sqrt(head_dim)``.
+        bias: additive float bias broadcastable to the scores (ALiBi), added after scaling.
     """
     scale = default_scale(q.shape[-1]) if scale is None else scale
+    if k.shape[1] != q.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = torch.einsum("bhid,bhjd->bhij", q, k) * scale  # (b, h, n, n)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
     probs = masked_softmax(scores, allowed)
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from efficient_attn.attention.base import Attention, AttentionConfig
 from efficient_attn.errors import require_positive_int
-from efficient_attn.attention.functional import default_scale
+from efficient_attn.attention.functional import default_scale, grouped_matmul
 from efficient_attn.registry import register_attention
 
 #: Queries per block of the score computation.
@@ -35,7 +35,8 @@ class LinformerConfig(AttentionConfig):
         k: projected length (columns of ``E`` and ``F``). ``k`` larger than the sequence is allowed (the rank of the
             approximation is then bounded by the sequence length, not by ``k``).
         share_kv: use one projection for keys and values (``F = E``), as in the paper's "key-value sharing".
-        headwise: one projection per head (``E`` is ``(heads, max_len, k)``) instead of one shared by all heads.
+        headwise: one projection per key/value head (``E`` is ``(num_kv_heads, max_len, k)``) instead of one shared
+            by all heads.
     """
 
     max_len: int
@@ -74,12 +75,19 @@ class LinformerAttention(Attention):
     the real keys only; no projected row can be masked when E mixes all positions.)
 
     Parameters: ``proj_k`` = ``E`` (and ``proj_v`` = ``F`` unless ``share_kv``; then ``proj_v`` is None), shape ``(max_len, k)`` or ``(heads, max_len, k)`` when
-    ``headwise``, initialised from N(0, 1/k) so a projected row has the scale of a Johnson-Lindenstrauss sketch.
+    ``headwise`` (one per key/value head), initialised from N(0, 1/k) so a projected row has the scale of a
+    Johnson-Lindenstrauss sketch.
+
+    Grouped key/value heads: keys and values are projected per key/value head, and each group's query heads attend to
+    their shared projected keys (no repeat). Cross-attention: queries of any length attend to keys of ``kv_len <=
+    max_len`` tokens projected with ``E[:kv_len]`` (the paper's projection over the key length).
 
     Causal masking is not supported (see ``causal_unsupported_reason``). Attention dropout applies to the
     ``(n, k)`` weights.
     """
 
+    supports_gqa = True
+    supports_cross_attention = True
     causal_unsupported_reason = (
         "Linformer projects keys and values along the sequence (K' = E^T K), so every projected key mixes all "
         "positions, future ones included; no mask over the k projected rows can hide the future"
@@ -87,15 +95,17 @@ class LinformerAttention(Attention):
 
     def __init__(self, config: LinformerConfig) -> None:
         super().__init__(config)
-        shape = (config.num_heads, config.max_len, config.k) if config.headwise else (config.max_len, config.k)
+        shape = (config.num_kv_heads, config.max_len, config.k) if config.headwise else (config.max_len, config.k)
         std = 1.0 / math.sqrt(config.k)
         self.proj_k = nn.Parameter(torch.randn(shape) * std)
         self.proj_v = None if config.share_kv else nn.Parameter(torch.randn(shape) * std)
 
     def useful_flops(self, batch: int, seq_len: int) -> int:
-        """Forward FLOPs of the core per head: ``E^T K`` and ``F^T V`` (2*n*k*d each), ``Q K'^T`` and ``P V'``
-        (2*n*k*d each): ``8 * n * k * head_dim``, times batch and heads."""
-        return 8 * batch * self.config.num_heads * seq_len * self.config.k * self.config.head_dim
+        """Forward FLOPs of the core: ``E^T K`` and ``F^T V`` (2*n*k*d each, per key/value head), ``Q K'^T`` and
+        ``P V'`` (2*n*k*d each, per query head); with MHA ``8 * n * k * head_dim`` per head, times batch."""
+        cfg = self.config
+        projections = 4 * cfg.num_kv_heads * seq_len * cfg.k * cfg.head_dim  # E^T K and F^T V per kv head
+        return batch * (projections + 4 * cfg.num_heads * seq_len * cfg.k * cfg.head_dim)
 
     def projections(self, seq_len: int) -> tuple[Tensor, Tensor]:
         """``(E[:n], F[:n])``, each ``(n, k)`` or ``(heads, n, k)``; ``ValueError`` when ``n > max_len``."""
@@ -110,30 +120,30 @@ class LinformerAttention(Attention):
 
     def _attend_torch(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         n = q.shape[-2]
-        e, f = self.projections(n)
+        e, f = self.projections(k.shape[-2])
         e, f = e.to(q.dtype), f.to(q.dtype)
         if key_padding_mask is not None:
             real = key_padding_mask[:, None, :, None]  # (b, 1, n, 1)
             k = k.masked_fill(~real, 0.0)
             v = v.masked_fill(~real, 0.0)
         if self.config.headwise:
-            k_proj = torch.einsum("hnr,bhnd->bhrd", e, k)  # (b, h, k, d)
-            v_proj = torch.einsum("hnr,bhnd->bhrd", f, v)  # (b, h, k, d)
+            k_proj = torch.einsum("hnr,bhnd->bhrd", e, k)  # (b, kv_heads, k, d)
+            v_proj = torch.einsum("hnr,bhnd->bhrd", f, v)  # (b, kv_heads, k, d)
         else:
-            k_proj = torch.einsum("nr,bhnd->bhrd", e, k)  # (b, h, k, d)
-            v_proj = torch.einsum("nr,bhnd->bhrd", f, v)  # (b, h, k, d)
+            k_proj = torch.einsum("nr,bhnd->bhrd", e, k)  # (b, kv_heads, k, d)
+            v_proj = torch.einsum("nr,bhnd->bhrd", f, v)  # (b, kv_heads, k, d)
         # fold the softmax scale into the (k, d) projected keys, the smallest operand
         k_proj_t = k_proj.transpose(-1, -2) * default_scale(q.shape[-1])  # (b, h, d, k)
         outs = []
         # query blocks keep each (block, k) score tensor small (cache- and allocator-friendly on CPU); rows are
         # independent, so this is the same computation as one (n, k) product
         for start in range(0, n, QUERY_BLOCK):
-            scores = torch.matmul(q[:, :, start : start + QUERY_BLOCK], k_proj_t)  # (b, h, block, k)
+            scores = grouped_matmul(q[:, :, start : start + QUERY_BLOCK], k_proj_t)  # (b, h, block, k)
             probs = torch.softmax(scores, dim=-1)
             del scores
             if self.dropout_p > 0.0:
                 probs = nn.functional.dropout(probs, p=self.dropout_p)
-            outs.append(torch.matmul(probs, v_proj))  # (b, h, block, d)
+            outs.append(grouped_matmul(probs, v_proj))  # (b, h, block, d)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)  # (b, h, n, d)
         if key_padding_mask is not None:
             # all-padding rows: V' = 0 already gives 0; make it explicit so it never depends on that identity

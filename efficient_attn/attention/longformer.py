@@ -21,8 +21,9 @@ class LongformerConfig(AttentionConfig):
     """Attributes:
         window_size: w >= 1; one-sided reach of the window, as in ``window`` (HF ``attention_window`` = 2w).
             Also the block size of the ``torch`` backend.
-        global_tokens: an int count of leading global tokens (>= 0), or a tuple of distinct indices >= 0. Indices are
-            checked against the sequence length at call time.
+        global_tokens: an int count of leading global tokens (>= 0; a shorter sequence is all global), or a tuple of
+            distinct indices >= 0. Indices are checked against the sequence length at call time. Packed documents
+            (``document_ids``) each have their own leading global tokens.
     """
 
     window_size: int = 256
@@ -62,6 +63,9 @@ class LongformerAttention(PatternAttention):
     """Window + global attention. Shapes: ``(batch, heads, seq, head_dim)``; block size = ``window_size``."""
 
     config: LongformerConfig
+    #: Packed documents run each document alone (its own leading global tokens); flex's document
+    #: mask could not re-anchor the pattern at each document's start.
+    packing_backends = ("torch", "naive")
 
     def _make_pattern(self) -> Pattern:
         cfg = self.config

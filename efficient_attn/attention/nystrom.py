@@ -26,7 +26,7 @@ from torch import Tensor
 
 from efficient_attn.attention.base import Attention, AttentionConfig
 from efficient_attn.errors import require_positive_int
-from efficient_attn.attention.functional import default_scale, masked_softmax
+from efficient_attn.attention.functional import default_scale, grouped_matmul, masked_softmax
 from efficient_attn.registry import register_attention
 
 #: Queries per block of the ``S(Q, K~)`` computation.
@@ -103,7 +103,16 @@ class NystromAttention(Attention):
 
     Causal masking is not supported (see ``causal_unsupported_reason``). Attention dropout is refused (``dropout``
     must be 0): the weights are never formed.
+
+    Grouped key/value heads: key landmarks per key/value head, query landmarks per query head; every product with a
+    key-side tensor folds a group's query heads into its rows (no repeat). Cross-attention (``attend(..., cross=True)``
+    or different lengths): query landmarks are segment means over the ``q_len`` queries, key landmarks over the real
+    keys of ``kv_len``; the key padding mask is then the encoder's and never masks queries.
     """
+
+    supports_gqa = True
+    supports_cross_attention = True
+    queries_independent = False  # query landmarks are means over segments of the queries
 
     causal_unsupported_reason = (
         "Nystrom landmarks are means over segments of the sequence, so every landmark mixes the positions of its "
@@ -141,32 +150,41 @@ class NystromAttention(Attention):
         counts = w.sum(dim=-1, keepdim=True)  # (b, 1, m, 1)
         return sums / counts.clamp_min(1.0)
 
-    def _attend_torch(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
-        n = q.shape[-2]
-        m = self.config.num_landmarks
+    def _weights(self, real: Tensor | None, n: int, like: Tensor) -> Tensor | None:
+        """Landmark weights ``(batch, 1, n_pad)`` (1 = real token), or None when every segment is full and real."""
         n_pad = self.padded_len(n)
-        self.last_padded_len = n_pad
+        if real is None and n_pad == n:
+            return None
+        if real is None:
+            real = torch.ones(like.shape[0], n, dtype=torch.bool, device=like.device)
+        return F.pad(real, (0, n_pad - n)).to(like.dtype)[:, None, :]
+
+    def _has_landmark(self, weights: Tensor) -> Tensor:
+        """Bool ``(batch, 1, m)``: segments holding a real token."""
+        m = self.config.num_landmarks
+        return rearrange(weights, "b one (m l) -> b one m l", m=m).sum(dim=-1) > 0
+
+    def _attend_torch(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        n, n_keys = q.shape[-2], k.shape[-2]
         scale = default_scale(q.shape[-1])
-        if key_padding_mask is None and n_pad == n:
-            q_land, k_land = self.landmarks(q, None), self.landmarks(k, None)  # (b, h, m, d)
-            key_land_allowed = kernel_2_allowed = kernel_3_allowed = None
-        else:
-            real = (
-                torch.ones(q.shape[0], n, dtype=torch.bool, device=q.device)
-                if key_padding_mask is None
-                else key_padding_mask
-            )  # (b, n)
-            weights = F.pad(real, (0, n_pad - n)).to(q.dtype)[:, None, :]  # (b, 1, n_pad)
-            q_land, k_land = self.landmarks(q, weights), self.landmarks(k, weights)  # (b, h, m, d)
-            has_land = rearrange(weights, "b one (m l) -> b one m l", m=m).sum(dim=-1) > 0  # (b, 1, m)
-            key_land_allowed = has_land[:, :, None, :]  # (b, 1, 1, m)
-            kernel_2_allowed = has_land[:, :, :, None] & has_land[:, :, None, :]  # (b, 1, m, m)
-            kernel_3_allowed = has_land[:, :, :, None] & real[:, None, None, :]  # (b, 1, m, n)
+        self.last_padded_len = self.padded_len(n_keys)
+        # self-attention: padded tokens are excluded from both landmark means (they are the same tokens);
+        # cross-attention: the mask is the encoder's, queries are all real
+        query_real = None if self._call_is_cross else key_padding_mask
+        q_weights = self._weights(query_real, n, q)
+        k_weights = self._weights(key_padding_mask, n_keys, k)
+        q_land, k_land = self.landmarks(q, q_weights), self.landmarks(k, k_weights)  # (b, h | kv_heads, m, d)
+        has_q = None if q_weights is None else self._has_landmark(q_weights)  # (b, 1, m)
+        has_k = None if k_weights is None else self._has_landmark(k_weights)
+        key_land_allowed = None if has_k is None else has_k[:, :, None, :]  # (b, 1, 1, m)
+        kernel_2_allowed = _and(None if has_q is None else has_q[:, :, :, None], key_land_allowed)  # (b, 1, m, m)
+        real_keys = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        kernel_3_allowed = _and(None if has_q is None else has_q[:, :, :, None], real_keys)  # (b, 1, m, n_keys)
         q_land = q_land * scale
-        k_land_t = k_land.transpose(-1, -2)  # (b, h, d, m)
-        kernel_2 = _softmax(torch.matmul(q_land, k_land_t), kernel_2_allowed)  # (b, h, m, m)
-        kernel_3 = _softmax(torch.matmul(q_land, k.transpose(-1, -2)), kernel_3_allowed)  # (b, h, m, n)
-        context = torch.matmul(kernel_3, v)  # (b, h, m, d)
+        k_land_t = k_land.transpose(-1, -2)  # (b, kv_heads, d, m)
+        kernel_2 = _softmax(grouped_matmul(q_land, k_land_t), kernel_2_allowed)  # (b, h, m, m)
+        kernel_3 = _softmax(grouped_matmul(q_land, k.transpose(-1, -2)), kernel_3_allowed)  # (b, h, m, n_keys)
+        context = grouped_matmul(kernel_3, v)  # (b, h, m, d)
         del kernel_3
         context = torch.matmul(iterative_pinv(kernel_2, self.config.pinv_iterations), context)  # (b, h, m, d)
         k_land_t = k_land_t * scale
@@ -174,10 +192,16 @@ class NystromAttention(Attention):
         # query blocks: rows of S(Q, K~) are independent; small blocks stay in cache on CPU
         for start in range(0, n, QUERY_BLOCK):
             kernel_1 = _softmax(
-                torch.matmul(q[:, :, start : start + QUERY_BLOCK], k_land_t), key_land_allowed
+                grouped_matmul(q[:, :, start : start + QUERY_BLOCK], k_land_t), key_land_allowed
             )  # (b, h, block, m)
             outs.append(torch.matmul(kernel_1, context))  # (b, h, block, d)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)  # (b, h, n, d)
+
+
+def _and(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a & b
 
 
 def _softmax(scores: Tensor, allowed: Tensor | None) -> Tensor:

@@ -330,16 +330,14 @@ class LongformerPattern(WindowPattern):
     def global_indices(self, seq_len: int, device: torch.device | str | None = None) -> Tensor:
         """Sorted long ``(g,)`` global token indices for length ``seq_len``.
 
+        A count ``g`` makes the first ``min(g, seq_len)`` tokens global (a sequence shorter than the count, such as a
+        short packed document, is all global tokens).
+
         Raises:
-            ValueError: an index (or the count) that does not fit ``seq_len``.
+            ValueError: an explicit index that does not fit ``seq_len``.
         """
         if isinstance(self.global_tokens, int):
-            if self.global_tokens > seq_len:
-                raise ValueError(
-                    f"global_tokens={self.global_tokens} leading tokens do not fit seq_len={seq_len}; "
-                    f"allowed: 0 <= global_tokens <= seq_len"
-                )
-            return torch.arange(self.global_tokens, device=device)
+            return torch.arange(min(self.global_tokens, seq_len), device=device)
         bad = [i for i in self.global_tokens if i >= seq_len]
         if bad:
             raise ValueError(

@@ -28,6 +28,7 @@ from einops import rearrange
 from torch import Tensor
 
 from efficient_attn.attention.base import Attention, AttentionConfig
+from efficient_attn.attention.functional import grouped_matmul
 from efficient_attn.errors import require_positive_int
 from efficient_attn.registry import register_attention
 
@@ -121,6 +122,10 @@ class PerformerConfig(AttentionConfig):
 class PerformerAttention(Attention):
     """FAVOR+ attention on ``(batch, heads, seq, head_dim)`` q, k, v; one feature draw shared by all heads.
 
+    Grouped key/value heads: key features, ``phi(K)^T V`` and the causal prefix states are per key/value head, and
+    each group's query features are folded into the rows of one product with them (no repeat). Cross-attention
+    (non-causal): queries and keys of different lengths.
+
     Numerical stability (the paper's implementation): query features subtract their own row maximum of the
     exponent, key features one maximum over the real keys of each (batch, head). Keys are streamed in blocks, so
     that maximum is a running one: the partial sums are rescaled by ``exp(old - new)`` when it rises, which gives
@@ -134,6 +139,9 @@ class PerformerAttention(Attention):
     Buffers: ``features`` ``(num_features, head_dim)`` and ``draw`` (how many redraws happened) are saved in the
     state dict, so a loaded model uses the same features.
     """
+
+    supports_gqa = True
+    supports_cross_attention = True
 
     def __init__(self, config: PerformerConfig) -> None:
         super().__init__(config)
@@ -155,7 +163,7 @@ class PerformerAttention(Attention):
 
     def _maybe_redraw(self) -> None:
         interval = self.config.redraw
-        if interval is False or not self.training:
+        if interval is False or not self.training or self._redraw_frozen:
             return
         if self._calls_since_draw >= interval:
             self.redraw_features()
@@ -246,14 +254,18 @@ class PerformerAttention(Attention):
         # query blocks: each query's features only need its own row maximum, so blocks are independent
         for start in range(0, q.shape[-2], BLOCK):
             phi_q = self._query_features(q[:, :, start : start + BLOCK])  # (b, h, block, m)
-            num = torch.matmul(phi_q, kv)  # (b, h, block, d)
-            den = torch.matmul(phi_q, k_sum.transpose(-1, -2))  # (b, h, block, 1)
+            num = grouped_matmul(phi_q, kv)  # (b, h, block, d); kv per key/value head
+            den = grouped_matmul(phi_q, k_sum.transpose(-1, -2))  # (b, h, block, 1)
             outs.append(num / _nonzero(den))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)  # (b, h, n, d)
 
     def _causal(self, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None) -> Tensor:
         n = q.shape[-2]
         c = self.config.chunk_size
+        kv_heads = k.shape[1]
+        group_heads = q.shape[1] // kv_heads
+        # row r of a group-folded chunk is query i = r % c of head r // c: causal inside a chunk means i >= j
+        in_chunk = (torch.arange(group_heads * c, device=q.device) % c)[:, None] >= torch.arange(c, device=q.device)
         pad = -n % c
         if pad:
             # pad to whole chunks; the pad keys are masked (zero features), the pad queries' outputs dropped
@@ -270,7 +282,8 @@ class PerformerAttention(Attention):
             phi_k, alpha, running = self._key_features(k[:, :, start:stop], block_real, running)
             phi_k = rearrange(phi_k, "b h (c j) m -> b h c j m", j=c)
             phi_q = self._query_features(q[:, :, start:stop])
-            phi_q = rearrange(phi_q, "b h (c i) m -> b h c i m", i=c)
+            # the query heads of a group folded into each chunk's rows: (b, kv_heads, chunks, G * c, m)
+            phi_q = rearrange(phi_q, "b (kv g) (c i) m -> b kv c (g i) m", kv=kv_heads, i=c)
             v_chunks = rearrange(v[:, :, start:stop], "b h (c j) d -> b h c j d", j=c)
             # per-chunk sums, then exclusive prefix sums over the chunks of this group, plus the carried state
             chunk_kv = torch.matmul(phi_k.transpose(-1, -2), v_chunks)  # (b, h, chunks, m, d)
@@ -283,9 +296,9 @@ class PerformerAttention(Attention):
             state = before_kv[:, :, -1] + chunk_kv[:, :, -1]  # (b, h, m, d): everything up to this group's end
             k_sum = before_sum[:, :, -1] + chunk_sum[:, :, -1]  # (b, h, 1, m)
             # within a chunk: lower-triangular (i >= j) products
-            scores = torch.matmul(phi_q, phi_k.transpose(-1, -2)).tril_()  # (b, h, chunks, c, c)
+            scores = torch.matmul(phi_q, phi_k.transpose(-1, -2)) * in_chunk  # (b, kv, chunks, G * c, c)
             num = torch.matmul(scores, v_chunks) + torch.matmul(phi_q, before_kv)  # (b, h, chunks, c, d)
             den = scores.sum(dim=-1, keepdim=True) + torch.matmul(phi_q, before_sum.transpose(-1, -2))  # (.., c, 1)
-            outs.append(rearrange(num / _nonzero(den), "b h c i d -> b h (c i) d"))
+            outs.append(rearrange(num / _nonzero(den), "b kv c (g i) d -> b (kv g) (c i) d", i=c))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
         return out[:, :, :n]

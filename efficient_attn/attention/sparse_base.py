@@ -15,6 +15,13 @@ with every backend:
 
 ``auto`` reads :data:`efficient_attn.attention.auto.AUTO_TABLE` (per device, mode, dtype and length).
 
+Grouped key/value heads (``num_kv_heads < num_heads``): ``naive`` repeats them (the oracle may), ``torch`` gathers
+from the shared head, ``flex`` passes ``enable_gqa``, ``xformers`` its grouped 5-D layout. ALiBi (``alibi=True``):
+``naive`` (dense bias), ``torch`` (per-chunk bias from positions), ``flex`` (a ``score_mod``). Packed documents
+(``document_ids``): each document alone (:mod:`efficient_attn.attention.packing`); ``window``'s ``flex`` composes its
+``mask_mod`` with a document mask instead (a window never crosses a document boundary, and the window rule is
+translation invariant, so this equals each document alone).
+
 A new backend for all pattern variants is one ``_attend_<name>`` method here (plus its name in each registration).
 
 Lengths that are not a multiple of ``block_size`` are padded internally (padded keys are masked, padded query rows
@@ -44,6 +51,9 @@ __all__ = ["PatternAttention"]
 
 class PatternAttention(FusedBackendsMixin, Attention):
     """An attention variant defined by a sparse pattern (see the module docstring)."""
+
+    supports_gqa = True
+    alibi_backends = ("naive", "torch", "flex")
 
     def __init__(self, config: AttentionConfig) -> None:
         super().__init__(config)
@@ -100,7 +110,7 @@ class PatternAttention(FusedBackendsMixin, Attention):
     def _attend_naive(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         self._before_attend()
         allowed = combine_masks(self.dense_mask(q.shape[-2], q.device), key_padding_mask)
-        return dense_attention(q, k, v, allowed, dropout_p=self.dropout_p)
+        return dense_attention(q, k, v, allowed, dropout_p=self.dropout_p, bias=self._alibi_dense(q))
 
     def _plan(self, seq_len: int, device: torch.device) -> BlockedPlan:
         key = (seq_len, str(device), getattr(self.pattern, "draw", 0))
@@ -121,16 +131,36 @@ class PatternAttention(FusedBackendsMixin, Attention):
                 key_padding_mask = F.pad(key_padding_mask, (0, padded - seq_len), value=False)
         plan = self._plan(seq_len, q.device)
         scale = default_scale(q.shape[-1])
+        slopes = self._alibi_slopes(q)
         if self.dropout_p > 0.0:
-            out = sparse_attention_autograd(q, k, v, plan, key_padding_mask, scale, dropout_p=self.dropout_p)
+            out = sparse_attention_autograd(q, k, v, plan, key_padding_mask, scale, dropout_p=self.dropout_p,
+                                            slopes=slopes)
         else:
-            out = sparse_attention(q, k, v, plan, key_padding_mask, scale)
+            out = sparse_attention(q, k, v, plan, key_padding_mask, scale, slopes)
         return out[:, :, :seq_len]
 
     def _attend_flex(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         self._before_attend()
         flex_backend.check_supported(q, self.dropout_p)
-        return self._flex(q, k, v, key_padding_mask, tag=getattr(self.pattern, "draw", 0))
+        return self._flex(q, k, v, key_padding_mask, tag=getattr(self.pattern, "draw", 0),
+                          score_mod=self._alibi_score_mod(q))
+
+    def _attend_flex_packed(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, document_ids: Tensor
+    ) -> Tensor:
+        """Packed documents on ``flex``: the pattern AND "same document" (translation-invariant patterns only)."""
+        if not self.pattern_is_translation_invariant:
+            raise ValueError(
+                f"backend 'flex' of attention {self.spec_key!r} cannot pack documents: composing a document mask "
+                "keeps the pattern anchored at the packed row's start, not at each document's; use backend 'torch'"
+            )
+        self._before_attend()
+        flex_backend.check_supported(q, self.dropout_p)
+        return self._flex.packed(q, k, v, key_padding_mask, document_ids, score_mod=self._alibi_score_mod(q))
+
+    #: Whether the pattern only depends on ``i - j`` (so a document mask on the packed row equals each document
+    #: alone): True for a plain window.
+    pattern_is_translation_invariant: bool = False
 
     def _attend_xformers(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         if type(self.pattern) is not WindowPattern:

@@ -48,6 +48,7 @@ class WindowAttention(PatternAttention):
     :attr:`block_size` is the one in effect. Shapes: ``(batch, heads, seq, head_dim)``."""
 
     config: WindowConfig
+    pattern_is_translation_invariant = True
 
     def _make_pattern(self) -> Pattern:
         cfg = self.config

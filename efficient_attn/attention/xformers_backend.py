@@ -17,7 +17,12 @@ multiple of 8 (64 -> 72: about 12% more work, only when a mask is given). A quer
 spread its weight over padded keys instead of yielding zeros, so those rows (found in O(n) with prefix sums) are set
 to zero.
 
-Shapes: q, k, v ``(batch, heads, seq, head_dim)``; xFormers wants ``(batch, seq, heads, head_dim)`` (einops below).
+Grouped key/value heads: xFormers' grouped layout ``(batch, seq, groups, heads_per_group, head_dim)``; k and v are
+*expanded* (stride 0) over the heads of a group, never copied. Cross-attention (query length != key length, full,
+non-causal): no bias, and a query row is empty only when its batch element has no real key.
+
+Shapes: q ``(batch, heads, q_len, head_dim)``, k, v ``(batch, kv_heads, kv_len, head_dim)``; xFormers wants
+``(batch, seq, heads, head_dim)`` or the grouped 5-D layout (einops below).
 """
 
 from __future__ import annotations
@@ -90,7 +95,8 @@ def xformers_attention(
     """Full or sliding-window attention through ``memory_efficient_attention``.
 
     Args:
-        q, k, v: ``(batch, heads, seq, head_dim)``.
+        q: ``(batch, heads, q_len, head_dim)``; k, v: ``(batch, kv_heads, kv_len, head_dim)``, kv_heads dividing heads;
+            ``q_len != kv_len`` only for full, non-causal attention.
         causal: keys ``j <= i`` only.
         window: one-sided window ``w`` (``|i - j| <= w``), or None for full attention.
         key_padding_mask: bool ``(batch, seq)``, True = real token.
@@ -101,6 +107,9 @@ def xformers_attention(
     """
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if q.shape[2] != k.shape[2] and (causal or window is not None):
+        raise ValueError("xformers backend: query length != key length is supported for full non-causal attention only")
     if key_padding_mask is not None:
         c = math.sqrt(PADDING_PENALTY / scale)
         extra = -(-(head_dim + 1) // 8) * 8 - head_dim  # pad head_dim + 1 up to a multiple of 8
@@ -111,14 +120,24 @@ def xformers_attention(
         q = torch.cat([q, q_col], dim=-1)
         k = torch.cat([k, k_col], dim=-1)
         v = F.pad(v, (0, extra))
-    q, k, v = (rearrange(t, "b h n d -> b n h d") for t in (q, k, v))
+    if kv_heads == heads:
+        q, k, v = (rearrange(t, "b h n d -> b n h d") for t in (q, k, v))
+    else:
+        # grouped layout (b, n, groups, heads per group, d); k, v expanded over a group's heads (stride 0, no copy)
+        q = rearrange(q, "b (g h) n d -> b n g h d", g=kv_heads)
+        k, v = (rearrange(t, "b g n d -> b n g 1 d").expand(-1, -1, -1, heads // kv_heads, -1) for t in (k, v))
     out = _fmha().memory_efficient_attention(
         q, k, v, attn_bias=attention_bias(causal, window), p=dropout_p, scale=scale
-    )  # (b, n, h, d')
+    )  # (b, n, h, d') or (b, n, g, h, d')
+    if out.dim() == 5:
+        out = rearrange(out, "b n g h d -> b n (g h) d")
     out = rearrange(out[..., :head_dim], "b n h d -> b h n d")
     if key_padding_mask is None:
         return out
     n = key_padding_mask.shape[-1]
+    if out.shape[2] != n:  # cross-attention: a row is empty only when its batch element has no real key
+        empty = ~key_padding_mask.any(dim=-1)
+        return out.masked_fill(rearrange(empty, "b -> b 1 1 1"), 0.0)
     reach = n if window is None else window
     empty = rows_without_keys(key_padding_mask, reach, 0 if causal else reach)  # (b, n)
     return out.masked_fill(rearrange(empty, "b n -> b 1 n 1"), 0.0)

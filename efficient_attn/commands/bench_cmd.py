@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from efficient_attn.commands.executor_options import add_executor_options, executor_from_args
 from efficient_attn.commands.list_cmd import format_table
+from efficient_attn.commands.options import nonnegative_int, out_folder, positive_float, positive_int
 from efficient_attn.vocab import DEVICES, DTYPE_NAMES, LEVELS, MODES
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def add_cell_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", help="comma-separated registry keys (default: the suite's)")
     parser.add_argument("--backends", help="comma-separated backends to run for every variant that has them (auto "
                         "for all); a suite entry's max_len stays with its own backends")
-    parser.add_argument("--lengths", help="e.g. 1024,2048 or 1k:16k (powers of two); suffixes k and m")
+    parser.add_argument("--lengths", help="e.g. 1024,2048 or 1k:16k (a range LOW:HIGH doubles from LOW and must end at HIGH: 1k,2k,...,16k); suffixes k and m")
     parser.add_argument("--modes", help=f"comma-separated: {', '.join(MODES)}")
     parser.add_argument("--level", choices=LEVELS, help="core: attend(q,k,v); layer: with "
                         "projections; model: the backbone")
@@ -50,14 +51,14 @@ def add_cell_options(parser: argparse.ArgumentParser) -> None:
                         "available)")
     parser.add_argument("--dtype", help=f"comma-separated: {', '.join(DTYPE_NAMES)}")
     parser.add_argument("--batch-size", help="comma-separated batch sizes")
-    parser.add_argument("--heads", type=int, help="number of heads")
-    parser.add_argument("--head-dim", type=int, help="head dimension")
+    parser.add_argument("--heads", type=positive_int, help="number of heads")
+    parser.add_argument("--head-dim", type=positive_int, help="head dimension")
     parser.add_argument(
         "--variant-params", action="append", default=[], metavar="KEY.FIELD=VALUE",
         help="set a variant's config field, e.g. window.window_size=128 (VALUE is JSON when it parses), or "
              "KEY=JSON-object; repeatable",
     )
-    parser.add_argument("--budget-gb", type=float, help="memory budget in GiB (default: 80%% of free RAM or GPU "
+    parser.add_argument("--budget-gb", type=positive_float, help="memory budget in GiB (default: 80%% of free RAM or GPU "
                         "memory)")
 
 
@@ -70,11 +71,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="list the cells with predicted memory and status; "
                         "run nothing")
     parser.add_argument("--peers", action="store_true", help="also run the suite's [[peers]] (at the suite's level, where the peer supports it)")
-    parser.add_argument("--out", type=Path, help="run folder (default: runs/<suite>-<timestamp>/); an existing "
+    parser.add_argument("--out", type=out_folder(), help="run folder (default: runs/<suite>-<timestamp>/); an existing "
                         "one is resumed")
-    parser.add_argument("--min-run-time", type=float, help="seconds of timed runs per fast cell (default: the "
+    parser.add_argument("--min-run-time", type=positive_float, help="seconds of timed runs per fast cell (default: the "
                         "suite's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of parameters and inputs (default 0)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of parameters and inputs (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_executor_options(parser)
 
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
             result = run_sweep_parallel(suite, out, executor, **common)
         else:
             result = run_sweep(suite, out, threads=executor.threads, **common)
-    except (SuiteError, ConfigMismatchError, RunFolderBusyError, ValueError) as error:
+    except (SuiteError, ConfigMismatchError, RunFolderBusyError, ValueError, OSError) as error:
         print(f"effattn bench: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

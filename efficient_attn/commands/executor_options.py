@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from efficient_attn.commands.options import nonnegative_int, positive_int
+
 if TYPE_CHECKING:
     from efficient_attn.harness.executors import ExecutorOptions
 
@@ -23,14 +25,16 @@ def add_executor_options(parser: argparse.ArgumentParser, *, threads: bool = Tru
                        help="inline: one after the other in this process (default); local: parallel subprocesses "
                             "here; slurm: one Slurm job array, a cell per task")
     if threads:
-        group.add_argument("--threads", type=int, help="torch threads per cell (default: inline keeps the current "
-                           "count, local shares the CPUs among --max-parallel, slurm uses each task's CPUs)")
-    group.add_argument("--max-parallel", type=int, help="cells at once (local; default: one per CPU) or the job "
-                       "array's concurrency limit (slurm; default: none)")
+        group.add_argument("--threads", type=positive_int, help="torch threads per cell (default: inline keeps the "
+                           "current count, local shares the CPUs among --max-parallel, slurm uses each task's CPUs)")
+    group.add_argument("--max-parallel", type=positive_int, help="cells at once (local; default: one per CPU) or the "
+                       "job array's concurrency limit (slurm; default: none)")
     group.add_argument("--slurm-partition", help="partition (default: the cluster's default)")
-    group.add_argument("--slurm-time", type=int, default=60, help="time limit per task in minutes (default 60)")
-    group.add_argument("--slurm-gpus-per-job", type=int, help="GPUs per task (default: 1 for a CUDA sweep, else 0)")
-    group.add_argument("--slurm-cpus-per-job", type=int, help="CPUs per task (default: --threads, else 1)")
+    group.add_argument("--slurm-time", type=positive_int, default=60,
+                       help="time limit per task in minutes (default 60)")
+    group.add_argument("--slurm-gpus-per-job", type=nonnegative_int,
+                       help="GPUs per task (default: 1 for a CUDA sweep, else 0)")
+    group.add_argument("--slurm-cpus-per-job", type=positive_int, help="CPUs per task (default: --threads, else 1)")
     group.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
                        help="any other parameter of submitit's Slurm executor, e.g. mem=16G, constraint=a100, "
                             "account=proj (VALUE is JSON when it parses); repeatable")

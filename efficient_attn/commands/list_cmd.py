@@ -1,4 +1,9 @@
-"""``effattn list``: the registered variants, what they cost, what they support, which backends run here."""
+"""``effattn list``: the registered variants, what they cost, what they support, which backends run here.
+
+Beyond causal masking and key padding the table shows the capabilities of :func:`efficient_attn.attention.base.capabilities`:
+grouped key/value heads (``gqa``), ALiBi (the backends that add it), packed documents (``packing``: yes, or the
+backends that accept ``document_ids``) and cross-attention (``cross``: query length != key length).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import argparse
 
 import torch
 
+from efficient_attn.attention.base import capabilities
 from efficient_attn.registry import AttentionSpec, get_spec, list_attentions
 
 
@@ -28,6 +34,18 @@ def available_backends(spec: AttentionSpec, device: torch.device) -> tuple[list[
     return usable, unusable
 
 
+def _yes_no_or_backends(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(value) if value else "no"
+    return "yes" if value else "no"
+
+
+def capability_cells(spec: AttentionSpec) -> list[str]:
+    """The ``gqa``, ``alibi``, ``packing`` and ``cross`` cells of one variant's row."""
+    caps = capabilities(spec.module_cls)
+    return [_yes_no_or_backends(caps[name]) for name in ("gqa", "alibi", "packing", "cross")]
+
+
 def format_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
@@ -48,12 +66,14 @@ def run(args: argparse.Namespace) -> int:
                 "exact" if spec.exact else "approx",
                 "yes" if spec.supports_causal else "no",
                 "yes" if spec.supports_key_padding else "no",
+                *capability_cells(spec),
                 ",".join(usable) or "-",
                 spec.description,
             ]
         )
         notes += [f"  {key}: {u}" for u in unusable]
-    header = ["key", "cost", "kind", "causal", "padding", f"backends on {device.type}", "description"]
+    header = ["key", "cost", "kind", "causal", "padding", "gqa", "alibi", "packing", "cross",
+              f"backends on {device.type}", "description"]
     print(format_table(rows, header))
     if notes:
         print(f"\nbackends not available on {device.type}:")

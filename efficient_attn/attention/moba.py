@@ -1,0 +1,444 @@
+"""MoBA: Mixture of Block Attention, softmax attention over content-selected key blocks.
+
+Lu et al. 2025, "MoBA: Mixture of Block Attention for Long-Context LLMs", arXiv:2502.13189.
+Keys are split into blocks of ``block_size`` tokens. Each key block is represented by the mean of its (real) keys;
+a query scores every key block by the dot product with that mean, keeps its ``top_k`` best blocks, and attends with
+exact softmax over the selected blocks' keys only. Its own block is always selected (``top_k`` counts it) and is
+causally masked; causal rows never select a block after their own (section 2.2).
+
+Our deviations from the paper (both documented in ``selected_blocks``):
+
+* **Selection per query block, not per token.** The paper gates every query token separately; here all queries of
+  a query block share one selection, made from one representative query of the block, so the blocked kernel
+  gathers the selected key blocks once per query block and runs one fused attention call over them.
+* **The causal representative looks back, not ahead.** Non-causal, the representative is the mean query of the
+  block. Causal, a block's mean query would let the output at position t depend on the queries after t in its
+  block (not causal, not prefix-consistent, and impossible to reproduce while decoding), so it is the mean of the
+  ``block_size`` queries ending at the block's first token (positions ``r*B - B + 1 .. r*B``, fewer for block 0):
+  everything every query of the block has already seen. Block r's selection then depends only on tokens up to
+  ``r*B`` and on complete earlier key blocks, so the output at t depends on tokens ``0..t`` only.
+
+Clamping: a query block with fewer candidate blocks than ``top_k - 1`` (early causal rows, short inputs, key blocks
+that are all padding) takes all of them; unused slots of ``selected_blocks`` are ``-1``. A key block with no real key
+is never a candidate.
+
+Gradients: the selection is a constant for autograd (computed under ``no_grad``, as in the paper); gradients flow
+through the attention over the selected keys only.
+
+Defaults ``block_size=64, top_k=3``: the paper's main setting (8K context, block 512, top-3: 16 blocks, 3/16 of the
+keys) scaled by 1/8 to our 1K lengths; at 16K the benchmark suite sets the paper's block 512, top-3.
+
+Backends (shapes ``(batch, heads, seq, head_dim)``; inputs are padded internally to a multiple of ``block_size``):
+
+* ``torch``: the selection ``(batch, heads, query blocks, key blocks)`` scores (never n x n), then, per group of
+  query blocks, one flattened gather of the selected key blocks and the fused CPU flash kernel, with a recomputing
+  backward (the recipe and chunk kernels of :mod:`efficient_attn.attention.blocked`). O(n * top_k * block_size * d)
+  time, O(n * d + n^2 / block_size^2) memory.
+* ``naive``: the same selection expanded to a dense ``(batch, heads, n, n)`` mask (:meth:`dense_mask_for`) and the
+  dense oracle.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from efficient_attn.attention.base import Attention, AttentionConfig
+from efficient_attn.attention.blocked import (
+    KEY_ROWS_PER_CALL,
+    _Call,
+    _chunk_backward,
+    _chunk_forward,
+    _use_cpu_flash,
+)
+from efficient_attn.attention.functional import combine_masks, default_scale, dense_attention
+from efficient_attn.attention.patterns import EMPTY
+from efficient_attn.errors import require_positive_int
+from efficient_attn.registry import register_attention
+
+__all__ = ["MobaAttention", "MobaConfig", "moba_attention", "select_blocks", "selection_mask"]
+
+#: Query rows per fused call (several query blocks are folded into the batch dimension of one call).
+ROWS_PER_CALL = 1024
+
+
+def _real_positions(batch: int, seq_len: int, padded: int, key_padding_mask: Tensor | None, device) -> Tensor:
+    """Bool ``(batch, padded)``: inside the sequence and (if given) not padding."""
+    inside = (torch.arange(padded, device=device) < seq_len)[None].expand(batch, padded)
+    if key_padding_mask is None:
+        return inside
+    return inside & F.pad(key_padding_mask, (0, padded - seq_len), value=False)
+
+
+def _representatives(q: Tensor, seq_len: int, block_size: int, causal: bool) -> Tensor:
+    """``(batch, heads, blocks, d)``: the query that scores the key blocks for each query block (see the module
+    docstring). ``q`` is padded to whole blocks."""
+    bs = block_size
+    blocks = rearrange(q, "b h (r c) d -> b h r c d", c=bs)
+    if not causal:
+        counts = (seq_len - torch.arange(blocks.shape[2], device=q.device) * bs).clamp(1, bs)  # real queries/block
+        return blocks.sum(-2) / counts[:, None].to(q.dtype)
+    # mean of q[r*B - B + 1 .. r*B] = (sum of block r-1 - its first query + the first query of block r) / B
+    first = blocks[:, :, :, 0]  # (b, h, r, d)
+    window = blocks.sum(-2)[:, :, :-1] - first[:, :, :-1] + first[:, :, 1:]
+    return torch.cat([first[:, :, :1], window / bs], dim=2)
+
+
+def select_blocks(
+    q: Tensor,
+    k: Tensor,
+    *,
+    block_size: int,
+    top_k: int,
+    causal: bool,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """The key blocks each query block attends to: long ``(batch, heads, query_blocks, top_k)``.
+
+    Slot 0 is the query block's own block; then its best ``top_k - 1`` other candidate blocks by
+    ``representative . mean key``, in increasing block order; ``-1`` marks unused slots (fewer candidates). The
+    representative is the block's mean query (non-causal) or the mean of the ``block_size`` queries ending at the
+    block's first token (causal); see the module docstring. Computed under ``no_grad``: a constant for autograd.
+
+    Args:
+        q, k: ``(batch, heads, seq, head_dim)``.
+        key_padding_mask: bool ``(batch, seq)``, True = real; key blocks without a real key are never candidates.
+    """
+    with torch.no_grad():
+        b, h, n, d = q.shape
+        bs = block_size
+        nb = math.ceil(n / bs)
+        padded = nb * bs
+        q, k = (F.pad(t.detach(), (0, 0, 0, padded - n)) for t in (q, k))
+        real = _real_positions(b, n, padded, key_padding_mask, q.device)
+        weights = rearrange(real, "b (r c) -> b 1 r c 1", c=bs).to(k.dtype)
+        counts = weights.sum(-2)  # (b, 1, nb, 1)
+        key_means = (rearrange(k, "b h (r c) d -> b h r c d", c=bs) * weights).sum(-2) / counts.clamp_min(1)
+        reps = _representatives(q, n, bs, causal)  # (b, h, nb, d)
+        scores = torch.matmul(reps, key_means.transpose(-1, -2))  # (b, h, query blocks, key blocks)
+        blk = torch.arange(nb, device=q.device)
+        candidate = (blk[None, :] < blk[:, None]) if causal else (blk[None, :] != blk[:, None])  # (nb, nb)
+        candidate = candidate & (counts[:, :, None, :, 0] > 0)  # (b, 1, nb, nb)
+        scores = scores.masked_fill(~candidate, -math.inf)
+        own = blk[None, None, :, None].expand(b, h, nb, 1)
+        others = min(top_k - 1, nb - 1)
+        parts = [own]
+        if others > 0:
+            best, index = scores.topk(others, dim=-1)  # (b, h, nb, others)
+            index = torch.where(torch.isfinite(best), index, nb)  # no candidate -> sorts last
+            index = index.sort(dim=-1).values
+            parts.append(torch.where(index < nb, index, EMPTY))
+        if top_k > 1 + max(others, 0):
+            parts.append(torch.full((b, h, nb, top_k - 1 - max(others, 0)), EMPTY, device=q.device))
+        return torch.cat(parts, dim=-1)
+
+
+def selection_mask(selected: Tensor, seq_len: int, block_size: int, causal: bool) -> Tensor:
+    """Bool ``(batch, heads, seq, seq)``: the token pairs a selection allows (key padding not included). O(n^2)."""
+    b, h, nb, _ = selected.shape
+    blocks = torch.zeros(b, h, nb, nb + 1, dtype=torch.bool, device=selected.device)
+    blocks.scatter_(-1, torch.where(selected >= 0, selected, nb), True)  # (b, h, query block, key block)
+    idx = torch.arange(seq_len, device=selected.device)
+    blk = idx // block_size
+    mask = blocks[:, :, blk][:, :, :, blk]  # (b, h, n, n)
+    return mask & (idx[None, :] <= idx[:, None]) if causal else mask
+
+
+# --------------------------------------------------------------------------------------------- blocked kernel
+def _groups(num_blocks: int, block_size: int, heads: int, slots: int) -> list[tuple[int, int]]:
+    g = max(1, min(ROWS_PER_CALL // block_size, KEY_ROWS_PER_CALL // max(1, heads * slots * block_size)))
+    return [(s, min(s + g, num_blocks)) for s in range(0, num_blocks, g)]
+
+
+class _Chunk:
+    """Index arithmetic of one group of query blocks ``start:stop`` (shared by forward and backward)."""
+
+    def __init__(self, selected: Tensor, real: Tensor | None, start: int, stop: int, block_size: int,
+                 causal: bool, triangle: Tensor | None, biases: dict) -> None:
+        b, h, nb, s = selected.shape
+        self.start, self.stop = start, stop
+        sel = selected[:, :, start:stop]  # (b, h, g, s)
+        offsets = (torch.arange(b, device=sel.device)[:, None] * h + torch.arange(h, device=sel.device)) * nb
+        flat = sel.clamp_min(0) + offsets[:, :, None, None]  # into (b * h * nb) key blocks
+        self.index = rearrange(flat, "b h g s -> (b g h s)")
+        #: Causal rows with every slot used and every key real run as two mask-free calls merged by their
+        #: log-sum-exp: the own block with the kernel's causal flag, the earlier blocks with no mask at all.
+        self.split = causal and real is None and start >= s - 1
+        self.history_index = rearrange(flat[..., 1:], "b h g s -> (b g h s)") if self.split and s > 1 else None
+        # every slot used and every key real: the mask is the constant causal triangle of the own slot (or none)
+        if real is None and (not causal or start >= s - 1):
+            allowed, call_biases = triangle, biases
+        else:
+            slot_used = rearrange(sel >= 0, "b h g s -> (b g) h 1 s 1")
+            keys_real = slot_used.expand(*slot_used.shape[:-1], block_size) if real is None else rearrange(
+                rearrange(real, "b (r c) -> b r c", c=block_size)[
+                    torch.arange(b, device=sel.device)[:, None, None, None], sel.clamp_min(0)
+                ],
+                "b h g s c -> (b g) h 1 s c",
+            )
+            allowed = (slot_used & keys_real).flatten(-2)  # (b * g, h, 1, s * c)
+            if triangle is not None:
+                allowed = allowed & triangle
+            call_biases = None
+        self.call = _Call("blocks", start, stop, None, allowed, call_biases)
+
+    def rows(self, x: Tensor, block_size: int) -> Tensor:
+        """Query-side rows ``(batch * g, heads, g_rows, d)`` of ``x`` ``(batch, heads, padded, d)``."""
+        part = x[:, :, self.start * block_size:self.stop * block_size]
+        return rearrange(part, "b h (g c) d -> (b g) h c d", c=block_size)  # a view when b or g is 1
+
+    def put_rows(self, dest: Tensor, value: Tensor, block_size: int) -> None:
+        g = self.stop - self.start
+        target = dest[:, :, self.start * block_size:self.stop * block_size]
+        target.copy_(rearrange(value, "(b g) h c d -> b h (g c) d", g=g))
+
+    def row_view(self, dest: Tensor, block_size: int) -> Tensor | None:
+        """``dest``'s rows as a ``(batch * g, heads, c, d)`` view to write into, or None when no view exists."""
+        if dest.shape[0] != 1 and self.stop - self.start != 1:
+            return None
+        return self.rows(dest, block_size)
+
+    def add_rows(self, dest: Tensor, value: Tensor, block_size: int) -> None:
+        g = self.stop - self.start
+        target = dest[:, :, self.start * block_size:self.stop * block_size]
+        target += rearrange(value, "(b g) h c d -> b h (g c) d", g=g).to(dest.dtype)
+
+    def keys(self, x: Tensor, block_size: int, history: bool = False) -> Tensor:
+        """Gathered key blocks ``(batch * g, heads, slots * block_size, d)`` (``history``: slots 1.. only)."""
+        b, h, _, d = x.shape
+        g = self.stop - self.start
+        index = self.history_index if history else self.index
+        rows = x.reshape(-1, block_size, d).index_select(0, index)  # (b * g * h * s, c, d)
+        return rows.view(b * g, h, -1, d)
+
+    def add_keys(self, dest: Tensor, value: Tensor, block_size: int, history: bool = False) -> None:
+        d = dest.shape[-1]
+        index = self.history_index if history else self.index
+        dest.view(-1, block_size, d).index_add_(0, index, value.reshape(-1, block_size, d).to(dest.dtype))
+
+
+def _own_call(q: Tensor) -> _Call:
+    """The own block's causal mask as a call (for the matmul path off CPU)."""
+    c = q.shape[-2]
+    return _Call("blocks", 0, 0, None, torch.ones(c, c, dtype=torch.bool, device=q.device).tril_()[None, None])
+
+
+def _part_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """Mask-free exact attention of one part (``causal``: the own block, queries and keys aligned)."""
+    if _use_cpu_flash(q):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)[:2]
+        return out, lse
+    return _chunk_forward(q, k, v, _own_call(q) if causal else _Call("blocks", 0, 0, None, None), scale)
+
+
+def _part_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one part given the *merged* output and log-sum-exp: the part's probabilities are
+    ``exp(scores - lse)`` of the whole row, so the part's share of every gradient comes out exactly."""
+    if _use_cpu_flash(q):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.contiguous(), q, k, v, out, lse, 0.0, causal, scale=scale
+        )
+    call = _own_call(q) if causal else _Call("blocks", 0, 0, None, None)
+    return _chunk_backward(grad_out, q, k, v, out, lse, call, scale)
+
+
+def _merge(own: tuple[Tensor, Tensor], history: tuple[Tensor, Tensor], out: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Combine two partial softmax attentions over disjoint keys by their log-sum-exps (rows never empty here);
+    written into ``out`` when given."""
+    (o1, l1), (o2, l2) = own, history
+    share = torch.sigmoid(l1 - l2)[..., None]  # exp(l1) / (exp(l1) + exp(l2))
+    merged = torch.lerp(o2, o1, share) if out is None else torch.lerp(o2, o1, share, out=out)
+    return merged, torch.logaddexp(l1, l2)
+
+
+def _triangle(slots: int, block_size: int, causal: bool, device) -> Tensor | None:
+    if not causal:
+        return None
+    own = torch.ones(block_size, block_size, dtype=torch.bool, device=device).tril_()
+    rest = torch.ones(block_size, (slots - 1) * block_size, dtype=torch.bool, device=device)
+    return torch.cat([own, rest], dim=-1)[None, None]  # (1, 1, c, s * c)
+
+
+class _MobaFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, selected: Tensor, real: Tensor | None, block_size: int,
+                causal: bool, scale: float) -> Tensor:
+        b, h, padded, d = q.shape
+        nb, slots = selected.shape[2], selected.shape[3]
+        triangle = _triangle(slots, block_size, causal, q.device)
+        biases: dict = {}
+        out = torch.empty_like(q)
+        lses = []
+        for start, stop in _groups(nb, block_size, h, slots):
+            chunk = _Chunk(selected, real, start, stop, block_size, causal, triangle, biases)
+            qc = chunk.rows(q, block_size)
+            if chunk.split:
+                o, lse = _part_forward(qc, chunk.rows(k, block_size), chunk.rows(v, block_size), True, scale)
+                if chunk.history_index is not None:
+                    history = _part_forward(qc, chunk.keys(k, block_size, history=True),
+                                            chunk.keys(v, block_size, history=True), False, scale)
+                    target = chunk.row_view(out, block_size)
+                    o, lse = _merge((o, lse), history, target)
+                    if target is not None:
+                        lses.append(lse)
+                        continue  # merged straight into the output
+            else:
+                o, lse = _chunk_forward(qc, chunk.keys(k, block_size), chunk.keys(v, block_size), chunk.call, scale)
+            chunk.put_rows(out, o, block_size)
+            lses.append(lse)
+        ctx.block_size, ctx.causal, ctx.scale = block_size, causal, scale
+        ctx.save_for_backward(q, k, v, out, selected, real, *lses)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, out, selected, real, *lses = ctx.saved_tensors
+        bs = ctx.block_size
+        h, (nb, slots) = q.shape[1], selected.shape[2:]
+        acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        grad_q = torch.empty_like(q, dtype=acc)
+        grad_k = torch.zeros_like(k, dtype=acc)
+        grad_v = torch.zeros_like(v, dtype=acc)
+        triangle = _triangle(slots, bs, ctx.causal, q.device)
+        biases: dict = {}
+        for (start, stop), lse in zip(_groups(nb, bs, h, slots), lses):
+            chunk = _Chunk(selected, real, start, stop, bs, ctx.causal, triangle, biases)
+            if chunk.split:
+                go, qc, oc = chunk.rows(grad_out, bs), chunk.rows(q, bs), chunk.rows(out, bs)
+                gq, gk, gv = _part_backward(go, qc, chunk.rows(k, bs), chunk.rows(v, bs), oc, lse, True, ctx.scale)
+                chunk.add_rows(grad_k, gk, bs)
+                chunk.add_rows(grad_v, gv, bs)
+                if chunk.history_index is not None:
+                    hq, hk, hv = _part_backward(go, qc, chunk.keys(k, bs, history=True),
+                                                chunk.keys(v, bs, history=True), oc, lse, False, ctx.scale)
+                    gq = gq + hq
+                    chunk.add_keys(grad_k, hk, bs, history=True)
+                    chunk.add_keys(grad_v, hv, bs, history=True)
+                chunk.put_rows(grad_q, gq, bs)
+                continue
+            gq, gk, gv = _chunk_backward(
+                chunk.rows(grad_out, bs), chunk.rows(q, bs), chunk.keys(k, bs), chunk.keys(v, bs),
+                chunk.rows(out, bs), lse, chunk.call, ctx.scale,
+            )
+            chunk.put_rows(grad_q, gq, bs)
+            chunk.add_keys(grad_k, gk, bs)
+            chunk.add_keys(grad_v, gv, bs)
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None, None
+
+
+def moba_attention(
+    q: Tensor, k: Tensor, v: Tensor, selected: Tensor, real: Tensor | None, *, block_size: int, causal: bool,
+    scale: float,
+) -> Tensor:
+    """Exact softmax attention of each query block over its selected key blocks (the ``torch`` backend).
+
+    Args:
+        q, k, v: ``(batch, heads, padded, head_dim)``, padded a multiple of ``block_size``.
+        selected: long ``(batch, heads, padded / block_size, slots)`` from :func:`select_blocks` (own block first,
+            ``-1`` = unused); ``slots`` key blocks are gathered per query block.
+        real: bool ``(batch, padded)`` (False = padding or beyond the sequence), or None when every key is real.
+        causal: mask the own block's later keys.
+
+    Returns:
+        ``(batch, heads, padded, head_dim)``; a query with no allowed key gets zeros.
+    """
+    return _MobaFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), selected.contiguous(), real,
+                               block_size, causal, scale)
+
+
+# ----------------------------------------------------------------------------------------------------- module
+@dataclass(kw_only=True)
+class MobaConfig(AttentionConfig):
+    """MoBA parameters.
+
+    Attributes:
+        block_size: tokens per key (and query) block; inputs are padded to a multiple of it.
+        top_k: key blocks per query block, the own block included (>= 1); rows with fewer blocks take all.
+    """
+
+    block_size: int = 64
+    top_k: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_positive_int("block_size", self.block_size)
+        require_positive_int("top_k", self.top_k)
+        if self.dropout != 0.0:
+            raise ValueError(
+                f"dropout must be 0 for moba, got {self.dropout!r}: its recomputing backward cannot replay dropout"
+            )
+
+
+@register_attention(
+    "moba",
+    MobaConfig,
+    description="MoBA (Lu et al. 2025): exact attention over the top-k key blocks chosen by mean-key scores",
+    paper="Lu et al. 2025, arXiv:2502.13189",
+    complexity="O(n*k*b + n^2/b)",
+    backends=("torch", "naive"),
+    # exact softmax over its selection, but the pattern depends on q and k: the contract's dense_mask(seq_len)
+    # cannot describe it (dense_mask_for(q, k) does), so it is registered as not exact
+    exact=False,
+    length_multiple=64,
+)
+class MobaAttention(Attention):
+    """MoBA on ``(batch, heads, seq, head_dim)`` q, k, v (see the module docstring for the selection rule)."""
+
+    config: MobaConfig
+
+    # ------------------------------------------------------------------------------------------- selection API
+    def selected_blocks(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Long ``(batch, heads, query_blocks, top_k)``: what ``attend`` selects (see :func:`select_blocks`)."""
+        cfg = self.config
+        return select_blocks(q, k, block_size=cfg.block_size, top_k=cfg.top_k, causal=cfg.causal,
+                             key_padding_mask=key_padding_mask)
+
+    def dense_mask_for(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Bool ``(batch, heads, seq, seq)``: the pairs ``attend`` computes for these q, k (the selection, causal
+        masking and length; ``attend`` also drops padded keys). O(n^2): for tests and the ``naive`` backend."""
+        selected = self.selected_blocks(q, k, key_padding_mask)
+        return selection_mask(selected, q.shape[-2], self.config.block_size, self.config.causal)
+
+    # -------------------------------------------------------------------------------------------------- backends
+    def _attend_naive(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        allowed = combine_masks(self.dense_mask_for(q, k, key_padding_mask), key_padding_mask)
+        return dense_attention(q, k, v, allowed)
+
+    def _attend_torch(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        cfg = self.config
+        n = q.shape[-2]
+        bs = cfg.block_size
+        padded = math.ceil(n / bs) * bs
+        self.last_padded_len = padded
+        selected = self.selected_blocks(q, k, key_padding_mask)
+        selected = selected[..., : min(cfg.top_k, padded // bs)]  # slots beyond the number of blocks are unused
+        real = None
+        if key_padding_mask is not None or padded != n:
+            real = _real_positions(q.shape[0], n, padded, key_padding_mask, q.device)
+        if padded != n:
+            q, k, v = (F.pad(t, (0, 0, 0, padded - n)) for t in (q, k, v))
+        out = moba_attention(q, k, v, selected, real, block_size=bs, causal=cfg.causal,
+                             scale=default_scale(q.shape[-1]))
+        return out[:, :, :n]
+
+    def useful_flops(self, batch: int, seq_len: int) -> int:
+        """Forward FLOPs of the pairs when every selection slot holds a full block (an upper bound: clamped rows and
+        padding score fewer): 4 * head_dim per pair and head, plus the selection scores (2 * blocks^2 * d)."""
+        cfg = self.config
+        bs, nb = cfg.block_size, math.ceil(seq_len / cfg.block_size)
+        pairs = 0
+        for r in range(nb):
+            rows = min(bs, seq_len - r * bs)
+            history = min(cfg.top_k - 1, r if cfg.causal else nb - 1)
+            own = rows * (rows + 1) // 2 if cfg.causal else rows * min(bs, seq_len - r * bs)
+            pairs += own + rows * history * bs
+        d = cfg.head_dim
+        return batch * cfg.num_heads * (4 * pairs * d + 2 * nb * nb * d)

@@ -1,0 +1,110 @@
+"""Packed variable-length batches: several documents in one row, each attended exactly as if it were alone.
+
+``document_ids`` is an int ``(batch, seq)`` tensor, non-decreasing along the sequence; a change of id starts a new
+document (positions restart at 0 there). :func:`attend_per_document` is the generic execution every variant gets:
+the rows of every document are gathered (documents of one length share one call, folded into the batch), the
+variant's backend runs on each group as on ordinary short sequences, and the outputs are scattered back. So
+patterns, global tokens, random plans, padding multiples and low-rank projections are each document's own, and the
+cost follows the documents, never the packed length. Backends with a cheaper native path (FlexAttention composing a
+document mask with the pattern) define ``_attend_<backend>_packed`` instead.
+
+Shapes: q ``(batch, heads, seq, head_dim)``, k and v ``(batch, kv_heads, seq, head_dim)``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+__all__ = ["attend_per_document", "check_document_ids", "document_segments", "same_document"]
+
+
+def check_document_ids(document_ids: object, expected: tuple[int, int]) -> None:
+    """``ValueError`` saying what is expected unless ``document_ids`` is an int ``expected``-shaped tensor,
+    non-decreasing along the sequence."""
+    what = f"document_ids must be an int tensor of shape (batch, seq) = {expected}, non-decreasing along seq"
+    if not isinstance(document_ids, Tensor):
+        raise ValueError(f"{what}; got {type(document_ids).__name__}")
+    if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
+        raise ValueError(f"{what}; got dtype {document_ids.dtype}")
+    if tuple(document_ids.shape) != expected:
+        raise ValueError(f"{what}; got shape {tuple(document_ids.shape)}")
+    if document_ids.shape[-1] > 1 and bool((document_ids[:, 1:] < document_ids[:, :-1]).any()):
+        row, col = (document_ids[:, 1:] < document_ids[:, :-1]).nonzero()[0].tolist()
+        raise ValueError(
+            f"{what}; got a decrease in row {row} at position {col + 1} "
+            f"({int(document_ids[row, col])} -> {int(document_ids[row, col + 1])})"
+        )
+
+
+def document_segments(document_ids: Tensor) -> list[tuple[int, int, int]]:
+    """``(row, start, length)`` of every document, in order."""
+    batch, n = document_ids.shape
+    ids = document_ids.cpu()
+    starts = torch.ones(batch, n, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    segments = []
+    for row, row_starts in enumerate(starts.tolist()):
+        begin = [i for i, s in enumerate(row_starts) if s] + [n]
+        segments += [(row, a, b - a) for a, b in zip(begin[:-1], begin[1:])]
+    return segments
+
+
+def same_document(document_ids: Tensor) -> Callable:
+    """FlexAttention ``mask_mod`` that is True where query and key lie in the same document."""
+
+    def document_mask(b: Tensor | int, h: Tensor | int, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return document_ids[b, q_idx] == document_ids[b, kv_idx]
+
+    return document_mask
+
+
+def attend_per_document(
+    attend_fn: Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    document_ids: Tensor,
+    module: object | None = None,
+) -> Tensor:
+    """Run ``attend_fn(q, k, v, key_padding_mask)`` on every document alone; returns q's shape.
+
+    Documents of equal length run in one call (stacked along the batch). ``module`` (the variant) gets
+    ``_redraw_frozen = True`` after the first call, so a variant that redraws random features or plans per call
+    draws once per packed call, as it would for one unpacked batch.
+    """
+    batch, heads, n, d = q.shape
+    groups: dict[int, list[int]] = defaultdict(list)
+    for row, start, length in document_segments(document_ids):
+        groups[length].append(row * n + start)
+    # (batch * seq, heads, d): token-major rows, so one index_select gathers a document's tokens over all heads
+    flat_q = rearrange(q, "b h n d -> (b n) h d")
+    flat_k = rearrange(k, "b h n d -> (b n) h d")
+    flat_v = rearrange(v, "b h n d -> (b n) h d")
+    flat_mask = None if key_padding_mask is None else key_padding_mask.reshape(-1)
+    indices, outputs = [], []
+    frozen_before = getattr(module, "_redraw_frozen", False)
+    try:
+        for length, starts in sorted(groups.items()):
+            index = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)).reshape(-1)
+            part_q, part_k, part_v = (
+                rearrange(t.index_select(0, index), "(g n) h d -> g h n d", n=length) for t in (flat_q, flat_k, flat_v)
+            )
+            part_mask = None if flat_mask is None else flat_mask.index_select(0, index).view(-1, length)
+            out = attend_fn(part_q, part_k, part_v, part_mask)  # (g, heads, length, d)
+            if module is not None:
+                module._redraw_frozen = True
+            indices.append(index)
+            outputs.append(rearrange(out, "g h n d -> (g n) h d"))
+    finally:
+        if module is not None:
+            module._redraw_frozen = frozen_before
+            module.last_padded_len = n
+    index, values = torch.cat(indices), torch.cat(outputs)
+    out = values.new_zeros(batch * n, heads, d).index_copy(0, index, values)
+    return rearrange(out, "(b n) h d -> b h n d", b=batch)
