@@ -8,9 +8,15 @@ Examples::
     effattn bench --variant-params window.window_size=128 --variant-params 'bigbird={"block_size": 32}'
     effattn bench --dry-run                         # the cells, their predicted memory and status; runs nothing
 
+    effattn bench --executor slurm --slurm-partition gpu --slurm-time 30 --out runs/big   # one job array
+    effattn bench --executor local --max-parallel 4 --threads 2                          # parallel subprocesses
+
 Options given on the command line replace the suite's values. Rerunning with the same ``--out`` resumes: finished
-cells are kept, the rest run; a different configuration for the same folder is refused. Exit status: 0, 1 when a
-cell ended in ``error``, 2 for bad options or a config mismatch, 130 when interrupted (rerun to resume).
+cells are kept, the rest run; a different configuration for the same folder is refused, and so is a folder another
+process is writing. With ``--executor local|slurm`` a rerun also collects the tasks an earlier invocation submitted
+(waiting for the live ones) and resubmits the cells that have neither a row nor a live task, plus those whose task
+was killed by the scheduler. Exit status: 0, 1 when a cell ended in ``error``, 2 for bad options, a config mismatch
+or a busy folder, 130 when interrupted (rerun to resume).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from efficient_attn.commands.executor_options import add_executor_options, executor_from_args
 from efficient_attn.commands.list_cmd import format_table
 from efficient_attn.commands.options import nonnegative_int, out_folder, positive_float, positive_int
 from efficient_attn.vocab import DEVICES, DTYPE_NAMES, LEVELS, MODES
@@ -70,6 +77,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "suite's)")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of parameters and inputs (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_executor_options(parser)
 
 
 def suite_from_args(args: argparse.Namespace, suite_name: str) -> Suite:
@@ -123,12 +131,13 @@ def summary_table(rows: list[dict[str, str]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from efficient_attn.harness.runfolder import ConfigMismatchError
+    from efficient_attn.harness.runfolder import ConfigMismatchError, RunFolderBusyError
     from efficient_attn.harness.suite import SuiteError
     from efficient_attn.harness.sweep import dry_run, run_sweep
 
     try:
         suite = suite_from_args(args, args.suite)
+        executor = executor_from_args(args)
         if args.dry_run:
             plan = dry_run(suite, device=args.device, include_peers=args.peers, budget_gb=args.budget_gb,
                            out_dir=args.out, seed=args.seed)
@@ -136,14 +145,25 @@ def run(args: argparse.Namespace) -> int:
             return 0
         out = args.out or Path("runs") / f"{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"effattn bench: suite {suite.name!r} -> {out}", file=sys.stderr)
-        result = run_sweep(suite, out, device=args.device, include_peers=args.peers, isolate=args.isolate,
-                           budget_gb=args.budget_gb, seed=args.seed, progress=not args.no_progress)
-    except (SuiteError, ConfigMismatchError, ValueError, OSError) as error:
+        common = dict(device=args.device, include_peers=args.peers, isolate=args.isolate, budget_gb=args.budget_gb,
+                      seed=args.seed, progress=not args.no_progress)
+        if executor.parallel:
+            from efficient_attn.harness.executors.driver import run_sweep_parallel
+
+            result = run_sweep_parallel(suite, out, executor, **common)
+        else:
+            result = run_sweep(suite, out, threads=executor.threads, **common)
+    except (SuiteError, ConfigMismatchError, RunFolderBusyError, ValueError, OSError) as error:
         print(f"effattn bench: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\neffattn bench: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    if result.unfinished:
+        print(f"effattn bench: {result.unfinished} cells not finished yet ({result.live_tasks} tasks pending or "
+              f"running); collect with `effattn status {out}` or run the same command again", file=sys.stderr)
+    if not result.rows:
+        return 0
     print(summary_table(result.rows))
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.statuses.items()))
     print(

@@ -5,8 +5,11 @@ Example::
 
     effattn quality --out runs/quality                       # the default suite, bench/quality/default.toml
     effattn quality --tasks recall --variants full window --lengths 256 --seeds 1 --steps 50 --out /tmp/q
+    effattn quality --executor slurm --slurm-time 60 --out runs/quality   # every training cell an array task
 
-Re-running with the same ``--out`` resumes: finished cells are skipped, metrics and the report are rebuilt.
+Re-running with the same ``--out`` resumes: finished cells are skipped, metrics and the report are rebuilt. With
+``--executor local|slurm`` the cells train in parallel tasks (``--threads`` each); metrics and the report follow
+in this process once every cell has its row.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from efficient_attn.commands.executor_options import add_executor_options, executor_from_args
 from efficient_attn.commands.options import UniqueItems, out_folder, positive_float, positive_int
 
 DEFAULT_SUITE = Path(__file__).resolve().parents[2] / "bench" / "quality" / "default.toml"
@@ -41,6 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-metrics", action="store_true", help="skip approximation error and head diversity")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--out", type=out_folder(), default=None, help="run folder (default: runs/quality-<UTC time>)")
+    add_executor_options(parser, threads=False)  # --threads above is the threads per cell for every executor
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from efficient_attn.commands.options import check_out_folder
+    from efficient_attn.harness.runfolder import RunFolderBusyError
     from efficient_attn.quality.report import write_report
     from efficient_attn.quality.suite import load_suite, open_run_folder, plan_cells, run_metrics, run_suite
 
@@ -62,11 +68,13 @@ def run(args: argparse.Namespace) -> int:
             budget_s=args.budget_s,
         )
         out = check_out_folder(args.out or f"runs/quality-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
-        open_run_folder(out, suite)  # a bad meta.json or another training setup is refused before any training
+        executor = executor_from_args(args)
+        # a bad meta.json, another training setup or another writer is refused before any training
+        open_run_folder(out, suite).close()
     except KeyError as error:  # the registry's unknown key, with the nearest ones
         print(f"effattn quality: error: {error.args[0]}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, OSError) as error:
+    except (ValueError, TypeError, OSError, RunFolderBusyError) as error:
         print(f"effattn quality: error: {error}", file=sys.stderr)
         return 2
     if suite.unused_params():
@@ -80,10 +88,17 @@ def run(args: argparse.Namespace) -> int:
           f"-> {out}")
     started = time.perf_counter()
     try:
-        results = run_suite(suite, out, progress=not args.no_progress)
+        results = run_suite(suite, out, progress=not args.no_progress, executor=executor)
+        if executor.detach:
+            print(f"submitted; collect with the same command again (metrics and the report follow when every cell "
+                  f"has its row)\nresults: {results}")
+            return 0
         if not args.no_metrics:
             run_metrics(suite, out, progress=not args.no_progress)
         report = write_report(out, num_heads=suite.train.num_heads)
+    except (RunFolderBusyError, ValueError) as error:  # another writer took the folder; an executor that cannot run
+        print(f"effattn quality: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\neffattn quality: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -36,7 +36,7 @@ from efficient_attn.harness.host import free_memory
 from efficient_attn.harness.plan import Cell, PlannedCell
 from efficient_attn.harness.predict import Prediction, predict_cell
 from efficient_attn.harness.runfolder import format_value
-from efficient_attn.harness.schema import ALL_COLUMNS, CONFIG_COLUMNS, MEASURED_COLUMNS, NUMERIC_COLUMNS
+from efficient_attn.harness.schema import ALL_COLUMNS, CONFIG_COLUMNS, MEASURED_COLUMNS, NUMERIC_COLUMNS, RUN_COLUMNS
 from efficient_attn.harness.workloads import build_workload, parse_dtype
 from efficient_attn.measure.memory import measure_call, rss_probe
 from efficient_attn.measure.timing import time_call, time_callable
@@ -73,11 +73,11 @@ def make_row(cell: Cell, *, status: str, note: str = "", **measured: Any) -> dic
     """
     if status not in STATUSES:
         raise ValueError(f"status must be one of {', '.join(STATUSES)}; got {status!r}")
-    unknown = [name for name in measured if name not in MEASURED_COLUMNS]
+    unknown = [name for name in measured if name not in MEASURED_COLUMNS + RUN_COLUMNS]
     if unknown:
-        raise ValueError(f"unknown measured column(s) {unknown}; allowed: {', '.join(MEASURED_COLUMNS)}")
+        raise ValueError(f"unknown measured column(s) {unknown}; allowed: {', '.join(MEASURED_COLUMNS + RUN_COLUMNS)}")
     values: dict[str, Any] = {c: getattr(cell, c) for c in CONFIG_COLUMNS}
-    for column in MEASURED_COLUMNS:
+    for column in MEASURED_COLUMNS + RUN_COLUMNS:
         values[column] = measured.get(column)
     values["status"] = status
     values["note"] = " ".join(str(note).split())  # one line

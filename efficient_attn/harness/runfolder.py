@@ -13,25 +13,61 @@ the quality suite (its own key and result columns). The folder knows nothing abo
   cells run, interrupted or not) and their totals. Opening a folder that holds another configuration is a
   :class:`ConfigMismatchError` naming the keys that differ; ``fixed`` narrows the check to the keys a resume may not
   change (the quality suite may add seeds or variants to a run, not change its training setup).
+* **One writer process**: a :class:`RunFolder` holds an OS file lock (``flock`` on ``.lock`` in the folder) for as
+  long as it is open; the kernel releases it when the process ends, however it ends. Another process that opens the
+  folder to write gets a :class:`RunFolderBusyError` naming the holder (pid, host, since when); within one process
+  the folders share the lock. Readers (``report``, ``status``) take no lock.
+* **Shards** (``shards/*.json``): a cell measured elsewhere (a Slurm array task, a local subprocess) writes its row to
+  a shard of its own (:func:`write_shard`: written whole, fsync'ed, then renamed into place); the lock holder merges
+  shards into ``results.csv`` (:meth:`RunFolder.merge_shards`). A shard is checked (JSON whole, same columns, same
+  config, a planned cell) and moved to ``shards/merged``, ``shards/duplicate`` or ``shards/rejected``; a key is
+  appended at most once, so a task that ran twice, a merge interrupted between append and move, or a merge rerun
+  never duplicates a row. A row the executor wrote for a task that ended without a result (``replaceable``) is
+  replaced, atomically, by the shard of a later attempt.
+* **Older schemas** stay readable: a ``results.csv`` whose header is one of the ``older_columns`` the owner names (an
+  earlier version of its columns) is rewritten once, atomically, with the new columns empty.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
+import fcntl
+import hashlib
 import io
 import json
 import math
 import os
+import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from efficient_attn.harness.schema import META_FILE, RESULTS_FILE
 
-__all__ = ["ConfigMismatchError", "RunFolder", "Session", "csv_line", "format_value", "read_rows"]
+__all__ = [
+    "LOCK_FILE",
+    "SHARDS_DIR",
+    "ConfigMismatchError",
+    "MergeResult",
+    "RunFolder",
+    "RunFolderBusyError",
+    "Session",
+    "config_id",
+    "csv_line",
+    "duplicate_keys",
+    "format_value",
+    "lock_holder",
+    "read_rows",
+    "write_shard",
+]
+
+#: the lock file and the shard folder inside a run folder
+LOCK_FILE = ".lock"
+SHARDS_DIR = "shards"
 
 
 def format_value(value: Any) -> str:
@@ -67,10 +103,125 @@ class Session:
     timed_window_s: float | None = None
     budget_bytes: int | None = None
     device_memory_bytes: int | None = None
+    executor: dict[str, Any] | None = None
 
 
 class ConfigMismatchError(ValueError):
     """The run folder holds a run with a different configuration (or a table with other columns)."""
+
+
+class RunFolderBusyError(RuntimeError):
+    """Another process holds the run folder's lock (it is writing there)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def lock_holder(path: Path) -> dict[str, Any] | None:
+    """Who last took the lock of run folder ``path`` (``pid``, ``host``, ``since``), as it wrote it; None if nobody
+    did. Says nothing about whether it still holds it (only trying the lock does)."""
+    try:
+        return json.loads((Path(path) / LOCK_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+#: the run folders whose lock this process holds: real path -> [descriptor, holders]
+_HELD: dict[str, list[int]] = {}
+
+
+class _FolderLock:
+    """The writing process's lock on a run folder: an exclusive ``flock`` on ``<folder>/.lock``, with the holder's pid,
+    host and start time written into the file. One lock per process: a second :class:`RunFolder` of the same folder
+    in the same process shares it (the descriptor closes, dropping the lock, when the last one is released)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.name = os.path.realpath(folder / LOCK_FILE)
+        self._held = False
+        if self.name in _HELD:
+            _HELD[self.name][1] += 1
+            self._held = True
+            return
+        fd = os.open(self.name, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = lock_holder(folder) or {}
+            who = f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"
+            raise RunFolderBusyError(
+                f"{folder} is being written by {who} (since {holder.get('since', '?')}): wait for it to finish, "
+                "or choose another --out"
+            ) from None
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        _HELD[self.name] = [fd, 1]
+        self._held = True
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        entry = _HELD[self.name]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _HELD[self.name]
+            os.close(entry[0])  # closing the descriptor drops the flock
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def config_id(config: dict[str, Any]) -> str:
+    """A short fingerprint of a run's configuration: shards carry it, so a shard of another run is refused."""
+    canonical = json.dumps(json.loads(json.dumps(config)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def write_shard(folder: Path, row: dict[str, str], *, config: str, columns: tuple[str, ...], name: str,
+                extra: dict[str, Any] | None = None) -> Path:
+    """Write one row as a shard of run folder ``folder``: whole, fsync'ed, then renamed into ``shards/``.
+
+    Args:
+        folder: the run folder.
+        row: the complete row (column -> formatted value).
+        config: the run's :func:`config_id`.
+        columns: the run's columns, in order (checked again at the merge).
+        name: a file name unique to this attempt (e.g. the cell's hash, the job id and the pid).
+        extra: anything else to keep with the row (timings of the task); not merged.
+
+    Returns:
+        The shard's path.
+    """
+    shards = Path(folder) / SHARDS_DIR
+    shards.mkdir(parents=True, exist_ok=True)
+    payload = {"config_id": config, "columns": list(columns), "row": row, "extra": extra or {}}
+    final = shards / f"{name}.json"
+    tmp = shards / f".{name}.json.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(payload, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(shards)
+    return final
+
+
+@dataclass
+class MergeResult:
+    """What one :meth:`RunFolder.merge_shards` did: rows appended or replaced, shards dropped and why."""
+
+    merged: list[dict[str, str]] = field(default_factory=list)
+    duplicates: list[Path] = field(default_factory=list)
+    rejected: dict[Path, str] = field(default_factory=dict)
 
 
 def _diff_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -99,8 +250,13 @@ class RunFolder:
         totals: session fields whose sum over the sessions is kept at the top level of ``meta.json``.
         environment: recorded in a new ``meta.json`` (default :func:`~efficient_attn.harness.host.environment_info`
             for ``config["device"]``, else ``cpu``).
+        older_columns: the headers of earlier schema versions (each a subsequence of ``columns``): a table with one
+            of them is rewritten once, atomically, with the new columns empty (and ``schema_version`` updated).
+        lock: take the folder's lock (the default; only a writer opens a :class:`RunFolder`). Released by
+            :meth:`close` (or leaving a ``with`` block) and, whatever happens, when the process ends.
 
     Raises:
+        RunFolderBusyError: another process holds the folder's lock.
         ConfigMismatchError: the folder holds a run with another config, or a ``results.csv`` with other columns.
     """
 
@@ -115,6 +271,8 @@ class RunFolder:
         fixed: tuple[str, ...] | None = None,
         totals: tuple[str, ...] = ("wall_s",),
         environment: dict[str, Any] | None = None,
+        lock: bool = True,
+        older_columns: tuple[tuple[str, ...], ...] = (),
     ) -> None:
         missing = [c for c in key_columns if c not in columns]
         if missing:
@@ -127,6 +285,40 @@ class RunFolder:
         self.totals = tuple(totals)
         self.config = json.loads(json.dumps(config))  # normalise (tuples -> lists) like a reload would
         self.path.mkdir(parents=True, exist_ok=True)
+        self._fixed = fixed
+        self.older_columns = tuple(tuple(c) for c in older_columns)
+        for old in self.older_columns:
+            if [c for c in self.columns if c in old] != list(old) or not set(key_columns) <= set(old):
+                raise ValueError(f"older columns {list(old)} are not an earlier version of {list(columns)}")
+        self.schema_version = schema_version
+        self._lock = _FolderLock(self.path) if lock else None
+        try:
+            self._open(fixed, environment)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the folder's lock (idempotent); the rows and ``meta.json`` are already on disk."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> "RunFolder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def config_id(self) -> str:
+        """The :func:`config_id` of this run (what its shards must carry): of the keys a resume may not change."""
+        config = self.meta.get("config", self.config)
+        if self._fixed is not None:
+            config = {k: config.get(k) for k in self._fixed}
+        return config_id(config)
+
+    def _open(self, fixed: tuple[str, ...] | None, environment: dict[str, Any] | None) -> None:
         if self.meta_path.exists():
             self.meta = self._read_meta()
             self._check_config(fixed)
@@ -140,7 +332,7 @@ class RunFolder:
 
                 environment = environment_info(self.config.get("device", "cpu"))
             self.meta = {
-                "schema_version": schema_version,
+                "schema_version": self.schema_version,
                 "config": self.config,
                 "environment": environment,
                 "sessions": [],
@@ -216,12 +408,14 @@ class RunFolder:
         if header is None:
             self._write_header()
             return
-        if tuple(header) != self.columns:
+        header = tuple(header)
+        upgrade = header != self.columns
+        if upgrade and header not in self.older_columns:
             raise ConfigMismatchError(
-                f"{self.csv_path} has columns {header}, not this version's schema; choose another --out"
+                f"{self.csv_path} has columns {list(header)}, not this version's schema; choose another --out"
             )
         damaged: list[tuple[int, list[str]]] = []
-        kept: list[list[str]] = []
+        kept: list[dict[str, str]] = []
         while True:
             line = reader.line_num + 1
             try:
@@ -231,33 +425,46 @@ class RunFolder:
             except csv.Error:
                 damaged.append((line, []))
                 continue
-            if len(values) != len(self.columns):
+            if len(values) != len(header):
                 damaged.append((line, values))  # never written whole (or edited): its cell runs again
                 continue
-            kept.append(values)
-            row = dict(zip(self.columns, values))
+            row = dict(zip(header, values))
+            row = {c: row.get(c, "") for c in self.columns}  # an older schema's rows gain the new columns, empty
+            kept.append(row)
             self.finished[self.key(row)] = row
         if damaged:
-            self._set_aside(damaged, kept)
+            self._set_aside(damaged, header)
+        if damaged or upgrade:
+            self._rewrite(kept)
+        if upgrade and self.meta.get("schema_version") != self.schema_version:
+            self.meta["schema_version_was"] = self.meta.get("schema_version")
+            self.meta["schema_version"] = self.schema_version
+            self._write_meta()
 
-    def _set_aside(self, damaged: list[tuple[int, list[str]]], kept: list[list[str]]) -> None:
+    def _set_aside(self, damaged: list[tuple[int, list[str]]], header: tuple[str, ...]) -> None:
         """Move damaged rows out of ``results.csv`` (into ``results.damaged.csv``) so every reader can read it; their
-        cells run again. Says so on stderr."""
+        cells run again. Says so on stderr. (The caller rewrites ``results.csv`` without them.)"""
         aside = self.path / (Path(RESULTS_FILE).stem + ".damaged.csv")
         with open(aside, "a", newline="", encoding="utf-8") as handle:
             for _line, values in damaged:
                 handle.write(csv_line(values))
+        lines = ", ".join(str(line) for line, _ in damaged)
+        print(f"note: {self.csv_path}: line(s) {lines} damaged (not {len(header)} fields); moved to {aside}, "
+              "their cells run again", file=sys.stderr)
+
+    def _rewrite(self, rows: Iterable[dict[str, str]] | None = None) -> None:
+        """Write the table (``rows``, default one per key) to a temporary file, fsync it and rename it over
+        ``results.csv`` (atomic)."""
+        rows = list(self.finished.values()) if rows is None else list(rows)
         tmp = self.csv_path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="", encoding="utf-8") as handle:
             handle.write(csv_line(self.columns))
-            for values in kept:
-                handle.write(csv_line(values))
+            for row in rows:
+                handle.write(csv_line(row[c] for c in self.columns))
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, self.csv_path)
-        lines = ", ".join(str(line) for line, _ in damaged)
-        print(f"note: {self.csv_path}: line(s) {lines} damaged (not {len(self.columns)} fields); moved to {aside}, "
-              "their cells run again", file=sys.stderr)
+        _fsync_dir(self.path)
 
     def append(self, row: dict[str, str]) -> None:
         """Append one row (every column, values already formatted) and flush and fsync it to disk.
@@ -265,10 +472,7 @@ class RunFolder:
         Raises:
             ValueError: a column missing or unknown, or a key already in the table.
         """
-        if set(row) != set(self.columns):
-            missing = [c for c in self.columns if c not in row]
-            unknown = [c for c in row if c not in self.columns]
-            raise ValueError(f"row does not match the columns of {self.csv_path}: missing {missing}, unknown {unknown}")
+        self._check_row(row)
         key = self.key(row)
         if key in self.finished:
             raise ValueError(f"cell {key} is already in {self.csv_path}; it must not be written twice")
@@ -277,6 +481,81 @@ class RunFolder:
             handle.flush()
             os.fsync(handle.fileno())
         self.finished[key] = row
+
+    def _check_row(self, row: dict[str, str]) -> None:
+        if set(row) != set(self.columns):
+            missing = [c for c in self.columns if c not in row]
+            unknown = [c for c in row if c not in self.columns]
+            raise ValueError(f"row does not match the columns of {self.csv_path}: missing {missing}, unknown {unknown}")
+
+    def replace(self, row: dict[str, str]) -> None:
+        """Put ``row`` in place of the row with the same key (or append it), rewriting the table atomically."""
+        self._check_row(row)
+        key = self.key(row)
+        if key not in self.finished:
+            self.append(row)
+            return
+        self.finished[key] = dict(row)
+        self._rewrite()
+
+    def merge_shards(self, *, allowed: set[tuple[str, ...]] | None = None,
+                     replaceable: Callable[[dict[str, str]], bool] | None = None) -> MergeResult:
+        """Merge the shards in ``shards/`` into ``results.csv`` (the caller holds the lock: it opened the folder).
+
+        A shard is merged when it is whole JSON, has this run's columns and :attr:`config_id`, and its key is in
+        ``allowed`` (default: any). Its key is appended when new; when the table already has that key, the shard is a
+        duplicate (dropped) unless ``replaceable(existing_row)`` says the existing row is a placeholder (a task that
+        ended without a result), which the shard then replaces. Every shard looked at is moved out of the way
+        (``merged/``, ``duplicate/``, ``rejected/`` with a ``.why`` file), after its row is on disk.
+        """
+        shards = self.path / SHARDS_DIR
+        result = MergeResult()
+        if not shards.is_dir():
+            return result
+        for shard in sorted(shards.glob("*.json")):
+            reason, row = self._read_shard(shard, allowed)
+            if reason is not None:
+                result.rejected[shard] = reason
+                self._move_shard(shard, "rejected", why=reason)
+                continue
+            key = self.key(row)
+            existing = self.finished.get(key)
+            if existing is None:
+                self.append(row)
+            elif replaceable is not None and replaceable(existing) and existing != row:
+                self.replace(row)
+            else:
+                result.duplicates.append(shard)
+                self._move_shard(shard, "duplicate")
+                continue
+            result.merged.append(row)
+            self._move_shard(shard, "merged")
+        return result
+
+    def _read_shard(self, shard: Path, allowed: set[tuple[str, ...]] | None) -> tuple[str | None, dict[str, str]]:
+        try:
+            payload = json.loads(shard.read_text(encoding="utf-8"))
+            row = payload["row"]
+            columns, shard_config = tuple(payload["columns"]), payload["config_id"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            return f"not a whole shard ({type(error).__name__}: {error})", {}
+        if columns != self.columns or not isinstance(row, dict) or set(row) != set(self.columns):
+            return "its columns are not this run's", {}
+        if not all(isinstance(v, str) for v in row.values()):
+            return "its values are not formatted strings", {}
+        if shard_config != self.config_id:
+            return f"it belongs to another configuration (config_id {shard_config}, this run {self.config_id})", {}
+        if allowed is not None and self.key(row) not in allowed:
+            return "its cell is not one of this run's cells", {}
+        return None, row
+
+    def _move_shard(self, shard: Path, where: str, why: str | None = None) -> None:
+        target = shard.parent / where
+        target.mkdir(exist_ok=True)
+        if why is not None:
+            (target / (shard.name + ".why")).write_text(why + "\n")
+        os.replace(shard, target / shard.name)
+        os.utime(target / shard.name)  # the mtime says when it was merged (the scheduling overhead reads it)
 
     def rows(self) -> list[dict[str, str]]:
         """Every row of the table, in file order (old and new)."""
@@ -303,20 +582,25 @@ class RunFolder:
         finally:
             self.end_session(started=session.started, wall_s=time.perf_counter() - t0, cells_run=session.cells_run,
                              interrupted=interrupted, timed_window_s=session.timed_window_s,
-                             budget_bytes=session.budget_bytes, device_memory_bytes=session.device_memory_bytes)
+                             budget_bytes=session.budget_bytes, device_memory_bytes=session.device_memory_bytes,
+                             executor=session.executor)
 
     def end_session(self, *, started: str, wall_s: float, cells_run: int, interrupted: bool = False,
                     timed_window_s: float | None = None, budget_bytes: int | None = None,
-                    device_memory_bytes: int | None = None) -> None:
+                    device_memory_bytes: int | None = None, executor: dict[str, Any] | None = None) -> None:
         """Record one session (a run or a resume) and update the totals in ``meta.json``.
 
         The benchmark also gives ``timed_window_s`` (the sum of its cells' timed windows), ``budget_bytes`` (the
         memory budget in force) and ``device_memory_bytes`` (total RAM or GPU memory): stored per session and, for
-        the last two, from the latest session at the top level, where the report reads them.
+        the last two, from the latest session at the top level, where the report reads them. ``executor`` (how the
+        session ran its cells: ``inline``, ``local``, ``slurm`` and their parameters) is recorded with the session,
+        outside ``config``: a run started inline may be finished on a cluster.
         """
         session: dict[str, Any] = {
             "started": started, "wall_s": round(wall_s, 3), "cells_run": cells_run, "interrupted": interrupted,
         }
+        if executor is not None:
+            session["executor"] = executor
         if timed_window_s is not None:
             session["timed_window_s"] = round(timed_window_s, 3)
         for name, value in (("budget_bytes", budget_bytes), ("device_memory_bytes", device_memory_bytes)):
@@ -336,3 +620,17 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return []
     with open(path, newline="", encoding="utf-8") as handle:
         return [row for row in csv.DictReader(handle) if None not in row.values()]
+
+
+def duplicate_keys(rows: Iterable[dict[str, str]], key_columns: tuple[str, ...]) -> dict[tuple[str, ...], int]:
+    """The keys that occur more than once in ``rows``, with their counts (``{}`` for a sound table).
+
+    A table written through :class:`RunFolder` has none (a key is appended once, one writer at a time); a table from
+    before the lock, or edited by hand, may. For a benchmark run folder:
+    ``duplicate_keys(read_rows(run / RESULTS_FILE), CONFIG_COLUMNS)``.
+    """
+    counts: dict[tuple[str, ...], int] = {}
+    for row in rows:
+        key = tuple(row.get(c, "") for c in key_columns)
+        counts[key] = counts.get(key, 0) + 1
+    return {key: n for key, n in counts.items() if n > 1}

@@ -1,7 +1,9 @@
 """The results schema of a benchmark run folder: file names, column names and their order, the schema version.
 
 * ``results.csv``: one tidy row per cell. The configuration columns (:data:`CONFIG_COLUMNS`) together are the cell's
-  key; the measured columns (:data:`MEASURED_COLUMNS`) follow.
+  key; the measured columns (:data:`MEASURED_COLUMNS`) follow, then where the cell ran (:data:`RUN_COLUMNS`, since
+  schema 2: ``host``; ``job_id`` and ``array_index`` of the Slurm array task or local job that ran it, empty for
+  cells run inline).
 * ``meta.json``: the configuration of the run, the environment, the seeds, the wall times.
 
 ``status`` is one of :data:`efficient_attn.vocab.STATUSES`. Numbers are empty (read back as NaN), never ``-1``, unless
@@ -21,11 +23,13 @@ from __future__ import annotations
 
 __all__ = [
     "ALL_COLUMNS",
+    "COLUMNS_BY_VERSION",
     "CONFIG_COLUMNS",
     "MEASURED_COLUMNS",
     "META_FILE",
     "NUMERIC_COLUMNS",
     "RESULTS_FILE",
+    "RUN_COLUMNS",
     "SCHEMA_VERSION",
 ]
 
@@ -65,7 +69,11 @@ MEASURED_COLUMNS: tuple[str, ...] = (
     "flops_per_s",
     "timed_runs",
 )
-ALL_COLUMNS: tuple[str, ...] = CONFIG_COLUMNS + MEASURED_COLUMNS
+#: where the cell ran (schema 2): the host, and for a cell run by a scheduler its job id and array index (empty inline)
+RUN_COLUMNS: tuple[str, ...] = ("host", "job_id", "array_index")
+ALL_COLUMNS: tuple[str, ...] = CONFIG_COLUMNS + MEASURED_COLUMNS + RUN_COLUMNS
 #: measured columns that are numbers (left empty unless status is ok)
 NUMERIC_COLUMNS: tuple[str, ...] = tuple(c for c in MEASURED_COLUMNS if c not in ("backend", "status", "note"))
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: the columns of each schema version (a run folder of an earlier one is upgraded when it is resumed)
+COLUMNS_BY_VERSION: dict[int, tuple[str, ...]] = {1: CONFIG_COLUMNS + MEASURED_COLUMNS, 2: ALL_COLUMNS}

@@ -6,28 +6,39 @@ cells are skipped), and runs every other cell through :func:`efficient_attn.harn
 measurement in this process or, with ``isolate=True``, in a fresh one: :mod:`efficient_attn.harness.worker`). A cell
 that ran out of memory skips the longer lengths of its group (``skipped_after_oom``), also across resumes; every
 other failure is recorded and the sweep goes on. Rows are appended and fsync'ed as each cell ends. A progress bar
-shows the current cell and an ETA.
+shows the current cell and an ETA. This is the ``inline`` executor; the parallel ones (``local``, ``slurm``) are
+:mod:`efficient_attn.harness.executors`, on the same plan, run folder and rows. Each session records its executor
+in ``meta.json`` (outside the config), so a run started inline can be finished on a cluster.
 
 :func:`dry_run` shows what a sweep would do, with the same plan and the same precheck, running nothing.
 """
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from efficient_attn.harness.cell import Timing, make_row, precheck, run_cell
 from efficient_attn.harness.host import budget_bytes, device_memory_bytes, resolve_device
 from efficient_attn.harness.plan import PlannedCell, plan_cells
 from efficient_attn.harness.runfolder import RunFolder, read_rows
-from efficient_attn.harness.schema import ALL_COLUMNS, CONFIG_COLUMNS, RESULTS_FILE, SCHEMA_VERSION
+from efficient_attn.harness.schema import (
+    ALL_COLUMNS,
+    COLUMNS_BY_VERSION,
+    CONFIG_COLUMNS,
+    RESULTS_FILE,
+    SCHEMA_VERSION,
+)
 from efficient_attn.harness.suite import Suite
 from efficient_attn.harness.worker import measure_isolated
 
-__all__ = ["SweepResult", "dry_run", "open_run_folder", "run_sweep", "sweep_config"]
+__all__ = ["SweepResult", "dry_run", "known_ooms", "open_run_folder", "run_sweep", "sweep_config", "sweep_result"]
 
 
 @dataclass
@@ -41,6 +52,9 @@ class SweepResult:
     wall_s: float
     timed_window_s: float
     statuses: dict[str, int] = field(default_factory=dict)
+    #: cells without a row yet, and tasks still pending or running (a detached parallel run)
+    unfinished: int = 0
+    live_tasks: int = 0
 
 
 def sweep_config(suite: Suite, *, device: str, include_peers: bool, isolate: bool, budget_gb: float | None,
@@ -58,9 +72,10 @@ def sweep_config(suite: Suite, *, device: str, include_peers: bool, isolate: boo
 
 def open_run_folder(path: Path, config: dict[str, Any]) -> RunFolder:
     """A benchmark run folder: the results schema's columns, keyed by the configuration columns, the sessions'
-    wall time and timed windows totalled."""
+    wall time and timed windows totalled; a folder of an earlier schema version is upgraded."""
+    older = tuple(columns for version, columns in COLUMNS_BY_VERSION.items() if version < SCHEMA_VERSION)
     return RunFolder(path, config, columns=ALL_COLUMNS, key_columns=CONFIG_COLUMNS, schema_version=SCHEMA_VERSION,
-                     totals=("wall_s", "timed_window_s"))
+                     totals=("wall_s", "timed_window_s"), older_columns=older)
 
 
 def run_sweep(
@@ -74,6 +89,7 @@ def run_sweep(
     seed: int = 0,
     progress: bool = True,
     on_row: Callable[[dict[str, str]], None] | None = None,
+    threads: int | None = None,
 ) -> SweepResult:
     """Run (or resume) ``suite`` into ``out_dir``.
 
@@ -87,56 +103,90 @@ def run_sweep(
         seed: seeds parameters and inputs of every cell.
         progress: show a tqdm bar with the current cell and an ETA.
         on_row: called with each new row.
+        threads: torch threads for the cells (default: leave this process's count); restored at the end.
 
     Raises:
         ConfigMismatchError: ``out_dir`` holds a run with another config.
+        RunFolderBusyError: another process is writing ``out_dir``.
     """
     device = resolve_device(device or suite.device)
     config = sweep_config(suite, device=device, include_peers=include_peers, isolate=isolate, budget_gb=budget_gb,
                           seed=seed)
     folder = open_run_folder(out_dir, config)
+    try:
+        return _run_in_folder(folder, suite, device, threads, budget_gb=budget_gb, isolate=isolate, seed=seed,
+                              progress=progress, on_row=on_row, include_peers=include_peers)
+    finally:
+        folder.close()
+
+
+def known_ooms(planned: list[PlannedCell], finished: dict[tuple[str, ...], dict[str, str]]) -> dict[tuple[str, ...], int]:
+    """The shortest length of each group that already ran out of memory (its longer lengths are skipped)."""
+    oom_at: dict[tuple[str, ...], int] = {}
+    for p in planned:
+        row = finished.get(p.cell.key())
+        if row is not None and row["status"] == "oom":
+            oom_at[p.group] = min(oom_at.get(p.group, p.cell.seq_len), p.cell.seq_len)
+    return oom_at
+
+
+def _run_in_folder(folder: RunFolder, suite: Suite, device: str, threads: int | None, *,
+                   budget_gb: float | None, isolate: bool, seed: int, progress: bool,
+                   on_row: Callable[[dict[str, str]], None] | None, include_peers: bool) -> SweepResult:
     budget = budget_bytes(budget_gb, device)
     timing = Timing(suite.min_run_time, suite.slow_call_s, suite.slow_repeats)
     measure = measure_isolated if isolate else None
     planned = plan_cells(suite, device, include_peers=include_peers)
-    oom_at: dict[tuple[str, ...], int] = {}
-    for p in planned:
-        row = folder.finished.get(p.cell.key())
-        if row is not None and row["status"] == "oom":
-            oom_at[p.group] = min(oom_at.get(p.group, p.cell.seq_len), p.cell.seq_len)
+    oom_at = known_ooms(planned, folder.finished)
     t0 = time.perf_counter()
-    resumed = 0
+    host = socket.gethostname()
     from tqdm import tqdm
 
-    with folder.session() as session, \
-            tqdm(planned, disable=not progress, unit="cell", dynamic_ncols=True, file=sys.stderr) as bar:
-        session.timed_window_s, session.budget_bytes = 0.0, budget
-        session.device_memory_bytes = device_memory_bytes(device)
-        for p in bar:
-            if p.cell.key() in folder.finished:
-                resumed += 1
-                continue
-            bar.set_postfix_str(p.cell.label(), refresh=True)
-            if p.group in oom_at and p.cell.seq_len > oom_at[p.group]:
-                row = make_row(p.cell, status="skipped_after_oom",
-                               note=f"ran out of memory at seq_len {oom_at[p.group]}")
-                window = 0.0
-            else:
-                row, window = run_cell(p, budget_bytes=budget, timing=timing, seed=seed, depth=suite.depth,
-                                       measure=measure)
-                if row["status"] == "oom":
-                    oom_at[p.group] = p.cell.seq_len
-            folder.append(row)
-            session.timed_window_s += window
-            session.cells_run += 1
-            if on_row is not None:
-                on_row(row)
+    threads_before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    resumed = 0
+    try:
+        with folder.session() as session, \
+                tqdm(planned, disable=not progress, unit="cell", dynamic_ncols=True, file=sys.stderr) as bar:
+            session.timed_window_s, session.budget_bytes = 0.0, budget
+            session.device_memory_bytes = device_memory_bytes(device)
+            session.executor = {"name": "inline", "threads": torch.get_num_threads()}
+            for p in bar:
+                if p.cell.key() in folder.finished:
+                    resumed += 1
+                    continue
+                bar.set_postfix_str(p.cell.label(), refresh=True)
+                if p.group in oom_at and p.cell.seq_len > oom_at[p.group]:
+                    row = make_row(p.cell, status="skipped_after_oom",
+                                   note=f"ran out of memory at seq_len {oom_at[p.group]}")
+                    window = 0.0
+                else:
+                    row, window = run_cell(p, budget_bytes=budget, timing=timing, seed=seed, depth=suite.depth,
+                                           measure=measure)
+                    if row["status"] == "oom":
+                        oom_at[p.group] = p.cell.seq_len
+                row["host"] = host
+                folder.append(row)
+                session.timed_window_s += window
+                session.cells_run += 1
+                if on_row is not None:
+                    on_row(row)
+    finally:
+        torch.set_num_threads(threads_before)
+    return sweep_result(folder, session.cells_run, resumed, time.perf_counter() - t0, session.timed_window_s,
+                        len(planned), 0)
+
+
+def sweep_result(folder: RunFolder, cells_run: int, resumed: int, wall_s: float, window_s: float, planned: int,
+                 live_tasks: int) -> SweepResult:
+    """What a session did, with every row of ``folder`` (old and new)."""
     rows = folder.rows()
     statuses: dict[str, int] = {}
     for row in rows:
         statuses[row["status"]] = statuses.get(row["status"], 0) + 1
-    return SweepResult(folder.path, rows, session.cells_run, resumed, time.perf_counter() - t0,
-                       session.timed_window_s, statuses)
+    return SweepResult(folder.path, rows, cells_run, resumed, wall_s, window_s, statuses,
+                       unfinished=max(0, planned - len(rows)), live_tasks=live_tasks)
 
 
 def dry_run(

@@ -33,6 +33,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ import torch
 
 from efficient_attn import vocab
 from efficient_attn.errors import require_positive_int, unknown_name_error
-from efficient_attn.harness.runfolder import RunFolder, read_rows
+from efficient_attn.harness.runfolder import RunFolder, read_rows, write_shard
 from efficient_attn.harness.schema import META_FILE, RESULTS_FILE
 from efficient_attn.harness.suite import SuiteError, check_keys, read_toml
 from efficient_attn.quality.tasks import TASKS
@@ -57,8 +58,11 @@ __all__ = [
     "TrainingCell",
     "load_suite",
     "model_path",
+    "QualityTaskRequest",
     "open_run_folder",
+    "placeholder_row",
     "plan_cells",
+    "run_cell_task",
     "run_metrics",
     "run_suite",
 ]
@@ -353,23 +357,94 @@ def load_trained_model(suite: QualitySuite, cell: TrainingCell, out: Path) -> to
     return model.eval()
 
 
+@dataclass(frozen=True)
+class QualityTaskRequest:
+    """One training cell run by an executor's task (:func:`run_cell_task`): plain, picklable values."""
+
+    folder: str
+    config_id: str
+    suite: QualitySuite
+    cell: dict[str, Any]
+    threads: int | None = None
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return TrainingCell(**self.cell).key()
+
+
+def run_cell_task(request: QualityTaskRequest) -> dict[str, str]:
+    """What an array task (or local job) runs: train one cell, write its row to a shard of the run folder."""
+    from efficient_attn.harness.executors.task import allocated_cpus, cell_digest, where_am_i
+
+    started = time.time()
+    _, job_id, array_index = where_am_i()
+    torch.set_num_threads(request.threads or allocated_cpus())
+    cell = TrainingCell(**request.cell)
+    row = run_cell(request.suite, cell, Path(request.folder), save_model=cell.seed == 0)
+    formatted = {c: _fmt(row.get(c)) for c in RESULT_COLUMNS}
+    attempt = f"{job_id or 'nojob'}_{array_index or 0}.{os.getpid()}.{int(started * 1e3)}"
+    write_shard(Path(request.folder), formatted, config=request.config_id, columns=RESULT_COLUMNS,
+                name=f"{cell_digest(cell.key())}.{attempt}", extra={"started": started, "ended": time.time()})
+    return formatted
+
+
+def placeholder_row(record: Any, state: Any) -> dict[str, str]:
+    """The row of a training task that ended without a result (an ``error``: quality rows have no ``oom``)."""
+    from efficient_attn.harness.executors.driver import placeholder_note
+
+    row = {c: "" for c in RESULT_COLUMNS}
+    row.update({c: _fmt(record.cell[c]) for c in KEY_COLUMNS})
+    row.update(status="error", note=placeholder_note(record, state))
+    return row
+
+
+def _run_parallel(suite: QualitySuite, folder: RunFolder, executor: Any, progress: bool,
+                  on_row: Callable[[dict[str, Any]], None] | None) -> None:
+    from efficient_attn.harness.executors.driver import CellKind, run_tasks, threads_per_task
+
+    planned = {c.key(): c for c in plan_cells(suite)}
+    threads = threads_per_task(executor)
+    with folder.session() as session:
+        session.executor = executor.describe()
+        session.cells_run, _ = run_tasks(
+            folder, list(planned),
+            lambda key: QualityTaskRequest(folder=str(folder.path.resolve()), config_id=folder.config_id,
+                                           suite=suite, cell=dataclasses.asdict(planned[key]), threads=threads),
+            executor, kind=CellKind(task=run_cell_task, placeholder=placeholder_row), progress=progress,
+            on_row=on_row,
+        )
+
+
 def run_suite(
     suite: QualitySuite,
     out: str | Path,
     *,
     progress: bool = True,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    executor: Any = None,
 ) -> Path:
     """Run every unfinished cell of ``suite`` into ``out``; returns the path of ``results.csv``.
 
+    ``executor`` (:class:`efficient_attn.harness.executors.ExecutorOptions`; default inline, in this process):
+    with ``local`` or ``slurm`` every cell is a task that writes a shard, merged here as it finishes; a rerun
+    collects an earlier submitter's tasks and resubmits the cells whose task ended without a result.
+
     Raises:
         efficient_attn.harness.runfolder.ConfigMismatchError: ``out`` holds a run with another training setup.
+        efficient_attn.harness.runfolder.RunFolderBusyError: another process is writing ``out``.
     """
     from tqdm import tqdm
 
     folder = open_run_folder(Path(out), suite)
+    if executor is not None and executor.parallel:
+        try:
+            _run_parallel(suite, folder, executor, progress, on_row)
+        finally:
+            folder.close()
+        return folder.csv_path
     todo = [c for c in plan_cells(suite) if c.key() not in folder.finished]
     with folder.session() as session, tqdm(todo, desc="quality", unit="cell", disable=not progress) as bar:
+        session.executor = {"name": "inline", "threads": torch.get_num_threads()}
         for cell in bar:
             bar.set_postfix_str(f"{cell.task} {cell.variant} n={cell.seq_len} s={cell.seed} h={cell.num_heads}")
             row = run_cell(suite, cell, folder.path, save_model=cell.seed == 0)
