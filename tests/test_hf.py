@@ -358,3 +358,26 @@ def test_decoder_variant_that_cannot_be_causal_is_an_error():
 def test_importing_efficient_attn_does_not_import_transformers():
     code = "import sys, efficient_attn, efficient_attn.integrations; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------------------- GQA without repeats
+@pytest.mark.parametrize("key", ["full", "window", "longformer", "performer"])
+def test_grouped_heads_reach_our_kernel_unrepeated(key):
+    # transformers hands a custom attention function k and v with kv_heads heads; a variant with grouped heads must
+    # read them as they are (no op in its non-naive backend returns k/v data with the query head count).
+    from test_gqa import KVMovementWatch
+
+    assert ea.get_spec(key).module_cls.supports_gqa
+    variant = hf._VARIANTS[hf.register_hf(key)]
+    module = torch.nn.Module().eval()
+    q = torch.randn(2, 4, 24, 8, requires_grad=True)
+    k = torch.randn(2, 1, 24, 8, requires_grad=True)
+    v = torch.randn(2, 1, 24, 8, requires_grad=True)
+    mask = variant.mask(batch_size=2, q_length=24, kv_length=24, attention_mask=None)
+    with KVMovementWatch([k, v], 4) as watch:
+        out, _ = variant.attention(module, q, k, v, mask)
+        out.sum().backward()
+    assert not watch.violations, watch.violations
+    assert out.shape == (2, 24, 4, 8) and k.grad.shape == k.shape
+    grouped = [m for m in hf.attention_modules(variant.name) if m.config.num_kv_heads == 1]
+    assert len(grouped) == 1 and grouped[0].last_backend != "naive"

@@ -33,8 +33,9 @@ How the pieces meet:
   ``window`` variant's ``window_size = r`` means ``|i - j| <= r`` (causal: ``0 <= i - j <= r``, **r + 1 keys**). So a
   causal ``sliding_window = w`` is our ``window_size = w - 1``, a bidirectional one is ``window_size = w``;
   :meth:`CompactMask.window_size` does the conversion and ``window`` takes it when ``window_size`` is not given.
-* **GQA**: our ``attend`` takes k and v with as many heads as q today, so :func:`expand_kv` repeats them (the one
-  place to change when every backend takes ``num_kv_heads`` heads).
+* **GQA**: k and v arrive with ``heads / num_key_value_groups`` heads. A variant with grouped heads (its class's
+  ``supports_gqa``) is built with ``num_kv_heads`` and reads them as they are, never repeated outside ``naive``; only
+  a variant without grouped heads gets them repeated by :func:`expand_kv`.
 * **Generation**: our ``attend`` needs q and k of one length. A prefill (no cached tokens) runs; a decode step (one new
   query against cached keys) or cross-attention is a clear error. ``model.generate(..., use_cache=False)`` recomputes
   the whole prefix each step and so runs through our attention.
@@ -92,7 +93,7 @@ PREFIX = "efficient_attn:"
 SUPPORTED_TRANSFORMERS = ("5.0", "6")
 
 #: Config fields the model decides (a ``register_hf`` parameter may not set them).
-_MODEL_FIELDS = ("dim", "num_heads", "causal", "dropout")
+_MODEL_FIELDS = ("dim", "num_heads", "num_kv_heads", "causal", "dropout")
 #: transformers' own implementation names: never overwritten.
 _BUILTIN_NAMES = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 #: Attention-call arguments that do not change the result for q, k, v and the mask we are given.
@@ -322,8 +323,7 @@ def expand_kv(key: Tensor, value: Tensor, num_heads: int) -> tuple[Tensor, Tenso
     """Repeat ``(batch, kv_heads, seq, head_dim)`` k and v to ``num_heads`` heads (GQA, Ainslie et al. 2023,
     arXiv:2305.13245: query head h reads kv head ``h // (num_heads / kv_heads)``, transformers' ``repeat_kv`` order).
 
-    Our ``attend`` needs as many k/v heads as q heads today; once every backend takes ``num_kv_heads`` heads this
-    becomes the identity.
+    Only for variants without grouped key/value heads (``supports_gqa`` False); the others read k and v as they are.
     """
     kv_heads = key.shape[1]
     if num_heads % kv_heads != 0:
@@ -395,8 +395,13 @@ class HFVariant:
                 f"{self.name} in {owner}: the layer asks for sliding_window={sliding_window} but its mask has "
                 f"{mask.sliding_window}"
             )
-        attn = self.module_for(module, mask, heads=heads, head_dim=head_dim, dropout=dropout, like=query)
-        key, value = expand_kv(key, value, heads)
+        kv_heads = key.shape[1]
+        if not self.spec.module_cls.supports_gqa:
+            key, value = expand_kv(key, value, heads)
+            kv_heads = heads
+        attn = self.module_for(
+            module, mask, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dropout=dropout, like=query
+        )
         if scaling is not None and not math.isclose(scaling, head_dim**-0.5, rel_tol=1e-12):
             query = query * (scaling * math.sqrt(head_dim))  # our variants score with 1/sqrt(head_dim)
         out = attn.attend(query, key, value, key_padding_mask=mask.key_padding)
@@ -457,13 +462,22 @@ class HFVariant:
         return params
 
     def module_for(
-        self, owner: nn.Module, mask: CompactMask, *, heads: int, head_dim: int, dropout: float, like: Tensor
+        self,
+        owner: nn.Module,
+        mask: CompactMask,
+        *,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        dropout: float,
+        like: Tensor,
     ) -> Attention:
         """Our attention module for this layer and shape, built once with ``build_attention`` and cached."""
         params = self.resolve_params(mask)
         cache_key = (
             getattr(owner, "layer_idx", None),
             heads,
+            kv_heads,
             head_dim,
             mask.causal,
             repr(sorted(params.items())),
@@ -474,7 +488,13 @@ class HFVariant:
         attn = self.modules.get(cache_key)
         if attn is None:
             attn = build_attention(
-                self.key, dim=heads * head_dim, num_heads=heads, causal=mask.causal, dropout=dropout, **params
+                self.key,
+                dim=heads * head_dim,
+                num_heads=heads,
+                num_kv_heads=kv_heads,
+                causal=mask.causal,
+                dropout=dropout,
+                **params,
             ).to(device=like.device, dtype=like.dtype)
             self.modules[cache_key] = attn
         attn.train(owner.training)
