@@ -90,22 +90,16 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
-_SUFFIXES = {"k": 1024, "m": 1024 * 1024}
-
-
 def length(text: str) -> int:
     """One sequence length: ``4096``, ``4k``, ``1m`` (k = 1024, m = 1024**2); >= 1."""
-    raw = str(text).strip().lower()
-    factor = 1
-    if raw and raw[-1] in _SUFFIXES:
-        factor, raw = _SUFFIXES[raw[-1]], raw[:-1]
+    # imported here, when an option is parsed: building the parser loads no harness module
+    from efficient_attn.harness.overrides import parse_length
+    from efficient_attn.harness.suite import SuiteError
+
     try:
-        value = int(raw) * factor
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected one length such as 4096, 4k or 1m, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive length, got {text!r}")
-    return value
+        return parse_length(text, option="length")
+    except SuiteError as error:
+        raise argparse.ArgumentTypeError(f"expected one length such as 4096, 4k or 1m, got {text!r}") from error
 
 
 class UniqueItems(argparse.Action):

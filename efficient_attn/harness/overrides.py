@@ -24,13 +24,15 @@ from efficient_attn.harness.suite import (
 from efficient_attn.registry import get_spec
 from efficient_attn.vocab import DEVICES, DTYPE_NAMES, LEVELS, MODES
 
-__all__ = ["override_suite", "parse_lengths", "parse_variant_params"]
+__all__ = ["override_suite", "parse_length", "parse_lengths", "parse_variant_params"]
 
 _SUFFIXES = {"k": 1024, "m": 1024 * 1024}
 
 
-def _parse_length(text: str, option: str = "--lengths") -> int:
-    raw = text.strip().lower()
+def parse_length(text: str, option: str = "--lengths") -> int:
+    """One sequence length: ``4096``, ``4k``, ``1m`` (k = 1024, m = 1024**2), positive; ``SuiteError`` naming
+    ``option`` otherwise."""
+    raw = str(text).strip().lower()
     factor = 1
     if raw and raw[-1] in _SUFFIXES:
         factor, raw = _SUFFIXES[raw[-1]], raw[:-1]
@@ -57,7 +59,7 @@ def parse_lengths(text: str, option: str = "--lengths") -> tuple[int, ...]:
             continue
         if ":" in item:
             low_text, high_text = item.split(":", 1)
-            low, high = _parse_length(low_text, option), _parse_length(high_text, option)
+            low, high = parse_length(low_text, option), parse_length(high_text, option)
             if low > high:
                 raise SuiteError(f"{option}: range {item!r} goes down; write LOW:HIGH, e.g. 1k:16k")
             steps = [low]
@@ -71,7 +73,7 @@ def parse_lengths(text: str, option: str = "--lengths") -> tuple[int, ...]:
                 )
             lengths.update(steps)
         else:
-            lengths.add(_parse_length(item, option))
+            lengths.add(parse_length(item, option))
     if not lengths:
         raise SuiteError(f"{option}: no lengths in {text!r} (e.g. 1024,2048 or 1k:16k)")
     return tuple(sorted(lengths))
