@@ -187,15 +187,25 @@ class RunFolder:
         if header is None:
             self._write_header()
             return
-        if tuple(header) != self.columns:
+        upgrade = tuple(header) != self.columns
+        if upgrade and not set(header) < set(self.columns):
             raise ConfigMismatchError(
                 f"{self.csv_path} has columns {header}, not this version's schema; choose another --out"
             )
         for values in reader:
-            if len(values) != len(self.columns):
+            if len(values) != len(header):
                 continue  # a damaged row (never written whole): its cell runs again
-            row = dict(zip(self.columns, values))
+            row = dict(zip(header, values))
+            row = {c: row.get(c, "") for c in self.columns}  # an older schema's rows: new columns empty
             self.finished[self.key(row)] = row
+        if upgrade:
+            # an older schema (its columns a subset of this one's): rewrite the table with this version's header
+            tmp = self.csv_path.with_suffix(".csv.tmp")
+            with open(tmp, "w", newline="", encoding="utf-8") as handle:
+                handle.write(csv_line(self.columns))
+                for row in self.finished.values():
+                    handle.write(csv_line(row[c] for c in self.columns))
+            tmp.replace(self.csv_path)
 
     def append(self, row: dict[str, str]) -> None:
         """Append one row (every column, values already formatted) and flush and fsync it to disk.

@@ -14,7 +14,11 @@ call (forward+backward for ``fwd_bwd``; see :mod:`efficient_attn.measure.flops`)
 window.
 
 The schema only grows: a new column comes with a new :data:`SCHEMA_VERSION`, and readers fill the columns an older
-run lacks with empty values.
+run lacks with empty values (a resumed folder of an older version is rewritten with the new header, its rows keeping
+empty values in the new columns).
+
+Versions: 1 the first; 2 adds ``num_kv_heads`` (key/value heads of grouped-query attention; empty = ``num_heads``,
+which is what every version-1 row ran).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ CONFIG_COLUMNS: tuple[str, ...] = (
     "num_heads",
     "head_dim",
     "is_peer",
+    "num_kv_heads",
 )
 MEASURED_COLUMNS: tuple[str, ...] = (
     "backend",
@@ -68,4 +73,4 @@ MEASURED_COLUMNS: tuple[str, ...] = (
 ALL_COLUMNS: tuple[str, ...] = CONFIG_COLUMNS + MEASURED_COLUMNS
 #: measured columns that are numbers (left empty unless status is ok)
 NUMERIC_COLUMNS: tuple[str, ...] = tuple(c for c in MEASURED_COLUMNS if c not in ("backend", "status", "note"))
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
