@@ -13,6 +13,8 @@ import argparse
 import importlib
 import sys
 
+from efficient_attn.commands.options import CommandParser, UsageError
+
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "list": ("efficient_attn.commands.list_cmd", "list the registered attention variants"),
@@ -24,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="effattn", description="Efficient attention variants: list them, benchmark them, report on them."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -38,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as error:  # one line, status 2 (commands/options.py)
+        print(error, file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help()
         return 2

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from efficient_attn.commands.list_cmd import format_table
+from efficient_attn.commands.options import nonnegative_int, out_folder, positive_float, positive_int
 from efficient_attn.vocab import DEVICES, DTYPE_NAMES, LEVELS, MODES
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ def add_cell_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", help="comma-separated registry keys (default: the suite's)")
     parser.add_argument("--backends", help="comma-separated backends to run for every variant that has them (auto "
                         "for all); a suite entry's max_len stays with its own backends")
-    parser.add_argument("--lengths", help="e.g. 1024,2048 or 1k:16k (powers of two); suffixes k and m")
+    parser.add_argument("--lengths", help="e.g. 1024,2048 or 1k:16k (a range LOW:HIGH doubles from LOW and must end at HIGH: 1k,2k,...,16k); suffixes k and m")
     parser.add_argument("--modes", help=f"comma-separated: {', '.join(MODES)}")
     parser.add_argument("--level", choices=LEVELS, help="core: attend(q,k,v); layer: with "
                         "projections; model: the backbone")
@@ -43,14 +44,14 @@ def add_cell_options(parser: argparse.ArgumentParser) -> None:
                         "available)")
     parser.add_argument("--dtype", help=f"comma-separated: {', '.join(DTYPE_NAMES)}")
     parser.add_argument("--batch-size", help="comma-separated batch sizes")
-    parser.add_argument("--heads", type=int, help="number of heads")
-    parser.add_argument("--head-dim", type=int, help="head dimension")
+    parser.add_argument("--heads", type=positive_int, help="number of heads")
+    parser.add_argument("--head-dim", type=positive_int, help="head dimension")
     parser.add_argument(
         "--variant-params", action="append", default=[], metavar="KEY.FIELD=VALUE",
         help="set a variant's config field, e.g. window.window_size=128 (VALUE is JSON when it parses), or "
              "KEY=JSON-object; repeatable",
     )
-    parser.add_argument("--budget-gb", type=float, help="memory budget in GiB (default: 80%% of free RAM or GPU "
+    parser.add_argument("--budget-gb", type=positive_float, help="memory budget in GiB (default: 80%% of free RAM or GPU "
                         "memory)")
 
 
@@ -63,11 +64,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="list the cells with predicted memory and status; "
                         "run nothing")
     parser.add_argument("--peers", action="store_true", help="also run the suite's [[peers]] (at the suite's level, where the peer supports it)")
-    parser.add_argument("--out", type=Path, help="run folder (default: runs/<suite>-<timestamp>/); an existing "
+    parser.add_argument("--out", type=out_folder(), help="run folder (default: runs/<suite>-<timestamp>/); an existing "
                         "one is resumed")
-    parser.add_argument("--min-run-time", type=float, help="seconds of timed runs per fast cell (default: the "
+    parser.add_argument("--min-run-time", type=positive_float, help="seconds of timed runs per fast cell (default: the "
                         "suite's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of parameters and inputs (default 0)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of parameters and inputs (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -137,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"effattn bench: suite {suite.name!r} -> {out}", file=sys.stderr)
         result = run_sweep(suite, out, device=args.device, include_peers=args.peers, isolate=args.isolate,
                            budget_gb=args.budget_gb, seed=args.seed, progress=not args.no_progress)
-    except (SuiteError, ConfigMismatchError, ValueError) as error:
+    except (SuiteError, ConfigMismatchError, ValueError, OSError) as error:
         print(f"effattn bench: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

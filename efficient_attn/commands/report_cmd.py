@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from efficient_attn.commands.options import check_out_folder, out_folder, positive_int
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +18,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--out",
+        type=out_folder(),
         default=None,
         help="output folder (default: the run folder; with several runs: FIRST_RUN_DIR/compare)",
     )
@@ -27,7 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--labels", nargs="+", default=None, help="run labels, one per RUN_DIR (default: meta label or folder name)"
     )
-    parser.add_argument("--dpi", type=int, default=110, help="resolution of the PNG plots (default: 110)")
+    parser.add_argument("--dpi", type=positive_int, default=110, help="resolution of the PNG plots (default: 110)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,14 +39,17 @@ def run(args: argparse.Namespace) -> int:
     from efficient_attn.report.build import build_report
 
     if args.dpi < 30 or args.dpi > 600:
-        print(f"effattn report: --dpi must be between 30 and 600, got {args.dpi}", file=sys.stderr)
+        print(f"effattn report: error: --dpi must be between 30 and 600, got {args.dpi}", file=sys.stderr)
         return 2
     try:
         if args.baseline is not None:
             parse_series_spec(args.baseline)
+        if args.out is None:  # the report goes into the (first) run folder: it must be writable, before any work
+            first = Path(args.run_dirs[0])
+            check_out_folder(first.parent if first.suffix == ".csv" else first, "RUN_DIR (where the report goes)")
         files = build_report(args.run_dirs, args.out, baseline=args.baseline, labels=args.labels, dpi=args.dpi)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"effattn report: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:
+        print(f"effattn report: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {len(files.plots)} plots to {files.markdown.parent}")
     print(f"report: {files.markdown}")

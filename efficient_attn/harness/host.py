@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import os
 import platform
 import subprocess
@@ -83,8 +84,17 @@ def default_budget_bytes(device: str) -> int:
 
 
 def budget_bytes(budget_gb: float | None, device: str) -> int:
-    """The memory budget in bytes: ``budget_gb`` GiB when given, else :func:`default_budget_bytes` taken now."""
-    return int(budget_gb * 2**30) if budget_gb is not None else default_budget_bytes(device)
+    """The memory budget in bytes: ``budget_gb`` GiB when given, else :func:`default_budget_bytes` taken now.
+
+    Raises:
+        ValueError: ``budget_gb`` is not a positive finite number (0 would skip every cell, nan never compares).
+    """
+    if budget_gb is None:
+        return default_budget_bytes(device)
+    if isinstance(budget_gb, bool) or not isinstance(budget_gb, (int, float)) or not math.isfinite(budget_gb) \
+            or budget_gb <= 0:
+        raise ValueError(f"budget_gb must be a positive finite number of GiB, got {budget_gb!r}")
+    return int(budget_gb * 2**30)
 
 
 def free_memory(device: str, *, collect: bool = True) -> None:

@@ -29,7 +29,7 @@ __all__ = ["override_suite", "parse_lengths", "parse_variant_params"]
 _SUFFIXES = {"k": 1024, "m": 1024 * 1024}
 
 
-def _parse_length(text: str) -> int:
+def _parse_length(text: str, option: str = "--lengths") -> int:
     raw = text.strip().lower()
     factor = 1
     if raw and raw[-1] in _SUFFIXES:
@@ -37,14 +37,16 @@ def _parse_length(text: str) -> int:
     try:
         value = int(raw) * factor
     except ValueError:
-        raise SuiteError(f"--lengths: {text!r} is not a length (e.g. 1024, 4k, 1m)") from None
+        raise SuiteError(f"{option}: {text!r} is not a length (e.g. 1024, 4k, 1m)") from None
     if value <= 0:
-        raise SuiteError(f"--lengths: lengths must be positive; got {text!r}")
+        raise SuiteError(f"{option}: lengths must be positive; got {text!r}")
     return value
 
 
-def parse_lengths(text: str) -> tuple[int, ...]:
-    """``"1024,2048"`` -> (1024, 2048); ``"1k:16k"`` -> powers of two from 1024 to 16384; items may mix both.
+def parse_lengths(text: str, option: str = "--lengths") -> tuple[int, ...]:
+    """``"1024,2048"`` -> (1024, 2048); ``"1k:16k"`` -> LOW, 2 LOW, 4 LOW, ... up to HIGH (1024, 2048, ..., 16384);
+    items may mix both. A range must end exactly at HIGH (``3000:5000`` would give only 3000: refused, with the
+    lengths it would give and how to write what was meant). ``option`` names the option in errors.
 
     Raises:
         SuiteError: a malformed item (names it and shows the accepted forms).
@@ -55,17 +57,23 @@ def parse_lengths(text: str) -> tuple[int, ...]:
             continue
         if ":" in item:
             low_text, high_text = item.split(":", 1)
-            low, high = _parse_length(low_text), _parse_length(high_text)
+            low, high = _parse_length(low_text, option), _parse_length(high_text, option)
             if low > high:
-                raise SuiteError(f"--lengths: range {item!r} goes down; write LOW:HIGH, e.g. 1k:16k")
-            value = low
-            while value <= high:
-                lengths.add(value)
-                value *= 2
+                raise SuiteError(f"{option}: range {item!r} goes down; write LOW:HIGH, e.g. 1k:16k")
+            steps = [low]
+            while steps[-1] * 2 <= high:
+                steps.append(steps[-1] * 2)
+            if steps[-1] != high:
+                raise SuiteError(
+                    f"{option}: range {item!r} doubles from {low} and does not reach {high} (it would give "
+                    f"{', '.join(map(str, steps))}); end it at {steps[-1]} or {steps[-1] * 2}, or list the lengths "
+                    f"with commas (e.g. {low},{high})"
+                )
+            lengths.update(steps)
         else:
-            lengths.add(_parse_length(item))
+            lengths.add(_parse_length(item, option))
     if not lengths:
-        raise SuiteError(f"--lengths: no lengths in {text!r} (e.g. 1024,2048 or 1k:16k)")
+        raise SuiteError(f"{option}: no lengths in {text!r} (e.g. 1024,2048 or 1k:16k)")
     return tuple(sorted(lengths))
 
 
@@ -122,8 +130,14 @@ def _filter_backends(entries: list[VariantEntry], wanted: list[str]) -> list[Var
     return result
 
 
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+def _split(text: str, option: str | None = None) -> list[str]:
+    """The comma-separated items of ``text``; with ``option``, an item given twice is an error naming it."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if option is not None:
+        twice = sorted({t for t in items if items.count(t) > 1})
+        if twice:
+            raise SuiteError(f"{option}: {', '.join(repr(t) for t in twice)} listed twice; list each once")
+    return items
 
 
 def override_suite(
@@ -167,10 +181,9 @@ def override_suite(
     if dtypes is not None:
         data["dtypes"] = choice_list(_split(dtypes), DTYPE_NAMES, "--dtype")
     if batch_sizes is not None:
+        items = _split(batch_sizes, "--batch-size")
         try:
-            data["batch_sizes"] = tuple(
-                require_positive_int("--batch-size", int(b), error=SuiteError) for b in _split(batch_sizes)
-            )
+            data["batch_sizes"] = tuple(require_positive_int("--batch-size", int(b), error=SuiteError) for b in items)
         except ValueError as error:
             raise SuiteError(f"--batch-size: expected positive integers, e.g. 1,4; got {batch_sizes!r}") from error
     if heads is not None:
@@ -187,7 +200,7 @@ def override_suite(
         for entry in entries:
             by_key.setdefault(entry.key, []).append(entry)
         entries = []
-        for key in _split(variants):
+        for key in _split(variants, "--variants"):
             if key in by_key:
                 entries.extend(by_key[key])
             else:
@@ -201,7 +214,7 @@ def override_suite(
     if unknown:
         raise SuiteError(f"--variant-params: {', '.join(unknown)} not among the variants of this run "
                          f"({', '.join(e.key for e in entries)})")
-    wanted_backends = _split(backends) if backends is not None else None
+    wanted_backends = _split(backends, "--backends") if backends is not None else None
     if wanted_backends is not None:
         entries = _filter_backends(entries, wanted_backends)
     checked = []

@@ -14,11 +14,24 @@ what the harness measures (its instrumented call is the warm-up); the second is 
 keeps both. The harness's precheck (:func:`efficient_attn.harness.cell.precheck`) compares the prediction with the
 memory budget before a cell runs; ``effattn predict`` searches the longest length that fits
 (:func:`longest_fitting_length`).
+
+A fake run still costs time that grows with the length (about 45 s per million tokens for the blocked backends on
+2 cores: index plans are built for real), so long lengths are *extrapolated*: :func:`fit_growth` runs the cell on fake
+tensors at doubling lengths (from 2048) and fits each memory figure (setup, first call, steady call) with a
+polynomial in ``seq_len`` of the variant's known degree (1 for an efficient variant, 2 for dense attention or the
+``naive`` backend) through the last samples; the fit is accepted once it also reproduces the sample one doubling
+shorter (then the figures are in their asymptotic regime, where a maximum of two terms or a padding step no longer
+switches). A linear fit that never checks out is retried as a quadratic (a variant that grows faster than promised is
+then predicted as it grows, not as promised). :class:`Predictor` uses a fake run up to ``fake_max_len`` and the fit
+beyond it, and says which (:attr:`Estimate.how`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from typing import Callable
 
 import torch
 from torch import nn
@@ -28,7 +41,24 @@ from efficient_attn.harness import workloads
 from efficient_attn.harness.plan import Cell
 from efficient_attn.measure.storage import StorageTracker
 
-__all__ = ["Prediction", "longest_fitting_length", "predict_cell"]
+__all__ = [
+    "DEFAULT_FAKE_MAX_LEN",
+    "Estimate",
+    "Growth",
+    "Prediction",
+    "Predictor",
+    "expected_degree",
+    "fit_growth",
+    "longest_fitting_length",
+    "predict_cell",
+]
+
+#: the longest length :class:`Predictor` runs on fake tensors by default; longer ones are extrapolated
+DEFAULT_FAKE_MAX_LEN = 1 << 15
+#: the first length :func:`fit_growth` samples
+FIT_START = 2048
+#: a fit checks out when every figure at the check length is within this fraction (plus 4 KiB) of the fake run
+FIT_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -94,6 +124,202 @@ def predict_cell(cell: Cell, *, seed: int = 0, depth: int = 2, vocab_size: int =
     return Prediction(peak_bytes=steady.peak_bytes, first_call_bytes=first.peak_bytes, setup_bytes=setup_bytes)
 
 
+_FIGURES = ("setup_bytes", "peak_bytes", "first_call_bytes")
+
+
+def _lagrange(points: list[tuple[int, int]], n: int) -> Fraction:
+    """The polynomial through ``points`` ((length, bytes), exact rationals) evaluated at ``n``."""
+    total = Fraction(0)
+    for i, (xi, yi) in enumerate(points):
+        term = Fraction(yi)
+        for j, (xj, _) in enumerate(points):
+            if j != i:
+                term *= Fraction(n - xj, xi - xj)
+        total += term
+    return total
+
+
+@dataclass(frozen=True)
+class Growth:
+    """A cell's memory as a polynomial in ``seq_len`` through fake runs (see the module docstring).
+
+    Attributes:
+        degree: 1 or 2.
+        samples: the fake runs the polynomial goes through (``degree + 1`` of them), by length.
+        check_length: the fake run one doubling shorter it was checked against (None: too few samples).
+        check_error: the largest relative error of a figure at ``check_length``.
+        verified: the check passed (within :data:`FIT_TOLERANCE`).
+    """
+
+    degree: int
+    samples: tuple[tuple[int, Prediction], ...]
+    check_length: int | None
+    check_error: float
+    verified: bool
+
+    def at(self, seq_len: int) -> Prediction:
+        """The extrapolated figures at ``seq_len`` (rounded up, never below zero)."""
+        values = {}
+        for name in _FIGURES:
+            points = [(n, getattr(p, name)) for n, p in self.samples]
+            values[name] = max(0, math.ceil(_lagrange(points, seq_len)))
+        return Prediction(**values)
+
+    def describe(self) -> str:
+        """``"linear through n=8192,16384; checked at 4096 (0.00%)"``."""
+        kind = "linear" if self.degree == 1 else "quadratic"
+        through = ",".join(str(n) for n, _ in self.samples)
+        if self.check_length is None:
+            return f"{kind} through n={through}; unchecked"
+        state = "checked" if self.verified else "UNVERIFIED: off by"
+        return f"{kind} through n={through}; {state} {self.check_error:.2%} at {self.check_length}"
+
+
+def expected_degree(cell: Cell) -> int:
+    """The degree a cell's memory grows with: 2 for dense attention (``O(n^2)``), the ``naive`` backend and peers
+    (unknown), 1 for the efficient variants."""
+    if cell.is_peer or cell.backend_requested == "naive":
+        return 2
+    from efficient_attn.registry import get_spec
+
+    return 2 if get_spec(cell.variant).complexity.replace(" ", "") == "O(n^2)" else 1
+
+
+def _check(growth_samples: list[tuple[int, Prediction]], check: tuple[int, Prediction]) -> float:
+    """The largest relative error, over the figures, of the polynomial through ``growth_samples`` at ``check``."""
+    worst = 0.0
+    n, fake = check
+    for name in _FIGURES:
+        points = [(m, getattr(p, name)) for m, p in growth_samples]
+        actual = getattr(fake, name)
+        error = abs(float(_lagrange(points, n)) - actual)
+        if error > 4096:
+            worst = max(worst, error / max(actual, 1))
+    return worst
+
+
+def fit_growth(
+    cell: Cell,
+    *,
+    max_len: int = DEFAULT_FAKE_MAX_LEN,
+    start: int = FIT_START,
+    multiple: int = 256,
+    seed: int = 0,
+    depth: int = 2,
+    on_sample: Callable[[int], None] | None = None,
+    made: dict[int, Prediction] | None = None,
+) -> Growth:
+    """Fit ``cell``'s memory as a polynomial in ``seq_len`` from fake runs at ``start`` (or ``max_len / 8`` when
+    shorter; rounded up to ``multiple``), doubling up to ``max_len``; stops at the first fit that checks out (see the module docstring).
+
+    ``on_sample(n)`` is called before each fake run (progress); ``made`` (length -> prediction) holds fake runs
+    already done and receives the new ones.
+
+    Raises:
+        ValueError: ``max_len`` leaves fewer than two sample lengths. Whatever :func:`predict_cell` raises.
+    """
+    made = {} if made is None else made
+    # at least four doublings up to max_len when the multiple allows (a quadratic and its check)
+    first = -(-max(min(start, max_len // 8), multiple) // multiple) * multiple
+    lengths = []
+    n = first
+    while n <= max_len:
+        lengths.append(n)
+        n *= 2
+    if len(lengths) < 2:
+        raise ValueError(f"fit_growth: max_len={max_len} leaves fewer than two sample lengths from {first}")
+    expected = expected_degree(cell)
+    degrees = sorted({expected, 2})
+    samples: list[tuple[int, Prediction]] = []
+    candidates: list[Growth] = []
+    for n in lengths:
+        if n not in made:
+            if on_sample is not None:
+                on_sample(n)
+            made[n] = predict_cell(replace(cell, seq_len=n), seed=seed, depth=depth)
+        samples.append((n, made[n]))
+        candidates = []
+        for degree in degrees:
+            if len(samples) < degree + 1:
+                continue
+            through = tuple(samples[-(degree + 1):])
+            if len(samples) < degree + 2:
+                candidates.append(Growth(degree, through, None, math.inf, False))
+                continue
+            check = samples[-(degree + 2)]
+            error = _check(list(through), check)
+            candidate = Growth(degree, through, check[0], error, error <= FIT_TOLERANCE)
+            if candidate.verified:
+                return candidate
+            candidates.append(candidate)
+    # none checked out up to max_len: the fit of the expected degree through the longest samples, marked unverified
+    # (a quadratic replaces it only when the quadratic checks out: an unchecked one can swing far off, even below 0)
+    return min(candidates, key=lambda g: (g.degree != expected, g.check_length is None, g.check_error))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A prediction and how it was obtained: ``how`` is ``"fake"`` (a fake-tensor run at that length) or
+    ``"extrapolated"`` (from ``growth``)."""
+
+    prediction: Prediction
+    how: str
+    growth: Growth | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return self.prediction.total_bytes
+
+
+@dataclass
+class Predictor:
+    """Predicted memory of cells of any length: a fake run up to ``fake_max_len`` (None: always), beyond it the
+    growth fitted to fake runs of the same cell (one fit per cell configuration, cached).
+
+    ``on_sample(cell, n)`` is called before every fake run (progress on a long search).
+    """
+
+    fake_max_len: int | None = DEFAULT_FAKE_MAX_LEN
+    fit_start: int = FIT_START
+    seed: int = 0
+    depth: int = 2
+    multiple: int = 256
+    on_sample: Callable[[Cell, int], None] | None = None
+    _fakes: dict[Cell, dict[int, Prediction]] = field(default_factory=dict, repr=False)
+    _growths: dict[Cell, Growth] = field(default_factory=dict, repr=False)
+
+    def _made(self, cell: Cell) -> dict[int, Prediction]:
+        return self._fakes.setdefault(replace(cell, seq_len=0), {})
+
+    def fake(self, cell: Cell) -> Prediction:
+        """The fake run of ``cell`` (cached)."""
+        made = self._made(cell)
+        if cell.seq_len not in made:
+            if self.on_sample is not None:
+                self.on_sample(cell, cell.seq_len)
+            made[cell.seq_len] = predict_cell(cell, seed=self.seed, depth=self.depth)
+        return made[cell.seq_len]
+
+    def growth(self, cell: Cell) -> Growth:
+        """The fitted growth of ``cell``'s configuration (cached)."""
+        group = replace(cell, seq_len=0)
+        if group not in self._growths:
+            assert self.fake_max_len is not None
+            notify = None if self.on_sample is None else (lambda n: self.on_sample(cell, n))
+            self._growths[group] = fit_growth(cell, max_len=self.fake_max_len, start=self.fit_start, multiple=self.multiple,
+                                              seed=self.seed, depth=self.depth, on_sample=notify,
+                                              made=self._made(cell))
+        return self._growths[group]
+
+    def predict(self, cell: Cell) -> Estimate:
+        """A fake run when ``cell.seq_len <= fake_max_len`` (or it was already made), else the fitted growth."""
+        made = self._made(cell)
+        if self.fake_max_len is None or cell.seq_len <= self.fake_max_len or cell.seq_len in made:
+            return Estimate(self.fake(cell), "fake")
+        growth = self.growth(cell)
+        return Estimate(growth.at(cell.seq_len), "extrapolated", growth)
+
+
 def longest_fitting_length(
     cell: Cell,
     budget_bytes: int,
@@ -102,21 +328,26 @@ def longest_fitting_length(
     limit: int = 1 << 22,
     multiple: int = 256,
     seed: int = 0,
-) -> tuple[int | None, dict[int, Prediction]]:
+    predictor: Predictor | None = None,
+) -> tuple[int | None, dict[int, Estimate]]:
     """The longest ``seq_len`` (a multiple of ``multiple``, at most ``limit``) whose predicted total fits
     ``budget_bytes``: doubling from ``start``, then bisection between the last fit and the first miss.
 
+    Lengths up to the predictor's ``fake_max_len`` are fake runs, longer ones extrapolated (default
+    ``Predictor(seed=seed, multiple=multiple)``), so the search costs a few fake runs at any ``limit``.
+
     Returns:
-        ``(length or None if even start does not fit, the predictions made by length)``.
+        ``(length or None if even start does not fit, the estimates made by length)``.
     """
     if budget_bytes <= 0:
         raise ValueError(f"budget_bytes must be > 0, got {budget_bytes}")
     if start % multiple:
         raise ValueError(f"start={start} must be a multiple of multiple={multiple}")
-    made: dict[int, Prediction] = {}
+    predictor = predictor if predictor is not None else Predictor(seed=seed, multiple=multiple)
+    made: dict[int, Estimate] = {}
 
     def fits(length: int) -> bool:
-        made[length] = predict_cell(replace(cell, seq_len=length), seed=seed)
+        made[length] = predictor.predict(replace(cell, seq_len=length))
         return made[length].total_bytes <= budget_bytes
 
     if not fits(start):

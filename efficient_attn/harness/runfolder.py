@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,12 +128,13 @@ class RunFolder:
         self.config = json.loads(json.dumps(config))  # normalise (tuples -> lists) like a reload would
         self.path.mkdir(parents=True, exist_ok=True)
         if self.meta_path.exists():
-            self.meta = json.loads(self.meta_path.read_text())
+            self.meta = self._read_meta()
             self._check_config(fixed)
             if fixed is not None and self.meta["config"] != self.config:
                 self.meta["config"] = self.config
                 self._write_meta()
         else:
+            self._refuse_rows_without_meta()
             if environment is None:
                 from efficient_attn.harness.host import environment_info
 
@@ -148,6 +150,33 @@ class RunFolder:
         #: rows already in results.csv, by key
         self.finished: dict[tuple[str, ...], dict[str, str]] = {}
         self._load_csv()
+
+    def _read_meta(self) -> dict[str, Any]:
+        """``meta.json`` as a dict; ``ConfigMismatchError`` naming the file when it is not JSON or not an object."""
+        fix = ("restore it from a copy, or move the folder aside and choose another --out (without its meta.json "
+               "the rows' configuration cannot be checked)")
+        try:
+            meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ConfigMismatchError(f"{self.meta_path} is not valid JSON ({error}); {fix}") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("config", {}), dict) \
+                or not isinstance(meta.get("sessions", []), list):
+            raise ConfigMismatchError(f"{self.meta_path} is not a run record (a JSON object with 'config' and "
+                                      f"'sessions'); {fix}")
+        meta.setdefault("sessions", [])
+        return meta
+
+    def _refuse_rows_without_meta(self) -> None:
+        """Rows without a ``meta.json`` cannot be told to belong to this configuration: refuse to add to them."""
+        if not self.csv_path.exists():
+            return
+        with open(self.csv_path, "rb") as handle:
+            lines = sum(1 for line in handle if line.strip())
+        if lines > 1:
+            raise ConfigMismatchError(
+                f"{self.path} holds {lines - 1} row(s) in {RESULTS_FILE} but no {META_FILE}, so their configuration "
+                f"cannot be checked against this run; restore {META_FILE}, or choose another --out"
+            )
 
     def _check_config(self, fixed: tuple[str, ...] | None) -> None:
         old = self.meta.get("config", {})
@@ -182,7 +211,7 @@ class RunFolder:
             with open(self.csv_path, "r+b") as handle:
                 handle.truncate(cut)
             raw = raw[:cut]
-        reader = csv.reader(io.StringIO(raw.decode("utf-8"), newline=""))
+        reader = csv.reader(io.StringIO(raw.decode("utf-8", errors="replace"), newline=""))
         header = next(reader, None)
         if header is None:
             self._write_header()
@@ -192,20 +221,52 @@ class RunFolder:
             raise ConfigMismatchError(
                 f"{self.csv_path} has columns {header}, not this version's schema; choose another --out"
             )
-        for values in reader:
+        damaged: list[tuple[int, list[str]]] = []
+        kept: list[list[str]] = []
+        while True:
+            line = reader.line_num + 1
+            try:
+                values = next(reader)
+            except StopIteration:
+                break
+            except csv.Error:
+                damaged.append((line, []))
+                continue
             if len(values) != len(header):
-                continue  # a damaged row (never written whole): its cell runs again
+                damaged.append((line, values))  # never written whole (or edited): its cell runs again
+                continue
             row = dict(zip(header, values))
             row = {c: row.get(c, "") for c in self.columns}  # an older schema's rows: new columns empty
+            kept.append([row[c] for c in self.columns])
             self.finished[self.key(row)] = row
-        if upgrade:
+        if damaged:
+            self._set_aside(damaged, kept)
+        elif upgrade:
             # an older schema (its columns a subset of this one's): rewrite the table with this version's header
-            tmp = self.csv_path.with_suffix(".csv.tmp")
-            with open(tmp, "w", newline="", encoding="utf-8") as handle:
-                handle.write(csv_line(self.columns))
-                for row in self.finished.values():
-                    handle.write(csv_line(row[c] for c in self.columns))
-            tmp.replace(self.csv_path)
+            self._rewrite(kept)
+
+    def _rewrite(self, kept: list[list[str]]) -> None:
+        """Replace ``results.csv`` by this version's header and ``kept`` rows (atomically)."""
+        tmp = self.csv_path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            handle.write(csv_line(self.columns))
+            for values in kept:
+                handle.write(csv_line(values))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.csv_path)
+
+    def _set_aside(self, damaged: list[tuple[int, list[str]]], kept: list[list[str]]) -> None:
+        """Move damaged rows out of ``results.csv`` (into ``results.damaged.csv``) so every reader can read it; their
+        cells run again. Says so on stderr."""
+        aside = self.path / (Path(RESULTS_FILE).stem + ".damaged.csv")
+        with open(aside, "a", newline="", encoding="utf-8") as handle:
+            for _line, values in damaged:
+                handle.write(csv_line(values))
+        self._rewrite(kept)
+        lines = ", ".join(str(line) for line, _ in damaged)
+        print(f"note: {self.csv_path}: line(s) {lines} damaged (not {len(self.columns)} fields); moved to {aside}, "
+              "their cells run again", file=sys.stderr)
 
     def append(self, row: dict[str, str]) -> None:
         """Append one row (every column, values already formatted) and flush and fsync it to disk.

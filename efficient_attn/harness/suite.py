@@ -36,6 +36,7 @@ suite's too).
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,13 @@ class Suite:
 
 
 _PLACEHOLDER_MAX_LEN = 1 << 16
+#: config fields every cell sets itself (a value in a variant's params would clash), and where they come from
+RESERVED_PARAMS = {
+    "causal": "the suite's `causal` list (on the command line: --causal)",
+    "backend": "the variant's `backends` (on the command line: --backends)",
+    "dim": "`heads` x `head_dim` (on the command line: --heads, --head-dim)",
+    "num_heads": "`heads` (on the command line: --heads)",
+}
 _TOP_KEYS = (
     "description", "device", "level", "modes", "lengths", "batch_sizes", "heads", "head_dim", "dtypes", "causal",
     "variants", "peers", "min_run_time", "slow_call_s", "slow_repeats", "depth", "kv_heads",
@@ -143,6 +151,9 @@ def resolve_suite_path(name_or_path: str | Path) -> Path:
         SuiteError: no such suite (names the nearest and lists the available ones).
     """
     candidate = Path(name_or_path)
+    if candidate.is_dir():
+        raise SuiteError(f"suite {candidate} is a folder; give a suite TOML file or the name of one in {suites_dir()} "
+                         f"({', '.join(available_suites())})")
     if candidate.suffix == ".toml" or candidate.exists():
         if not candidate.is_file():
             raise SuiteError(f"suite file {candidate} does not exist")
@@ -171,15 +182,20 @@ def check_keys(table: dict[str, Any], allowed: tuple[str, ...], where: str) -> N
 
 
 def choice_list(value: Any, allowed: tuple[str, ...], where: str) -> tuple[str, ...]:
-    """``value`` (a name or a non-empty list of names) as a tuple, each checked against ``allowed``."""
+    """``value`` (a name or a non-empty list of names) as a tuple, each checked against ``allowed`` and listed once."""
     if isinstance(value, str):
         value = [value]
+    if isinstance(value, tuple):
+        value = list(value)
     if not isinstance(value, list) or not value:
         raise SuiteError(f"{where}: expected a non-empty list of {', '.join(allowed)}; got {value!r}")
     for item in value:
         if item not in allowed:
             raise SuiteError(f"{where}: {item!r} is not allowed{did_you_mean(str(item), allowed, n=1)} "
                              f"(allowed: {', '.join(allowed)})")
+    twice = sorted({item for item in value if value.count(item) > 1})
+    if twice:
+        raise SuiteError(f"{where}: {', '.join(repr(t) for t in twice)} listed twice; list each once")
     return tuple(value)
 
 
@@ -193,9 +209,9 @@ def positive_int_list(value: Any, where: str) -> tuple[int, ...]:
 
 
 def positive_float(value: Any, where: str) -> float:
-    """``value`` as a float; ``SuiteError`` unless it is a positive number (bools rejected)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise SuiteError(f"{where}: expected a positive number; got {value!r}")
+    """``value`` as a float; ``SuiteError`` unless it is a positive finite number (bools, inf and nan rejected)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise SuiteError(f"{where}: expected a positive finite number; got {value!r}")
     return float(value)
 
 
@@ -213,6 +229,10 @@ def validate_variant(key: str, backends: Any, params: Any, max_len: Any, *, head
                           f"{where}.backends (variant {key!r})")
     if not isinstance(params, dict):
         raise SuiteError(f"{where}.params: expected a table of config fields; got {params!r}")
+    for name, instead in RESERVED_PARAMS.items():
+        if name in params:
+            raise SuiteError(f"{where}.params: {name!r} is not a variant parameter here: every cell sets it from "
+                             f"{instead}")
     check_params = dict(params)
     if spec.max_len_field is not None and spec.max_len_field not in check_params:
         check_params[spec.max_len_field] = _PLACEHOLDER_MAX_LEN  # the harness sets it to each cell's seq_len
@@ -276,6 +296,7 @@ def parse_suite(data: dict[str, Any], name: str, where: str | None = None) -> Su
             raise SuiteError(f"{at}: missing 'name' (a peer of efficient_attn.peers)")
         if not isinstance(entry.get("params", {}), dict):
             raise SuiteError(f"{at}.params: expected a table")
+        _check_peer_name(entry["name"], f"{at}.name")
         peers.append(PeerEntry(name=entry["name"], params=dict(entry.get("params", {}))))
     check_unique(variants, where)
     kv_heads: tuple[int, ...] = ()
@@ -306,6 +327,14 @@ def parse_suite(data: dict[str, Any], name: str, where: str | None = None) -> Su
         depth=require_positive_int(f"{where}: depth", data.get("depth", 2), error=SuiteError),
         kv_heads=kv_heads,
     )
+
+
+def _check_peer_name(name: str, where: str) -> None:
+    """An unknown peer is an error when the suite loads (not a traceback when its first cell runs)."""
+    from efficient_attn.peers import list_peers  # lazy: the peers' own imports stay out of suite loading
+
+    if name not in list_peers():
+        raise SuiteError(f"{where}: {unknown_name_error('peer', name, list_peers(), 'peers').args[0]}")
 
 
 def check_unique(variants: tuple[VariantEntry, ...] | list[VariantEntry], where: str) -> None:

@@ -11,12 +11,19 @@ between their attention maps. A head's output is compared in the model's residua
 head_dim)`` output times its slice of the output projection -- so every head lives in the same coordinates.
 Attention maps (``softmax(q k^T / sqrt(d))`` over the variant's pattern) exist only for exact variants; low-rank and
 kernel approximations define no n x n map and get none.
+
+Head importance by ablation (Michel et al. 2019, section 3): zero one head's output (its slice of the attention's
+``(batch, seq, heads * head_dim)`` input to the output projection) at evaluation and measure the accuracy drop;
+:func:`head_ablation` does it for every head of every layer, :func:`heads_summary` condenses the per-layer similarity
+and the ablation into the numbers the heads question asks for (mean pairwise cosine of outputs and of maps, how many
+heads cost more than a point when removed).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from einops import rearrange
@@ -36,6 +43,10 @@ __all__ = [
     "random_input_errors",
     "trained_errors",
     "head_diversity",
+    "ablate_head",
+    "head_ablation",
+    "mean_similarity",
+    "heads_summary",
 ]
 
 
@@ -231,3 +242,97 @@ def head_diversity(
                 for j in range(h):
                     rows.append({"layer": index, "kind": kind, "head_i": i, "head_j": j, "cosine": float(matrix[i, j])})
     return rows
+
+
+@contextmanager
+def ablate_head(model: TransformerModel, layer: int, head: int) -> Iterator[None]:
+    """Within the context, head ``head`` of block ``layer`` contributes nothing: its output ``(batch, seq,
+    head_dim)`` is zeroed before the output projection (a forward pre-hook on ``attn.out``; the projection's bias,
+    shared by all heads, stays)."""
+    attn = _attention_modules(model)[layer]
+    heads = attn.config.num_heads
+    if not 0 <= head < heads:
+        raise ValueError(f"head must be in [0, {heads}) for layer {layer}, got {head}")
+    head_dim = attn.config.dim // heads
+
+    def zero_head(_module: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        (x,) = inputs  # (b, n, h * d)
+        x = x.clone()
+        x[..., head * head_dim : (head + 1) * head_dim] = 0.0
+        return (x,)
+
+    handle = attn.out.register_forward_pre_hook(zero_head)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def head_ablation(model: TransformerModel, score: Callable[[TransformerModel], float]) -> list[dict[str, Any]]:
+    """Accuracy drop from removing each head alone (Michel et al. 2019, arXiv:1905.10650).
+
+    Args:
+        model: a trained backbone.
+        score: ``model -> accuracy`` on held-out data (e.g. ``lambda m: evaluate(m, batch)``), called once for the
+            intact model and once per head with that head zeroed by :func:`ablate_head`.
+
+    Returns:
+        Rows ``{layer, head, accuracy, ablated_accuracy, drop}`` with ``drop = accuracy - ablated_accuracy``
+        (positive: the head helped).
+    """
+    model.eval()
+    base = score(model)
+    rows = []
+    for layer, attn in enumerate(_attention_modules(model)):
+        for head in range(attn.config.num_heads):
+            with ablate_head(model, layer, head):
+                ablated = score(model)
+            rows.append({"layer": layer, "head": head, "accuracy": base, "ablated_accuracy": ablated,
+                         "drop": base - ablated})
+    return rows
+
+
+def mean_similarity(diversity_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per ``(layer, kind)`` of :func:`head_diversity` rows: the mean pairwise (off-diagonal) cosine, via
+    :func:`mean_offdiagonal`. Rows ``{layer, kind, num_heads, mean_cosine}`` (NaN for a single head)."""
+    groups: dict[tuple[int, str], dict[tuple[int, int], float]] = {}
+    for row in diversity_rows:
+        groups.setdefault((row["layer"], row["kind"]), {})[(row["head_i"], row["head_j"])] = row["cosine"]
+    out = []
+    for (layer, kind), entries in sorted(groups.items()):
+        h = 1 + max(i for i, _ in entries)
+        matrix = torch.tensor([[entries[(i, j)] for j in range(h)] for i in range(h)], dtype=torch.float64)
+        out.append({"layer": layer, "kind": kind, "num_heads": h, "mean_cosine": mean_offdiagonal(matrix)})
+    return out
+
+
+def heads_summary(
+    model: TransformerModel,
+    tokens: Tensor,
+    key_padding_mask: Tensor | None,
+    score: Callable[[TransformerModel], float],
+    *,
+    threshold: float = 0.01,
+) -> dict[str, Any]:
+    """The heads question's numbers for one trained model.
+
+    Returns ``{num_heads, accuracy, output_cosine, map_cosine, important_heads, max_drop}``: the mean over layers of
+    the mean pairwise cosine of head outputs and of attention maps on ``tokens`` (NaN with one head; map NaN for
+    approximations), and how many heads (over all layers) cost more than ``threshold`` accuracy when removed alone.
+    """
+    similarity = mean_similarity(head_diversity(model, tokens, key_padding_mask))
+    ablation = head_ablation(model, score)
+
+    def layer_mean(kind: str) -> float:
+        values = [r["mean_cosine"] for r in similarity if r["kind"] == kind]
+        return sum(values) / len(values) if values else float("nan")
+
+    return {
+        "num_heads": _attention_modules(model)[0].config.num_heads,
+        "accuracy": ablation[0]["accuracy"],
+        "output_cosine": layer_mean("output"),
+        "map_cosine": layer_mean("map"),
+        "important_heads": sum(r["drop"] > threshold for r in ablation),
+        "max_drop": max(r["drop"] for r in ablation),
+    }

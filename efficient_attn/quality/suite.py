@@ -36,7 +36,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -44,7 +44,7 @@ from efficient_attn import vocab
 from efficient_attn.errors import require_positive_int, unknown_name_error
 from efficient_attn.harness.runfolder import RunFolder, read_rows
 from efficient_attn.harness.schema import META_FILE, RESULTS_FILE
-from efficient_attn.harness.suite import check_keys, read_toml
+from efficient_attn.harness.suite import SuiteError, check_keys, read_toml
 from efficient_attn.quality.tasks import TASKS
 from efficient_attn.quality.train import TrainConfig, build_task_model, train_and_evaluate
 from efficient_attn.registry import build_config, get_spec, list_attentions
@@ -115,6 +115,8 @@ class QualitySuite:
     train: TrainConfig = field(default_factory=TrainConfig)
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
     heads_sweep: HeadsSweep | None = None
+    #: why the suite's heads sweep is not run (the command-line filters left it out), or None; not a TOML key
+    dropped_heads_sweep: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         for task in self.tasks:
@@ -197,7 +199,14 @@ def load_suite(
 ) -> QualitySuite:
     """Read a suite TOML; the given (non-None) options replace the suite's ``tasks``, ``variants``, ``lengths``,
     ``seeds`` and the training budget (``steps``, ``budget_s``). An unknown key in the file is an error naming it and
-    the nearest valid one (:func:`efficient_attn.harness.suite.check_keys`)."""
+    the nearest valid one (:func:`efficient_attn.harness.suite.check_keys`).
+
+    The heads sweep follows the filters: when ``tasks``, ``variants`` or ``lengths`` is given and leaves out the
+    sweep's task, variant or length, the sweep is dropped (:attr:`QualitySuite.dropped_heads_sweep` says why).
+    """
+    if not Path(path).is_file():
+        known = sorted(p.name for p in Path(__file__).resolve().parents[2].joinpath("bench", "quality").glob("*.toml"))
+        raise SuiteError(f"quality suite {path} does not exist (bench/quality has: {', '.join(known) or 'nothing'})")
     raw = read_toml(Path(path))
     check_keys(raw, _TOP_KEYS, f"quality suite {path}")
     train_fields = dict(raw.pop("train", {}))
@@ -218,7 +227,18 @@ def load_suite(
     for name, value in (("tasks", tasks), ("variants", variants), ("lengths", lengths), ("seeds", seeds)):
         if value is not None:
             fields_[name] = value
-    return QualitySuite(**fields_)
+    dropped = None
+    if isinstance(fields_.get("heads_sweep"), HeadsSweep):
+        sweep = fields_["heads_sweep"]
+        for option, given, wanted in (("--tasks", tasks, sweep.task), ("--variants", variants, sweep.variant),
+                                      ("--lengths", lengths, sweep.seq_len)):
+            if given is not None and wanted not in given:
+                dropped = f"heads sweep left out: {option} does not include its {wanted!r}"
+                del fields_["heads_sweep"]
+                break
+    suite = QualitySuite(**fields_)
+    suite.dropped_heads_sweep = dropped
+    return suite
 
 
 def plan_cells(suite: QualitySuite) -> list[TrainingCell]:
@@ -251,8 +271,11 @@ def _upgrade_first_version_meta(out: Path) -> None:
     meta_path = out / META_FILE
     if not meta_path.exists():
         return
-    old = json.loads(meta_path.read_text())
-    if "config" in old or "suite" not in old:
+    try:
+        old = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # the run folder names the file and says what to do
+    if not isinstance(old, dict) or "config" in old or "suite" not in old:
         return
     meta = {
         "schema_version": SCHEMA_VERSION,

@@ -1,8 +1,15 @@
-"""Synthetic long-range classification tasks, generated on the fly from a seed (no downloads).
+"""Synthetic long-range tasks, generated on the fly from a seed (no downloads).
 
-Two tasks, both returning :class:`TaskBatch` ``(tokens, key_padding_mask, labels)`` with ``tokens`` long
-``(batch, seq_len)``, ``key_padding_mask`` bool ``(batch, seq_len)`` (True = real token) and ``labels`` long
-``(batch,)`` in ``[0, num_classes)``:
+Every task returns a :class:`TaskBatch` ``(tokens, key_padding_mask, labels)`` with ``tokens`` long
+``(batch, seq_len)`` and ``key_padding_mask`` bool ``(batch, seq_len)`` (True = real token). Two kinds
+(:attr:`TaskInfo.kind`):
+
+* ``"classify"`` (``recall``, ``listops``): ``labels`` long ``(batch,)`` in ``[0, num_classes)``, one per row, for
+  the mean-pooled encoder classifier.
+* ``"lm"`` (``mqar``): ``labels`` long ``(batch, seq_len)``, the next-token target at the positions that are scored
+  and :data:`IGNORE` (-100, PyTorch's cross-entropy ``ignore_index``) everywhere else, for the causal LM backbone.
+
+The tasks:
 
 * ``recall`` -- associative recall (key-value retrieval; Ba et al. 2016 "Using fast weights", arXiv:1610.06258;
   the multi-query form of Arora et al. 2023 "Zoology", arXiv:2312.04927). The sequence opens with
@@ -15,6 +22,12 @@ Two tasks, both returning :class:`TaskBatch` ``(tokens, key_padding_mask, labels
   nested ``[MAX``, ``[MIN``, ``[MED``, ``[SM`` (sum mod 10) over digits, closed by ``]``; the label is the value of
   the expression (10 classes). The top-level operator takes arguments until the expression reaches a length drawn
   from ``[min_fill, 1] * seq_len``; arguments nest up to ``max_depth``; the rest is padding.
+* ``mqar`` -- multi-query associative recall as language modelling (Arora et al. 2023 "Zoology", arXiv:2312.04927,
+  section 3): the row opens with ``num_pairs`` key-value pairs ``k_1 v_1 ... k_P v_P`` (distinct keys); the rest of
+  the row is a blank token with ``num_queries`` of those keys spread over it, each followed by its value. The model
+  is scored (loss and accuracy) only on predicting the value token after each query key, so solving it needs the
+  pair that may sit the whole sequence back: attention's induction-style lookup, which a fixed state or a window
+  shorter than the distance cannot do.
 
 Each generator is a pure function of its arguments (a CPU ``torch.Generator`` seeded with ``seed``); each has a
 brute-force solver that reads the labels back from the tokens, which the tests use as the oracle.
@@ -23,7 +36,7 @@ brute-force solver that reads the labels back from the tokens, which the tests u
 from __future__ import annotations
 
 import random
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -39,11 +52,19 @@ __all__ = [
     "listops_batch",
     "solve_listops",
     "evaluate_listops",
+    "IGNORE",
+    "mqar_batch",
+    "solve_mqar",
+    "mqar_vocab_size",
 ]
+
+#: Label of an unscored position in an ``"lm"`` task (PyTorch cross-entropy's default ``ignore_index``).
+IGNORE = -100
 
 
 class TaskBatch(NamedTuple):
-    """One batch: ``tokens`` long (batch, seq), ``key_padding_mask`` bool (batch, seq), ``labels`` long (batch,)."""
+    """One batch: ``tokens`` long (batch, seq), ``key_padding_mask`` bool (batch, seq), ``labels`` long (batch,)
+    for a classification task or (batch, seq) with :data:`IGNORE` at unscored positions for an LM task."""
 
     tokens: Tensor
     key_padding_mask: Tensor
@@ -306,9 +327,115 @@ def solve_listops(tokens: Tensor) -> Tensor:
     return torch.tensor([evaluate_listops(row) for row in tokens.tolist()], dtype=torch.long)
 
 
+# -------------------------------------------------------------------------------------- multi-query associative recall
+MQAR_BLANK = 0
+MQAR_DEFAULTS = {"num_pairs": 4, "num_keys": 16, "num_values": 16, "num_queries": None}
+
+
+def mqar_vocab_size(num_keys: int = MQAR_DEFAULTS["num_keys"], num_values: int = MQAR_DEFAULTS["num_values"]) -> int:
+    """Vocabulary of :func:`mqar_batch`: the blank (0), keys ``1..num_keys``, then ``num_values`` value tokens."""
+    return 1 + num_keys + num_values
+
+
+def mqar_batch(
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    *,
+    num_pairs: int = MQAR_DEFAULTS["num_pairs"],
+    num_keys: int = MQAR_DEFAULTS["num_keys"],
+    num_values: int = MQAR_DEFAULTS["num_values"],
+    num_queries: int | None = MQAR_DEFAULTS["num_queries"],
+) -> TaskBatch:
+    """MQAR batch (see the module docstring); an ``"lm"`` task with no padding.
+
+    Layout per row: positions ``0 .. 2P-1`` hold the pairs (key ``1 + key_index``, value
+    ``1 + num_keys + value_index``); the rest is split into two-token slots ``(2P + 2j, 2P + 2j + 1)``, of which
+    ``num_queries`` chosen uniformly hold a query ``k v`` (a key of the pairs, each queried at most once, in random
+    order); unused slots are blank. Values are drawn uniformly with replacement, so a model that ignores the pairs
+    is right with probability ``1 / num_values``. ``labels[b, t]`` is the value at ``t + 1`` where ``t`` is a query
+    key, :data:`IGNORE` elsewhere (the pairs themselves are not scored: their values are unpredictable).
+
+    Args:
+        batch_size, seq_len: output shape ``(batch_size, seq_len)``.
+        seed: the only source of randomness.
+        num_pairs: key-value pairs per row (1..num_keys); num_keys, num_values: key and value vocabularies.
+        num_queries: queries per row (1..num_pairs; default all pairs); the row must hold them:
+            ``seq_len >= 2 * num_pairs + 2 * num_queries``.
+    """
+    _check_positive("batch_size", batch_size)
+    _check_positive("num_keys", num_keys)
+    _check_positive("num_values", num_values)
+    _check_positive("num_pairs", num_pairs)
+    if num_pairs > num_keys:
+        raise ValueError(f"num_pairs must be in [1, num_keys={num_keys}], got {num_pairs}")
+    queries = num_pairs if num_queries is None else num_queries
+    _check_positive("num_queries", queries)
+    if queries > num_pairs:
+        raise ValueError(f"num_queries must be in [1, num_pairs={num_pairs}], got {queries}")
+    slots = (seq_len - 2 * num_pairs) // 2
+    if slots < queries:
+        raise ValueError(
+            f"seq_len={seq_len} holds {max(slots, 0)} query slots after {num_pairs} pairs, fewer than "
+            f"num_queries={queries}; need seq_len >= {2 * num_pairs + 2 * queries}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    key_ids = torch.rand(batch_size, num_keys, generator=gen).argsort(dim=1)[:, :num_pairs]  # distinct keys
+    values = torch.randint(0, num_values, (batch_size, num_pairs), generator=gen)
+    asked = torch.rand(batch_size, num_pairs, generator=gen).argsort(dim=1)[:, :queries]  # which pairs, in order
+    slot_ids = torch.rand(batch_size, slots, generator=gen).argsort(dim=1)[:, :queries].sort(dim=1).values
+    keys_tok = 1 + key_ids
+    values_tok = 1 + num_keys + values
+    tokens = torch.full((batch_size, seq_len), MQAR_BLANK, dtype=torch.long)
+    tokens[:, 0 : 2 * num_pairs : 2] = keys_tok
+    tokens[:, 1 : 2 * num_pairs : 2] = values_tok
+    query_pos = 2 * num_pairs + 2 * slot_ids  # (batch, queries)
+    tokens.scatter_(1, query_pos, keys_tok.gather(1, asked))
+    tokens.scatter_(1, query_pos + 1, values_tok.gather(1, asked))
+    labels = torch.full((batch_size, seq_len), IGNORE, dtype=torch.long)
+    labels.scatter_(1, query_pos, values_tok.gather(1, asked))
+    return TaskBatch(tokens, torch.ones(batch_size, seq_len, dtype=torch.bool), labels)
+
+
+def solve_mqar(
+    tokens: Tensor,
+    *,
+    num_pairs: int = MQAR_DEFAULTS["num_pairs"],
+    num_keys: int = MQAR_DEFAULTS["num_keys"],
+    num_values: int = MQAR_DEFAULTS["num_values"],
+    num_queries: int | None = None,
+) -> Tensor:
+    """Brute force: every key token after the pairs is a query; look its key up among the pairs (never reading the
+    token after the query) and answer the paired value. ``(batch, seq)`` -> labels ``(batch, seq)`` with
+    :data:`IGNORE` at unscored positions. ``num_values`` and ``num_queries`` only check the input."""
+    out = torch.full(tokens.shape, IGNORE, dtype=torch.long)
+    for row_index, row in enumerate(tokens.tolist()):
+        table: dict[int, int] = {}
+        for i in range(0, 2 * num_pairs, 2):
+            key, value = row[i], row[i + 1]
+            if not (1 <= key <= num_keys and num_keys < value <= num_keys + num_values) or key in table:
+                raise ValueError(f"row {row_index}: position {i} is not a fresh key-value pair")
+            table[key] = value
+        asked = 0
+        for t in range(2 * num_pairs, len(row) - 1):
+            if 1 <= row[t] <= num_keys:
+                if row[t] not in table:
+                    raise ValueError(f"row {row_index}: query key {row[t]} at {t} is in no pair")
+                out[row_index, t] = table[row[t]]
+                asked += 1
+        if num_queries is not None and asked != num_queries:
+            raise ValueError(f"row {row_index}: {asked} queries, expected {num_queries}")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------- registry
 class TaskInfo(NamedTuple):
-    """A task: its batch generator, its brute-force solver, vocabulary size and number of classes."""
+    """A task: its batch generator, its brute-force solver, vocabulary size and number of classes.
+
+    ``kind`` is ``"classify"`` (one label per row, encoder classifier) or ``"lm"`` (labels per position, causal LM).
+    For an ``"lm"`` task ``num_classes`` is the number of possible answers (chance is ``1 / num_classes``).
+    ``vocab_for(**params)`` gives the vocabulary for non-default generator parameters (None: it never changes).
+    """
 
     name: str
     generate: Callable[..., TaskBatch]
@@ -316,6 +443,36 @@ class TaskInfo(NamedTuple):
     vocab_size: int
     num_classes: int
     description: str
+    kind: str = "classify"
+    vocab_for: Callable[..., int] | None = None
+
+    def vocab(self, params: dict[str, Any] | None = None) -> int:
+        """The vocabulary size with generator parameters ``params`` (a misspelt name is a ``TypeError``)."""
+        if not params or self.vocab_for is None:
+            return self.vocab_size
+        return self.vocab_for(**params)
+
+
+def _recall_vocab_for(
+    *,
+    num_pairs: int = 4,
+    num_keys: int = 8,
+    num_fill: int = 1,
+    min_distance: int | None = None,
+    max_distance: int | None = None,
+    pair_format: str = "split",
+) -> int:
+    return recall_vocab_size(num_keys, num_fill)
+
+
+def _mqar_vocab_for(
+    *,
+    num_pairs: int = MQAR_DEFAULTS["num_pairs"],
+    num_keys: int = MQAR_DEFAULTS["num_keys"],
+    num_values: int = MQAR_DEFAULTS["num_values"],
+    num_queries: int | None = None,
+) -> int:
+    return mqar_vocab_size(num_keys, num_values)
 
 
 TASKS: dict[str, TaskInfo] = {
@@ -326,6 +483,7 @@ TASKS: dict[str, TaskInfo] = {
         recall_vocab_size(),
         RECALL_NUM_VALUES,
         "associative recall: value of the queried key, which sits in the second half of the sequence",
+        vocab_for=_recall_vocab_for,
     ),
     "listops": TaskInfo(
         "listops",
@@ -334,6 +492,16 @@ TASKS: dict[str, TaskInfo] = {
         LISTOPS_VOCAB,
         10,
         "ListOps-lite: value of a nested MAX/MIN/MED/SUM-MOD-10 expression over digits",
+    ),
+    "mqar": TaskInfo(
+        "mqar",
+        mqar_batch,
+        solve_mqar,
+        mqar_vocab_size(),
+        MQAR_DEFAULTS["num_values"],
+        "multi-query associative recall (causal LM): the value after each query key, looked up among the pairs",
+        kind="lm",
+        vocab_for=_mqar_vocab_for,
     ),
 }
 

@@ -177,6 +177,54 @@ def results_path(run_dir: str | Path) -> Path:
     return path / RESULTS_FILE
 
 
+def record_lines(csv_path: Path) -> list[int]:
+    """The line each data row of ``csv_path`` starts on; ``ValueError`` naming the first damaged row (not as many
+    fields as the header) with what to do."""
+    import csv
+
+    with open(csv_path, newline="", encoding="utf-8", errors="replace") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            return []
+        starts = []
+        while True:
+            line = reader.line_num + 1
+            try:
+                values = next(reader)
+            except StopIteration:
+                return starts
+            except csv.Error as exc:
+                values, problem = None, str(exc)
+            if values is None or len(values) != len(header):
+                problem = problem if values is None else f"{len(values)} fields, the header has {len(header)}"
+                raise ValueError(
+                    f"{csv_path} line {line} is a damaged row ({problem}): resume the run (the same `effattn` "
+                    f"command and --out) to move it aside and rerun its cell, or delete that line"
+                )
+            starts.append(line)
+
+
+def check_unique_cells(frame: pd.DataFrame, csv_path: Path, lines: list[int] | None = None) -> None:
+    """``ValueError`` when two rows are the same cell (equal configuration columns): a run folder holds each cell
+    once, so two writers or a merged copy wrote it; the message names the lines and the cell."""
+    keys = [c for c in schema.CONFIG_COLUMNS if c in frame.columns]
+    duplicated = frame.duplicated(subset=keys, keep=False)
+    if not duplicated.any():
+        return
+    first = frame[duplicated].groupby(keys, dropna=False, sort=False).groups
+    count = len(first)
+    rows = list(next(iter(first.values())))
+    where = [lines[i] if lines is not None and i < len(lines) else i + 2 for i in rows]
+    cell = frame.iloc[rows[0]]
+    label = ", ".join(f"{c}={cell[c]}" for c in ("variant", "backend_requested", "mode", "seq_len") if c in keys)
+    raise ValueError(
+        f"{csv_path}: {count} cell(s) appear more than once, e.g. lines {', '.join(map(str, where))} ({label}): "
+        "a run folder holds each cell once (two runs wrote into it, or files were merged); keep one row per cell, "
+        "or report the runs from separate folders"
+    )
+
+
 def load_run(run_dir: str | Path, label: str | None = None) -> Run:
     """Read one run folder (or its ``results.csv``); raise ``FileNotFoundError``/``ValueError`` with the fix."""
     import pandas as pd
@@ -191,11 +239,17 @@ def load_run(run_dir: str | Path, label: str | None = None) -> Run:
     meta: dict[str, Any] = {}
     meta_path = folder / META_FILE
     if meta_path.exists():
-        with open(meta_path, encoding="utf-8") as fh:
-            loaded = json.load(fh)
+        try:
+            with open(meta_path, encoding="utf-8") as fh:
+                loaded = json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{meta_path} is not valid JSON ({exc}); restore it, or delete it to report the rows "
+                             "without the run's record") from None
         if not isinstance(loaded, dict):
-            raise ValueError(f"{meta_path}: expected a JSON object, got {type(loaded).__name__}")
+            raise ValueError(f"{meta_path}: expected a JSON object, got {type(loaded).__name__}; restore it, or "
+                             "delete it to report the rows without the run's record")
         meta = loaded
+    lines = record_lines(csv_path)
     try:
         frame = pd.read_csv(csv_path, keep_default_na=True, na_values=[""], dtype={"params_json": str, "note": str})
     except pd.errors.EmptyDataError as exc:
@@ -203,6 +257,7 @@ def load_run(run_dir: str | Path, label: str | None = None) -> Run:
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"{csv_path}: missing required column(s) {missing}; found {list(frame.columns)}")
+    check_unique_cells(frame, csv_path, lines)
     if label is None:
         label = folder.resolve().name
     return Run(label=label, path=folder, meta=meta, info=RunInfo.from_meta(meta, meta_path), results=frame)
