@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
@@ -67,6 +68,8 @@ def test_a_version_1_folder_is_resumed_with_the_new_column_empty(tmp_path):
                causal="false", device="cpu", dtype="float32", batch_size="1", seq_len="64", num_heads="4",
                head_dim="8", is_peer="false", backend="sdpa", status="ok", time_ms="1.5")
     (tmp_path / schema.RESULTS_FILE).write_text(csv_line(old_columns) + csv_line(row[c] for c in old_columns))
+    meta = {"schema_version": 1, "config": {"suite": "x"}, "environment": {}, "sessions": [], "wall_s": 0.0}
+    (tmp_path / schema.META_FILE).write_text(json.dumps(meta))
     folder = RunFolder(tmp_path, {"suite": "x"}, columns=schema.ALL_COLUMNS, key_columns=schema.CONFIG_COLUMNS,
                        schema_version=schema.SCHEMA_VERSION, environment={})
     cell = Cell("full", "{}", "sdpa", "core", "fwd", False, "cpu", "float32", 1, 64, 4, 8)
@@ -74,6 +77,19 @@ def test_a_version_1_folder_is_resumed_with_the_new_column_empty(tmp_path):
     with open(tmp_path / schema.RESULTS_FILE, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == list(schema.ALL_COLUMNS) and rows[0]["num_kv_heads"] == "" and rows[0]["time_ms"] == "1.5"
+    assert json.loads((tmp_path / schema.META_FILE).read_text())["schema_version"] == schema.SCHEMA_VERSION
+
+
+def test_other_columns_of_the_same_version_are_still_refused(tmp_path):
+    from efficient_attn.harness.runfolder import ConfigMismatchError
+
+    old_columns = tuple(c for c in schema.ALL_COLUMNS if c != "num_kv_heads")
+    (tmp_path / schema.RESULTS_FILE).write_text(csv_line(old_columns))
+    meta = {"schema_version": 2, "config": {"suite": "x"}, "environment": {}, "sessions": [], "wall_s": 0.0}
+    (tmp_path / schema.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ConfigMismatchError, match="has columns"):
+        RunFolder(tmp_path, {"suite": "x"}, columns=schema.ALL_COLUMNS, key_columns=schema.CONFIG_COLUMNS,
+                  schema_version=schema.SCHEMA_VERSION, environment={})
 
 
 def test_the_report_reads_a_version_1_table(tmp_path):

@@ -126,6 +126,7 @@ class RunFolder:
         self.key_columns = tuple(key_columns)
         self.totals = tuple(totals)
         self.config = json.loads(json.dumps(config))  # normalise (tuples -> lists) like a reload would
+        self.schema_version = schema_version
         self.path.mkdir(parents=True, exist_ok=True)
         if self.meta_path.exists():
             self.meta = self._read_meta()
@@ -217,7 +218,8 @@ class RunFolder:
             self._write_header()
             return
         upgrade = tuple(header) != self.columns
-        if upgrade and not set(header) < set(self.columns):
+        older = self.meta.get("schema_version", self.schema_version) < self.schema_version
+        if upgrade and not (older and set(header) < set(self.columns)):
             raise ConfigMismatchError(
                 f"{self.csv_path} has columns {header}, not this version's schema; choose another --out"
             )
@@ -244,6 +246,9 @@ class RunFolder:
         elif upgrade:
             # an older schema (its columns a subset of this one's): rewrite the table with this version's header
             self._rewrite(kept)
+        if upgrade:
+            self.meta["schema_version"] = self.schema_version
+            self._write_meta()
 
     def _rewrite(self, kept: list[list[str]]) -> None:
         """Replace ``results.csv`` by this version's header and ``kept`` rows (atomically)."""
