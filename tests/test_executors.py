@@ -15,7 +15,7 @@ from efficient_attn.harness.executors.driver import ENDED_NOTE, is_placeholder, 
 from efficient_attn.harness.executors.ledger import Ledger, TaskRecord
 from efficient_attn.harness.plan import plan_cells
 from efficient_attn.harness.runfolder import SHARDS_DIR, RunFolder, config_id, read_rows, write_shard
-from efficient_attn.harness.schema import ALL_COLUMNS, CONFIG_COLUMNS, RUN_COLUMNS, SCHEMA_VERSION
+from efficient_attn.harness.schema import ALL_COLUMNS, COLUMNS_BY_VERSION, CONFIG_COLUMNS, RUN_COLUMNS, SCHEMA_VERSION
 from efficient_attn.harness.sweep import open_run_folder, run_sweep
 from efficient_attn.harness.suite import parse_suite
 
@@ -100,14 +100,14 @@ def test_a_placeholder_is_replaced_atomically_by_a_later_shard(tmp_path):
 
 
 def test_a_results_table_of_an_older_schema_is_read_and_upgraded(tmp_path):
-    old_columns = [c for c in ALL_COLUMNS if c not in RUN_COLUMNS]
+    old_columns = list(COLUMNS_BY_VERSION[1])  # schema 1: no run columns, no num_kv_heads
     values = {c: "" for c in old_columns} | {"variant": "full", "seq_len": "64", "status": "ok", "time_ms": "1.5"}
     lines = [",".join(old_columns), ",".join(values[c] for c in old_columns)]
     (tmp_path / "results.csv").write_text("\n".join(lines) + "\n")
     (tmp_path / "meta.json").write_text(json.dumps({"schema_version": 1, "config": {"a": 1}, "sessions": []}))
     folder = open_run_folder(tmp_path, {"a": 1})
     [only] = folder.rows()
-    assert only["time_ms"] == "1.5" and all(only[c] == "" for c in RUN_COLUMNS)
+    assert only["time_ms"] == "1.5" and all(only[c] == "" for c in RUN_COLUMNS + ("num_kv_heads",))
     assert tuple(read_rows(tmp_path / "results.csv")[0]) == ALL_COLUMNS
     assert json.loads((tmp_path / "meta.json").read_text())["schema_version"] == SCHEMA_VERSION
 

@@ -2,8 +2,8 @@
 
 ``document_ids`` is an int ``(batch, seq)`` tensor, non-decreasing along the sequence; a change of id starts a new
 document (positions restart at 0 there). :func:`attend_per_document` is the generic execution every variant gets:
-the rows of every document are gathered (documents of one length share one call, folded into the batch), the
-variant's backend runs on each group as on ordinary short sequences, and the outputs are scattered back. So
+every document runs on views of its own rows (documents of one length share one call, stacked along the batch), the
+variant's backend runs on each as on ordinary short sequences, and the outputs are concatenated back in order. So
 patterns, global tokens, random plans, padding multiples and low-rank projections are each document's own, and the
 cost follows the documents, never the packed length. Backends with a cheaper native path (FlexAttention composing a
 document mask with the pattern) define ``_attend_<backend>_packed`` instead.
@@ -17,7 +17,6 @@ from collections import defaultdict
 from typing import Callable
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
 __all__ = ["attend_per_document", "check_document_ids", "document_segments", "same_document"]
@@ -74,37 +73,38 @@ def attend_per_document(
 ) -> Tensor:
     """Run ``attend_fn(q, k, v, key_padding_mask)`` on every document alone; returns q's shape.
 
-    Documents of equal length run in one call (stacked along the batch). ``module`` (the variant) gets
-    ``_redraw_frozen = True`` after the first call, so a variant that redraws random features or plans per call
-    draws once per packed call, as it would for one unpacked batch.
+    A document whose length no other document shares runs on views of its rows (nothing copied); documents of
+    equal length run in one call, stacked along the batch. The outputs are concatenated back in packed order.
+    ``module`` (the variant) gets ``_redraw_frozen = True`` after the first call, so a variant that redraws random
+    features or plans per call draws once per packed call, as it would for one unpacked batch.
     """
-    batch, heads, n, d = q.shape
-    groups: dict[int, list[int]] = defaultdict(list)
-    for row, start, length in document_segments(document_ids):
-        groups[length].append(row * n + start)
-    # (batch * seq, heads, d): token-major rows, so one index_select gathers a document's tokens over all heads
-    flat_q = rearrange(q, "b h n d -> (b n) h d")
-    flat_k = rearrange(k, "b h n d -> (b n) h d")
-    flat_v = rearrange(v, "b h n d -> (b n) h d")
-    flat_mask = None if key_padding_mask is None else key_padding_mask.reshape(-1)
-    indices, outputs = [], []
+    batch, _, n, _ = q.shape
+    segments = document_segments(document_ids)
+    groups: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for row, start, length in segments:
+        groups[length].append((row, start))
+    outputs: dict[tuple[int, int], Tensor] = {}
     frozen_before = getattr(module, "_redraw_frozen", False)
     try:
-        for length, starts in sorted(groups.items()):
-            index = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)).reshape(-1)
-            part_q, part_k, part_v = (
-                rearrange(t.index_select(0, index), "(g n) h d -> g h n d", n=length) for t in (flat_q, flat_k, flat_v)
-            )
-            part_mask = None if flat_mask is None else flat_mask.index_select(0, index).view(-1, length)
-            out = attend_fn(part_q, part_k, part_v, part_mask)  # (g, heads, length, d)
+        for length, members in sorted(groups.items()):
+            def rows(t: Tensor) -> Tensor:  # (g, heads, length, d): a view for one document, a copy for several
+                parts = [t[r:r + 1, :, s:s + length] for r, s in members]
+                return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+            mask = None
+            if key_padding_mask is not None:
+                mask = torch.cat([key_padding_mask[r:r + 1, s:s + length] for r, s in members])
+            out = attend_fn(rows(q), rows(k), rows(v), mask)  # (g, heads, length, d)
             if module is not None:
                 module._redraw_frozen = True
-            indices.append(index)
-            outputs.append(rearrange(out, "g h n d -> (g n) h d"))
+            for i, member in enumerate(members):
+                outputs[member] = out[i:i + 1]
     finally:
         if module is not None:
             module._redraw_frozen = frozen_before
             module.last_padded_len = n
-    index, values = torch.cat(indices), torch.cat(outputs)
-    out = values.new_zeros(batch * n, heads, d).index_copy(0, index, values)
-    return rearrange(out, "(b n) h d -> b h n d", b=batch)
+    per_row = [[] for _ in range(batch)]
+    for row, start, _length in segments:
+        per_row[row].append(outputs[(row, start)])
+    packed = [parts[0] if len(parts) == 1 else torch.cat(parts, dim=2) for parts in per_row]
+    return packed[0] if batch == 1 else torch.cat(packed)

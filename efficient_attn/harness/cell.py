@@ -120,10 +120,17 @@ def static_status(planned: PlannedCell) -> tuple[str, str] | None:
             return "unsupported", f"peer {cell.variant!r} runs at level {' or '.join(info['levels'])}, not {cell.level!r}"
         if cell.causal and "causal" not in info["params"]:
             return "unsupported", f"peer {cell.variant!r} has no causal mode"
+        if cell.kv_heads != cell.num_heads:
+            return "unsupported", f"peer {cell.variant!r} runs num_heads key/value heads only (no grouped heads)"
     else:
         spec = get_spec(cell.variant)
         if cell.causal and not spec.supports_causal:
             return "unsupported", f"{cell.variant} cannot be causal: {spec.module_cls.causal_unsupported_reason}"
+        if cell.kv_heads != cell.num_heads and not spec.module_cls.supports_gqa:
+            return "unsupported", (
+                f"{cell.variant} does not support grouped key/value heads (num_kv_heads={cell.kv_heads} < "
+                f"num_heads={cell.num_heads}) yet"
+            )
         if cell.backend_requested != "auto":
             reason = spec.module_cls.unavailable_reason(
                 cell.backend_requested, torch.device(cell.device), cell.mode != "fwd", parse_dtype(cell.dtype)

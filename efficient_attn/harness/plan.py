@@ -1,7 +1,7 @@
 """Cells from a suite: what one benchmark measurement is (:class:`Cell`) and the order a sweep runs them in.
 
-Cells are ``variants x backends x modes x causal x dtypes x batch sizes x lengths`` (lengths innermost, ascending),
-then ``peers x modes x ...`` when peers are included, every one at the suite's level.
+Cells are ``variants x backends x key/value heads x modes x causal x dtypes x batch sizes x lengths`` (lengths
+innermost, ascending), then ``peers x modes x ...`` when peers are included, every one at the suite's level.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def params_to_json(params: dict[str, Any]) -> str:
 class Cell:
     """One benchmark measurement's configuration: exactly the configuration columns of its row.
 
-    Shapes: the core runs on q, k, v ``(batch_size, num_heads, seq_len, head_dim)``; layer and model levels on
+    Shapes: the core runs on q ``(batch_size, num_heads, seq_len, head_dim)`` and k, v ``(batch_size, kv_heads,
+    seq_len, head_dim)`` (``kv_heads`` = ``num_kv_heads``, None = ``num_heads``); layer and model levels on
     ``(batch_size, seq_len, num_heads * head_dim)`` activations or ``(batch_size, seq_len)`` tokens.
     """
 
@@ -45,6 +46,12 @@ class Cell:
     num_heads: int
     head_dim: int
     is_peer: bool = False
+    num_kv_heads: int | None = None
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads the cell runs with (``num_heads`` unless grouped)."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
     @property
     def params(self) -> dict[str, Any]:
@@ -61,9 +68,10 @@ class Cell:
     def label(self) -> str:
         """Short human description, for progress bars and messages."""
         causal = " causal" if self.causal else ""
+        kv = "" if self.num_kv_heads is None else f" kv={self.num_kv_heads}"
         return (
             f"{self.variant}/{self.backend_requested} {self.level} {self.mode}{causal} n={self.seq_len} "
-            f"b={self.batch_size} {self.dtype}"
+            f"b={self.batch_size} {self.dtype}{kv}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,13 +100,14 @@ def plan_cells(suite: Suite, device: str, *, include_peers: bool = False) -> lis
     sources = [(e.key, e.params, backend, False, e.max_len) for e in suite.variants for backend in e.backends]
     if include_peers:
         sources += [(p.name, p.params, "peer", True, {}) for p in suite.peers]
+    kv_heads = suite.kv_heads or (None,)
     planned = []
     for name, params, backend, is_peer, caps in sources:
         params_json = params_to_json(params)
-        for mode, causal, dtype, batch, length in itertools.product(
-            suite.modes, suite.causal, suite.dtypes, suite.batch_sizes, suite.lengths
+        for kv, mode, causal, dtype, batch, length in itertools.product(
+            kv_heads, suite.modes, suite.causal, suite.dtypes, suite.batch_sizes, suite.lengths
         ):
             cell = Cell(name, params_json, backend, suite.level, mode, causal, device, dtype, batch, length,
-                        suite.heads, suite.head_dim, is_peer)
+                        suite.heads, suite.head_dim, is_peer, kv)
             planned.append(PlannedCell(cell, caps.get(mode)))
     return planned

@@ -284,11 +284,13 @@ class RunFolder:
         self.key_columns = tuple(key_columns)
         self.totals = tuple(totals)
         self.config = json.loads(json.dumps(config))  # normalise (tuples -> lists) like a reload would
+        self.schema_version = schema_version
         self.path.mkdir(parents=True, exist_ok=True)
         self._fixed = fixed
         self.older_columns = tuple(tuple(c) for c in older_columns)
         for old in self.older_columns:
-            if [c for c in self.columns if c in old] != list(old) or not set(key_columns) <= set(old):
+            # an earlier version: its columns in this order (the ones it lacks, key columns too, are read as empty)
+            if [c for c in self.columns if c in old] != list(old):
                 raise ValueError(f"older columns {list(old)} are not an earlier version of {list(columns)}")
         self.schema_version = schema_version
         self._lock = _FolderLock(self.path) if lock else None

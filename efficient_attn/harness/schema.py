@@ -16,7 +16,11 @@ call (forward+backward for ``fwd_bwd``; see :mod:`efficient_attn.measure.flops`)
 window.
 
 The schema only grows: a new column comes with a new :data:`SCHEMA_VERSION`, and readers fill the columns an older
-run lacks with empty values.
+run lacks with empty values (a resumed folder of an older version is rewritten with the new header, its rows keeping
+empty values in the new columns).
+
+Versions: 1 the first; 2 adds ``num_kv_heads`` (key/value heads of grouped-query attention; empty = ``num_heads``,
+which is what every version-1 row ran).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ __all__ = [
     "ALL_COLUMNS",
     "COLUMNS_BY_VERSION",
     "CONFIG_COLUMNS",
+    "CONFIG_COLUMNS_V1",
     "MEASURED_COLUMNS",
     "META_FILE",
     "NUMERIC_COLUMNS",
@@ -51,7 +56,10 @@ CONFIG_COLUMNS: tuple[str, ...] = (
     "num_heads",
     "head_dim",
     "is_peer",
+    "num_kv_heads",
 )
+#: the configuration columns before schema 3 (no ``num_kv_heads``: every variant had as many key/value heads as heads)
+CONFIG_COLUMNS_V1: tuple[str, ...] = tuple(c for c in CONFIG_COLUMNS if c != "num_kv_heads")
 MEASURED_COLUMNS: tuple[str, ...] = (
     "backend",
     "status",
@@ -74,6 +82,11 @@ RUN_COLUMNS: tuple[str, ...] = ("host", "job_id", "array_index")
 ALL_COLUMNS: tuple[str, ...] = CONFIG_COLUMNS + MEASURED_COLUMNS + RUN_COLUMNS
 #: measured columns that are numbers (left empty unless status is ok)
 NUMERIC_COLUMNS: tuple[str, ...] = tuple(c for c in MEASURED_COLUMNS if c not in ("backend", "status", "note"))
-SCHEMA_VERSION = 2
-#: the columns of each schema version (a run folder of an earlier one is upgraded when it is resumed)
-COLUMNS_BY_VERSION: dict[int, tuple[str, ...]] = {1: CONFIG_COLUMNS + MEASURED_COLUMNS, 2: ALL_COLUMNS}
+SCHEMA_VERSION = 3
+#: the columns of each schema version (a run folder of an earlier one is upgraded when it is resumed; its rows get
+#: the new columns empty). 2 added where a cell ran (:data:`RUN_COLUMNS`), 3 the grouped-query ``num_kv_heads``.
+COLUMNS_BY_VERSION: dict[int, tuple[str, ...]] = {
+    1: CONFIG_COLUMNS_V1 + MEASURED_COLUMNS,
+    2: CONFIG_COLUMNS_V1 + MEASURED_COLUMNS + RUN_COLUMNS,
+    3: ALL_COLUMNS,
+}

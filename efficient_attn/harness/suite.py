@@ -16,6 +16,7 @@ Example (``bench/quick.toml``)::
     slow_call_s = 1.0          # optional: a warm-up call slower than this -> slow_repeats timed calls
     slow_repeats = 3           # optional
     depth = 2                  # optional: blocks of the backbone at level "model"
+    kv_heads = [4, 2, 1]       # optional: key/value heads (grouped-query attention), each dividing heads
     [[variants]]
     key = "full"
     backends = ["naive", "sdpa"]   # optional: default every backend of the variant
@@ -108,6 +109,8 @@ class Suite:
     slow_call_s: float = 1.0
     slow_repeats: int = 3
     depth: int = 2
+    #: key/value heads to run (each a cell dimension); empty = ``heads`` only (the ``num_kv_heads`` column empty)
+    kv_heads: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,7 +126,7 @@ RESERVED_PARAMS = {
 }
 _TOP_KEYS = (
     "description", "device", "level", "modes", "lengths", "batch_sizes", "heads", "head_dim", "dtypes", "causal",
-    "variants", "peers", "min_run_time", "slow_call_s", "slow_repeats", "depth",
+    "variants", "peers", "min_run_time", "slow_call_s", "slow_repeats", "depth", "kv_heads",
 )
 _VARIANT_KEYS = ("key", "backends", "params", "max_len")
 _PEER_KEYS = ("name", "params")
@@ -296,6 +299,14 @@ def parse_suite(data: dict[str, Any], name: str, where: str | None = None) -> Su
         _check_peer_name(entry["name"], f"{at}.name")
         peers.append(PeerEntry(name=entry["name"], params=dict(entry.get("params", {}))))
     check_unique(variants, where)
+    kv_heads: tuple[int, ...] = ()
+    if data.get("kv_heads", []) != []:  # [] (how a suite without kv_heads is stored in meta.json) = heads only
+        kv_heads = positive_int_list(data["kv_heads"], f"{where}: kv_heads")
+        valid = [h for h in range(1, heads + 1) if heads % h == 0]
+        bad = [h for h in kv_heads if h not in valid]
+        if bad:
+            raise SuiteError(f"{where}: kv_heads {bad[0]} does not divide heads={heads}; valid values: "
+                             f"{', '.join(map(str, valid))}")
     return Suite(
         name=name,
         description=str(data.get("description", "")),
@@ -314,6 +325,7 @@ def parse_suite(data: dict[str, Any], name: str, where: str | None = None) -> Su
         slow_call_s=positive_float(data.get("slow_call_s", 1.0), f"{where}: slow_call_s"),
         slow_repeats=require_positive_int(f"{where}: slow_repeats", data.get("slow_repeats", 3), error=SuiteError),
         depth=require_positive_int(f"{where}: depth", data.get("depth", 2), error=SuiteError),
+        kv_heads=kv_heads,
     )
 
 

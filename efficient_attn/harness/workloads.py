@@ -106,6 +106,8 @@ def attention_params_for(cell: Cell) -> dict:
     spec = get_spec(cell.variant)
     if spec.max_len_field is not None and spec.max_len_field not in params:
         params[spec.max_len_field] = cell.seq_len
+    if cell.num_kv_heads is not None:
+        params["num_kv_heads"] = cell.num_kv_heads
     return params
 
 
@@ -159,6 +161,7 @@ def build_cell_module(cell: Cell, *, depth: int = 2, vocab_size: int = 256) -> t
             num_heads=h,
             max_len=n,
             num_classes=None if cell.causal else 2,
+            num_kv_heads=cell.num_kv_heads,
             backend=cell.backend_requested,
             **cell.params,
         )
@@ -204,7 +207,8 @@ def build_workload(
 
     params = [p for p in module.parameters() if p.requires_grad]
     if cell.level == "core":
-        qkv = [torch.randn(b, h, n, d, device=device, dtype=dtype, requires_grad=grad) for _ in range(3)]
+        kv = cell.kv_heads
+        qkv = [torch.randn(b, heads, n, d, device=device, dtype=dtype, requires_grad=grad) for heads in (h, kv, kv)]
         leaves = params + qkv
 
         def forward() -> Tensor:

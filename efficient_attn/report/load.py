@@ -32,13 +32,13 @@ if TYPE_CHECKING:
 RESULTS_FILE = schema.RESULTS_FILE
 META_FILE = schema.META_FILE
 REQUIRED_COLUMNS = ("variant", "mode", "seq_len", "status")
-NUMERIC_COLUMNS = ("batch_size", "seq_len", "num_heads", "head_dim") + schema.NUMERIC_COLUMNS
+NUMERIC_COLUMNS = ("batch_size", "seq_len", "num_heads", "head_dim", "num_kv_heads") + schema.NUMERIC_COLUMNS
 TEXT_COLUMNS = ("variant", "params_json", "backend_requested", "backend", "level", "mode", "device", "dtype", "note")
 # Statuses that mean "this length does not fit": the cell is drawn as a marker, and a baseline that failed this
 # way counts as infinitely expensive when deciding where a variant overtakes it.
 FAILED_TO_FIT = ("oom", "skipped_budget", "skipped_after_oom")
 # Columns that, when they vary inside the data, split cells into separate conditions.
-CONDITION_COLUMNS = ("causal", "dtype", "batch_size", "num_heads", "head_dim")
+CONDITION_COLUMNS = ("causal", "dtype", "batch_size", "num_heads", "head_dim", "num_kv_heads")
 
 _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f", ""}
@@ -375,6 +375,7 @@ def _condition_labels(frame: pd.DataFrame) -> pd.Series:
         "batch_size": lambda v: f"batch {int(v)}" if v == v else "batch ?",
         "num_heads": lambda v: f"{int(v)} heads" if v == v else "heads ?",
         "head_dim": lambda v: f"head_dim {int(v)}" if v == v else "head_dim ?",
+        "num_kv_heads": lambda v: f"{int(v)} kv heads" if v == v else "kv heads = heads",
     }
     labels = [", ".join(fmt[c](frame.at[i, c]) for c in varying) for i in frame.index]
     return pd.Series(labels, index=frame.index, dtype=object)
