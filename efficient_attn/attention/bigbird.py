@@ -27,7 +27,8 @@ class BigBirdConfig(AttentionConfig):
         num_random_blocks: random key blocks per query block (>= 0); rows with fewer candidates take all.
         num_global_blocks: leading global blocks (>= 0).
         num_window_blocks: odd >= 1; the query block and (num_window_blocks - 1) / 2 blocks each side.
-        seed: seed of the random plan; the plan is a pure function of (seed, number of blocks, head).
+        seed: seed of the random plan; row r's random blocks are a pure function of (seed, head, r) and, non-causal
+            only, of the number of blocks (see :class:`~efficient_attn.attention.patterns.BigBirdPattern`).
         redraw: if True, draw a fresh random plan at every call in training mode (eval keeps the current one).
     """
 
@@ -64,7 +65,8 @@ class BigBirdConfig(AttentionConfig):
 class BigBirdAttention(PatternAttention):
     """BigBird attention; per-head pattern, so ``dense_mask`` is ``(heads, seq, seq)``.
 
-    The random plan is drawn once per number of blocks and reused in train and eval; with ``redraw=True`` each
+    The random plan is a table of ``num_random_blocks`` block ids per (head, query block), drawn per row (causal:
+    independent of the blocks that follow, so prefix consistent) and reused in train and eval; with ``redraw=True`` each
     training-mode call draws the next plan (``pattern.draw`` counts draws; ``dense_mask`` shows the current one).
     """
 
