@@ -194,3 +194,17 @@ def test_bad_padding_mask_with_a_cache_is_refused():
     q, k, v = inputs("full", 3)
     with pytest.raises(ValueError, match=r"key_padding_mask is bool \(batch, new tokens\) = \(2, 3\)"):
         attn.attend(q, k, v, key_padding_mask=torch.ones(2, 4, dtype=torch.bool), cache=attn.new_cache(2))
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_fill_cache_leaves_what_a_prefill_leaves(key):
+    attn = build_causal(key, num_kv_heads=kv_heads(key))
+    q, k, v = inputs(key, 14)
+    with torch.no_grad():
+        full = attn.attend(q, k, v)
+        cache = attn.new_cache(2, dtype=torch.float64)
+        attn.fill_cache(cache, q[:, :, :12], k[:, :, :12], v[:, :, :12])
+        out = attn.attend(q[:, :, 12:], k[:, :, 12:], v[:, :, 12:], cache=cache)
+    torch.testing.assert_close(out, full[:, :, 12:], rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="fill_cache fills an empty cache; this one holds 14 tokens"):
+        attn.fill_cache(cache, q, k, v)

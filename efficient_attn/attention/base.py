@@ -381,6 +381,20 @@ class Attention(nn.Module):
             outs.append(self._decode_step(cache, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], real_t))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
 
+    def fill_cache(
+        self, cache: Cache, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None
+    ) -> None:
+        """Put a first chunk of ``n`` tokens into an empty ``cache`` without computing its outputs (what a prefill
+        leaves behind; benchmarks fill caches with random keys and values this way). Shapes as :meth:`attend`."""
+        self._check_decodable()
+        if not isinstance(cache, Cache):
+            raise TypeError(f"cache must come from new_cache(), got {type(cache).__name__}")
+        if cache.length:
+            raise ValueError(f"fill_cache fills an empty cache; this one holds {cache.length} tokens")
+        self._check_inputs(q, k, v, key_padding_mask)
+        cache.check(id(self), self.spec_key, q, k)
+        self._cache_fill(cache, q, k, v, key_padding_mask)
+
     def _cache_fill(self, cache: Cache, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None) -> None:
         """Put a first chunk (its outputs already computed by the backend) into an empty cache."""
         cache.append(k, v, real)  # type: ignore[attr-defined]

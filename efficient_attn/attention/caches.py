@@ -197,7 +197,7 @@ class GlobalRollingCache(Cache):
     capacity: int = 1
     ring: RollingKVCache = field(default=None)  # type: ignore[assignment]
     globals: KVCache = field(default=None)  # type: ignore[assignment]
-    #: long ``(filled,)`` positions of the global tokens held so far (in ``globals``' order).
+    #: Positions of the global tokens held so far (in ``globals``' order).
     global_held: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
