@@ -20,6 +20,10 @@ document alone, with positions restarting at every document.
 Each block is ``x + Attention(LN(x))`` then ``x + MLP(LN(x))`` (pre-LN, Xiong et al. 2020, arXiv:2002.04745), with the
 attention built from the registry by key, so every variant runs in exactly the same network. The whole backbone is
 described by one :class:`ModelConfig`; :func:`build_model` makes it from keywords.
+
+Generation (``task="lm"``): :meth:`TransformerModel.generate` prefills one decode cache per layer with the prompt
+(left-padded prompts of different lengths with a key padding mask; each row's positions start at its first real
+token) and then feeds one token at a time; greedy decoding equals recomputing the whole sequence at every step.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -86,9 +90,16 @@ class Block(nn.Module):
         self.mlp = MLP(dim, mlp_ratio, activation, dropout)
 
     def forward(
-        self, x: Tensor, key_padding_mask: Tensor | None = None, document_ids: Tensor | None = None
+        self, x: Tensor, key_padding_mask: Tensor | None = None, document_ids: Tensor | None = None, *,
+        positions: Tensor | None = None, cache: Any = None,
     ) -> Tensor:
-        extra = {} if document_ids is None else {"document_ids": document_ids}
+        """``positions`` go to a RoPE attention (others take them from the embedding); ``cache``: decode (x holds the
+        new tokens only)."""
+        extra: dict[str, Any] = {} if document_ids is None else {"document_ids": document_ids}
+        if cache is not None:
+            extra["cache"] = cache
+        if positions is not None and self.attn.config.rope:
+            extra["positions"] = positions
         x = x + self.drop(self.attn(self.norm_attn(x), key_padding_mask=key_padding_mask, **extra))
         return x + self.mlp(self.norm_mlp(x))
 
@@ -340,23 +351,25 @@ class TransformerModel(nn.Module):
         """``"lm"`` or ``"classify"``."""
         return self.config.task
 
-    def embed(self, tokens: Tensor, document_ids: Tensor | None = None) -> Tensor:
+    def embed(self, tokens: Tensor, document_ids: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
         """Token plus position embeddings: ``(batch, seq)`` -> ``(batch, seq, dim)``; table positions restart at every
-        packed document."""
+        packed document, or are the given long ``positions`` ``(batch, seq)``."""
         seq_len = tokens.shape[1]
         max_len = self.config.max_len
-        if self.config.positional == "learned" and seq_len > max_len:
+        longest = seq_len if positions is None or positions.numel() == 0 else int(positions.max()) + 1
+        if self.config.positional == "learned" and longest > max_len:
             raise ValueError(
-                f"sequence length {seq_len} exceeds max_len={max_len} of the learned position embedding; "
+                f"sequence length {longest} exceeds max_len={max_len} of the learned position embedding; "
                 "build the model with a larger max_len or positional='sinusoidal'"
             )
         x = self.token_embedding(tokens)
         if self.config.positional in TABLE_POSITIONALS:
-            positions = (
-                torch.arange(seq_len, device=tokens.device)
-                if document_ids is None
-                else default_positions(tokens.shape[0], seq_len, document_ids, tokens.device)
-            )
+            if positions is None:
+                positions = (
+                    torch.arange(seq_len, device=tokens.device)
+                    if document_ids is None
+                    else default_positions(tokens.shape[0], seq_len, document_ids, tokens.device)
+                )
             if self.position_embedding is not None:
                 x = x + self.position_embedding(positions)
             else:
@@ -364,15 +377,107 @@ class TransformerModel(nn.Module):
         return self.embed_drop(x)
 
     def features(
-        self, tokens: Tensor, key_padding_mask: Tensor | None = None, *, document_ids: Tensor | None = None
+        self, tokens: Tensor, key_padding_mask: Tensor | None = None, *, document_ids: Tensor | None = None,
+        positions: Tensor | None = None, caches: Sequence[Any] | None = None,
     ) -> Tensor:
-        """The final hidden states (of the encoder, for seq2seq) after the last LayerNorm: ``(batch, seq, dim)``."""
+        """The final hidden states (of the encoder, for seq2seq) after the last LayerNorm: ``(batch, seq, dim)``.
+
+        ``positions`` long ``(batch, seq)``: token positions (table or RoPE); default ``0, 1, ...`` per row.
+        ``caches``: one decode cache per block (:meth:`new_caches`); ``tokens`` are then the new tokens only.
+        """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, seq), got shape {tuple(tokens.shape)}")
-        x = self.embed(tokens, document_ids)
-        for block in self.blocks:
-            x = block(x, key_padding_mask=key_padding_mask, document_ids=document_ids)
+        if caches is not None and len(caches) != len(self.blocks):
+            raise ValueError(f"caches must hold one cache per block ({len(self.blocks)}), got {len(caches)}")
+        if positions is None and caches is not None:
+            positions = (caches[0].length + torch.arange(tokens.shape[1], device=tokens.device)).expand_as(tokens)
+        x = self.embed(tokens, document_ids, positions)
+        for i, block in enumerate(self.blocks):
+            x = block(x, key_padding_mask=key_padding_mask, document_ids=document_ids, positions=positions,
+                      cache=None if caches is None else caches[i])
         return self.norm(x)
+
+    def new_caches(self, batch: int, *, max_len: int | None = None) -> list[Any]:
+        """One empty decode cache per block, on the model's device and in its dtype (``task="lm"``)."""
+        if self.task != "lm":
+            raise ValueError(f"decoding needs task='lm' (a causal language model), not {self.task!r}")
+        param = self.token_embedding.weight
+        return [block.attn.new_cache(batch, device=param.device, dtype=param.dtype, max_len=max_len)
+                for block in self.blocks]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Autoregressive generation with a decode cache per layer: long ``(batch, prompt + new)``, prompt included.
+
+        Args:
+            prompt: long ``(batch, prompt_len)``; prompts of different lengths are left-padded.
+            max_new_tokens: tokens to add (>= 0).
+            temperature: 0 = greedy (argmax); > 0 samples from ``softmax(logits / temperature)``.
+            top_k: sample among the ``top_k`` most likely tokens only (None = all); needs ``temperature > 0``.
+            seed: seed of the sampling generator (None = torch's global generator).
+            key_padding_mask: bool ``(batch, prompt_len)``, True = real token; padding must be on the left. Each row's
+                positions start at 0 at its first real token, so a padded prompt is continued as if alone (up to
+                patterns anchored at absolute indices, such as global tokens).
+
+        Call ``model.eval()`` first for deterministic outputs (dropout stays active in training mode).
+        """
+        if self.task != "lm":
+            raise ValueError(f"generate needs task='lm' (a causal language model), not {self.task!r}")
+        if prompt.dim() != 2 or prompt.dtype.is_floating_point or prompt.dtype == torch.bool or prompt.shape[1] == 0:
+            raise ValueError(f"prompt must be a non-empty long tensor (batch, prompt_len), got {prompt.dtype} "
+                             f"{tuple(prompt.shape)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+        if top_k is not None:
+            require_positive_int("top_k", top_k)
+            if temperature == 0:
+                raise ValueError("top_k restricts sampling; it needs temperature > 0 (temperature=0 is greedy)")
+        batch, length = prompt.shape
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, length):
+                raise ValueError(f"key_padding_mask must be bool (batch, prompt_len) = {(batch, length)}, got "
+                                 f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+            if bool((key_padding_mask[:, :-1] & ~key_padding_mask[:, 1:]).any()) or not bool(key_padding_mask[:, -1].all()):
+                raise ValueError("generate takes left padding only: in each row the padding (False) must come before "
+                                 "every real token, and the last prompt token must be real")
+            positions = (key_padding_mask.long().cumsum(-1) - 1).clamp_min(0)
+        else:
+            positions = torch.arange(length, device=prompt.device).expand(batch, length)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=prompt.device).manual_seed(seed)
+        caches = self.new_caches(batch)
+        tokens, mask, pos = prompt, key_padding_mask, positions
+        out = [prompt]
+        for _ in range(max_new_tokens):
+            logits = self.head(self.features(tokens, mask, positions=pos, caches=caches))[:, -1]  # (b, vocab)
+            tokens = self._next_token(logits, temperature, top_k, generator)[:, None]
+            out.append(tokens)
+            mask = None if mask is None else torch.ones_like(tokens, dtype=torch.bool)
+            pos = pos[:, -1:] + 1
+        return torch.cat(out, dim=1)
+
+    @staticmethod
+    def _next_token(logits: Tensor, temperature: float, top_k: int | None, generator) -> Tensor:
+        """Long ``(batch,)``: argmax (temperature 0) or a sample from the tempered, top-k-restricted softmax."""
+        if temperature == 0:
+            return logits.argmax(dim=-1)
+        logits = logits.float() / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
 
     def decode(
         self, decoder_tokens: Tensor, memory: Tensor, memory_padding_mask: Tensor | None = None,
@@ -397,21 +502,24 @@ class TransformerModel(nn.Module):
         document_ids: Tensor | None = None,
         decoder_tokens: Tensor | None = None,
         decoder_padding_mask: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
         """LM: logits ``(batch, seq, vocab_size)``; classify: logits ``(batch, num_classes)``; seq2seq: decoder
         logits ``(batch, tgt_len, vocab_size)`` (``tokens`` is the source, ``decoder_tokens`` the shifted target).
 
-        ``document_ids`` int ``(batch, seq)`` (lm, classify): packed documents, each attended alone."""
+        ``document_ids`` int ``(batch, seq)`` (lm, classify): packed documents, each attended alone.
+        ``positions`` long ``(batch, seq)`` (lm, classify): token positions for the table or RoPE (default
+        ``0, 1, ...`` per row; :meth:`generate` starts each left-padded row at its first real token)."""
         if self.task == "seq2seq":
             if decoder_tokens is None:
                 raise ValueError("task='seq2seq' needs decoder_tokens (the target shifted right)")
-            if document_ids is not None:
-                raise ValueError("document_ids (packing) is not supported with task='seq2seq'")
+            if document_ids is not None or positions is not None:
+                raise ValueError("document_ids (packing) and positions are not supported with task='seq2seq'")
             memory = self.features(tokens, key_padding_mask)
             return self.decode(decoder_tokens, memory, key_padding_mask, decoder_padding_mask)
         if decoder_tokens is not None or decoder_padding_mask is not None:
             raise ValueError(f"decoder_tokens are for task='seq2seq', not {self.task!r}")
-        hidden = self.features(tokens, key_padding_mask, document_ids=document_ids)
+        hidden = self.features(tokens, key_padding_mask, document_ids=document_ids, positions=positions)
         if self.task == "lm":
             return self.head(hidden)
         if self.config.pooling == "first":

@@ -14,6 +14,14 @@ A variant is ``projections + core``:
   encoder-decoder attention (variants with ``supports_cross_attention``). ``document_ids`` packs documents: each
   is attended exactly as if it were alone (see :meth:`Attention.attend`).
 
+Incremental decoding (causal variants): ``cache = attn.new_cache(batch, device=..., dtype=..., max_len=None)``, then
+``attend(q, k, v, cache=cache)`` (or ``forward(x, cache=cache)``) with the new tokens only: a prefill chunk of any
+length, then single tokens. The cache (:mod:`efficient_attn.attention.caches`) keeps what the pattern needs; each
+call returns the new queries' outputs, equal to the causal full-sequence result at those positions. A first chunk
+into an empty cache runs the ordinary backend over the chunk and fills the cache (``_cache_fill``); later tokens run
+the variant's ``_decode_step`` one token at a time. Variants that cannot decode say why
+(``decode_unsupported_reason``).
+
 ``key_padding_mask`` is bool ``(batch, seq)`` with True = real token. A query with no allowed key (all of its keys
 are padding, or masked by the pattern) yields zeros, never NaN.
 
@@ -37,6 +45,8 @@ from efficient_attn.attention import packing
 from efficient_attn.attention import positions as positional
 from efficient_attn.errors import BackendUnavailableError, require_positive_int, unknown_name_error
 from efficient_attn.registry import get_spec, list_attentions
+
+from efficient_attn.attention.caches import Cache
 
 if TYPE_CHECKING:  # pragma: no cover - import only for type checkers
     from efficient_attn.registry import AttentionSpec
@@ -149,6 +159,9 @@ class Attention(nn.Module):
     #: Whether each query's output depends on that query alone (not on the other queries). False for Nystrom, whose
     #: query landmarks average the queries: as a decoder's cross-attention it would break the decoder's causality.
     queries_independent: ClassVar[bool] = True
+    #: Why this variant cannot decode incrementally with a cache (None = it can: it implements ``_new_cache`` and
+    #: ``_decode_step``).
+    decode_unsupported_reason: ClassVar[str | None] = "it has no incremental decoding (no cache) yet"
     #: Set while a packed call runs its second and later documents: variants that redraw per call skip the redraw.
     _redraw_frozen: bool = False
     #: Whether the running ``attend`` call is cross-attention (read by variants that treat it differently).
@@ -188,6 +201,7 @@ class Attention(nn.Module):
         positions: Tensor | None = None,
         document_ids: Tensor | None = None,
         context: Tensor | None = None,
+        cache: Cache | None = None,
     ) -> Tensor:
         """``(batch, seq, dim) -> (batch, seq, dim)``: QKV projection, RoPE (``config.rope``), :meth:`attend`, output.
 
@@ -198,8 +212,12 @@ class Attention(nn.Module):
                 every document when ``document_ids`` is given (a cache would pass ``t, t + 1, ...``).
             document_ids: int ``(batch, seq)``, non-decreasing: packed documents, each attended alone.
             context: ``(batch, ctx_len, dim)``: keys and values come from it (encoder-decoder attention; no RoPE).
+            cache: decode incrementally (see :meth:`attend`): ``x`` holds the new tokens only, ``key_padding_mask``
+                is ``(batch, seq)`` for them, and RoPE positions default to ``cache.length, cache.length + 1, ...``.
         """
         cfg = self.config
+        if cache is not None and context is not None:
+            raise ValueError("a decode cache is for causal self-attention; it cannot be used with context")
         if x.dim() != 3 or x.shape[-1] != cfg.dim:
             raise ValueError(f"expected x of shape (batch, seq, {cfg.dim}), got {tuple(x.shape)}")
         if context is None:
@@ -219,14 +237,16 @@ class Attention(nn.Module):
         if cfg.rope:
             if context is not None:
                 raise ValueError("rope rotates q and k of one sequence; it is not defined for cross-attention")
-            if positions is None:
+            if positions is None and cache is not None:
+                positions = (cache.length + torch.arange(x.shape[1], device=x.device)).expand(x.shape[0], -1)
+            elif positions is None:
                 positions = positional.default_positions(x.shape[0], x.shape[1], document_ids, x.device)
             positional.check_positions(positions, x.shape[0], x.shape[1])
             q, k = positional.apply_rope(q, positions, cfg.rope_base), positional.apply_rope(k, positions, cfg.rope_base)
         elif positions is not None:
             raise ValueError("positions are only used by rope (config.rope=False here)")
         o = self.attend(q, k, v, key_padding_mask=key_padding_mask, document_ids=document_ids,
-                        cross=context is not None)
+                        cross=context is not None, cache=cache)
         return self.out(rearrange(o, "b h n d -> b n (h d)"))
 
     def attend(
@@ -238,6 +258,7 @@ class Attention(nn.Module):
         *,
         document_ids: Tensor | None = None,
         cross: bool | None = None,
+        cache: Cache | None = None,
     ) -> Tensor:
         """The core: q ``(batch, heads, q_len, head_dim)``, k and v ``(batch, kv_heads, kv_len, head_dim)`` -> q's shape.
 
@@ -250,7 +271,11 @@ class Attention(nn.Module):
             cross: whether q comes from another sequence than k, v (encoder-decoder attention); None = whenever
                 ``q_len != kv_len``. Variants that treat the key padding mask as the query padding too in
                 self-attention (Nystrom's landmarks) read it.
+            cache: from :meth:`new_cache`: q, k, v are the new tokens only (``key_padding_mask`` ``(batch, new)``
+                for them); their keys and values are appended and the new queries' outputs returned.
         """
+        if cache is not None:
+            return self._attend_cached(q, k, v, key_padding_mask, cache, document_ids, cross)
         self._check_inputs(q, k, v, key_padding_mask)
         is_cross = q.shape[-2] != k.shape[-2] if cross is None else bool(cross)
         if is_cross:
@@ -279,6 +304,112 @@ class Attention(nn.Module):
                 getattr(self, f"_attend_{backend}"), q, k, v, key_padding_mask, document_ids, self
             )
         return getattr(self, f"_attend_{backend}")(q, k, v, key_padding_mask)
+
+    # ------------------------------------------------------------------------------------------------ decoding
+    def new_cache(
+        self,
+        batch: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        max_len: int | None = None,
+    ) -> Cache:
+        """An empty decode cache for ``batch`` sequences (see the module docstring).
+
+        Args:
+            device, dtype: of the cached tensors (default: the module's parameters').
+            max_len: the most tokens it will hold: preallocated where the cache grows with the context (``full``'s
+                static cache), a bound everywhere (a step past it is an error); None = unbounded.
+
+        Raises:
+            ValueError: the module is not causal, or the variant cannot decode (with the reason).
+        """
+        self._check_decodable()
+        require_positive_int("batch", batch)
+        if max_len is not None:
+            require_positive_int("max_len", max_len)
+        param = next(iter(self.parameters()), None)
+        device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+        dtype = dtype if dtype is not None else (param.dtype if param is not None else torch.get_default_dtype())
+        cfg = self.config
+        return self._new_cache(
+            dict(owner=id(self), owner_name=self.spec_key, batch=batch, kv_heads=cfg.num_kv_heads,
+                 head_dim=cfg.head_dim, dtype=dtype, device=device, max_len=max_len)
+        )
+
+    def _check_decodable(self) -> None:
+        if self.decode_unsupported_reason is not None:
+            raise ValueError(f"attention {self.spec_key!r} cannot decode incrementally: {self.decode_unsupported_reason}")
+        if not self.config.causal:
+            raise ValueError(
+                f"decoding needs causal attention: this {self.spec_key!r} module has causal=False (a non-causal "
+                "output at t depends on later tokens, which a decoder has not seen); build it with causal=True"
+            )
+
+    def _new_cache(self, common: dict) -> Cache:
+        """The variant's empty cache from the shared fields ``common`` (owner, batch, heads, dtype, device, max_len)."""
+        raise NotImplementedError
+
+    def _attend_cached(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, cache: Cache,
+        document_ids: Tensor | None, cross: bool | None,
+    ) -> Tensor:
+        self._check_decodable()
+        if document_ids is not None or cross:
+            raise ValueError("a decode cache is for causal self-attention: no document_ids, no cross-attention")
+        if not isinstance(cache, Cache):
+            raise TypeError(f"cache must come from new_cache(), got {type(cache).__name__}")
+        self._check_inputs(q, k, v, None)
+        if q.shape[-2] != k.shape[-2]:
+            raise ValueError(f"with a cache, q, k and v hold the same new tokens; got {q.shape[-2]} queries and "
+                             f"{k.shape[-2]} keys")
+        if key_padding_mask is not None:
+            expected = (q.shape[0], q.shape[-2])
+            if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != expected:
+                raise ValueError(
+                    f"with a cache, key_padding_mask is bool (batch, new tokens) = {expected}, True = real; got "
+                    f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+                )
+        cache.check(id(self), self.spec_key, q, k)
+        if cache.length == 0:
+            out = self.attend(q, k, v, key_padding_mask)
+            self._cache_fill(cache, q, k, v, key_padding_mask)
+            return out
+        outs = []
+        for t in range(q.shape[-2]):
+            real_t = None if key_padding_mask is None else key_padding_mask[:, t : t + 1]
+            outs.append(self._decode_step(cache, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], real_t))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+
+    def fill_cache(
+        self, cache: Cache, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None
+    ) -> None:
+        """Put a first chunk of ``n`` tokens into an empty ``cache`` without computing its outputs (what a prefill
+        leaves behind; benchmarks fill caches with random keys and values this way). Shapes as :meth:`attend`."""
+        self._check_decodable()
+        if not isinstance(cache, Cache):
+            raise TypeError(f"cache must come from new_cache(), got {type(cache).__name__}")
+        if cache.length:
+            raise ValueError(f"fill_cache fills an empty cache; this one holds {cache.length} tokens")
+        self._check_inputs(q, k, v, key_padding_mask)
+        cache.check(id(self), self.spec_key, q, k)
+        self._cache_fill(cache, q, k, v, key_padding_mask)
+
+    def _cache_fill(self, cache: Cache, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None) -> None:
+        """Put a first chunk (its outputs already computed by the backend) into an empty cache."""
+        cache.append(k, v, real)  # type: ignore[attr-defined]
+
+    def _decode_step(self, cache: Cache, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None) -> Tensor:
+        """One new token: q ``(batch, heads, 1, head_dim)``, k, v ``(batch, kv_heads, 1, head_dim)``, ``real``
+        ``(batch, 1)`` or None; appends it to ``cache`` and returns its output ``(batch, heads, 1, head_dim)``."""
+        raise NotImplementedError
+
+    def _decode_bias(self, q: Tensor, query_pos: int, key_pos: Tensor) -> Tensor | None:
+        """ALiBi ``(1, heads, 1, keys)`` for one query at ``query_pos`` against keys at ``key_pos``, or None."""
+        slopes = self._alibi_slopes(q)
+        if slopes is None:
+            return None
+        return positional.alibi_bias(slopes, torch.tensor(query_pos, device=q.device), key_pos)[None, :, None]
 
     def resolve_backend(
         self,

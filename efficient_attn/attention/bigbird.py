@@ -4,6 +4,12 @@ Zaheer et al. 2020, "Big Bird: Transformers for Longer Sequences", arXiv:2007.14
 The first ``num_global_blocks`` blocks are global (attend to and are attended by everything); every other query
 block sees ``num_window_blocks`` neighbouring blocks, the global blocks and ``num_random_blocks`` random blocks drawn
 per head from the rest. Cost: O(n * b * (w + r + g)) time with the ``torch`` backend, O(n * d) memory.
+
+Decoding (causal): random blocks reach any earlier block, so the cache (a
+:class:`~efficient_attn.attention.caches.KVCache`) holds every key and value (memory O(n)). Each token of query block
+r gathers, per head, only its row's blocks (window, global and the random blocks of row r, drawn for that row alone)
+and attends to those keys up to itself: compute O((w + r + g) * block_size) per token. Tokens of the global blocks
+attend to every earlier key (global rows, O(g * block_size)).
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import torch
 from torch import Tensor
 
 from efficient_attn.attention.base import AttentionConfig
+from efficient_attn.attention.caches import KVCache
+from efficient_attn.attention.functional import grouped_attention
 from efficient_attn.errors import require_positive_int
 from efficient_attn.attention.patterns import BigBirdPattern, Pattern
 from efficient_attn.attention.sparse_base import PatternAttention
@@ -27,7 +35,8 @@ class BigBirdConfig(AttentionConfig):
         num_random_blocks: random key blocks per query block (>= 0); rows with fewer candidates take all.
         num_global_blocks: leading global blocks (>= 0).
         num_window_blocks: odd >= 1; the query block and (num_window_blocks - 1) / 2 blocks each side.
-        seed: seed of the random plan; the plan is a pure function of (seed, number of blocks, head).
+        seed: seed of the random plan; row r's random blocks are a pure function of (seed, head, r) and, non-causal
+            only, of the number of blocks (see :class:`~efficient_attn.attention.patterns.BigBirdPattern`).
         redraw: if True, draw a fresh random plan at every call in training mode (eval keeps the current one).
     """
 
@@ -64,7 +73,8 @@ class BigBirdConfig(AttentionConfig):
 class BigBirdAttention(PatternAttention):
     """BigBird attention; per-head pattern, so ``dense_mask`` is ``(heads, seq, seq)``.
 
-    The random plan is drawn once per number of blocks and reused in train and eval; with ``redraw=True`` each
+    The random plan is a table of ``num_random_blocks`` block ids per (head, query block), drawn per row (causal:
+    independent of the blocks that follow, so prefix consistent) and reused in train and eval; with ``redraw=True`` each
     training-mode call draws the next plan (``pattern.draw`` counts draws; ``dense_mask`` shows the current one).
     """
 
@@ -73,6 +83,31 @@ class BigBirdAttention(PatternAttention):
     #: mask could not re-anchor the pattern at each document's start.
     packing_backends = ("torch", "naive")
     pattern: BigBirdPattern
+    decode_unsupported_reason = None
+
+    def _new_cache(self, common: dict) -> KVCache:
+        return KVCache(**common)
+
+    def _decode_step(self, cache: KVCache, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None) -> Tensor:
+        cache.append(k, v, real)
+        keys, values, is_real = cache.view()
+        t, bs, heads = cache.length - 1, self.block_size, self.config.num_heads
+        row = t // bs
+        if row < self.config.num_global_blocks:  # a global row: every earlier key
+            tokens = torch.arange(t + 1, device=q.device).expand(heads, -1)
+        else:
+            blocks = self.pattern.row_blocks(row + 1, torch.tensor([row]), q.device)[:, 0]  # (h, slots)
+            tokens = (blocks[..., None] * bs + torch.arange(bs, device=q.device)).flatten(-2)  # (h, slots * bs)
+            tokens = torch.where((blocks[..., None] >= 0).expand(-1, -1, bs).flatten(-2), tokens, t + 1)
+        valid = tokens <= t
+        tokens = tokens.clamp_max(t)
+        kv_head = torch.arange(heads, device=q.device) // (heads // keys.shape[1])
+        keys_g = keys[:, kv_head[:, None], tokens]  # (b, h, s, d): only the row's keys are read
+        values_g = values[:, kv_head[:, None], tokens]
+        allowed = (valid[None] & is_real[:, tokens])[:, :, None, :]  # (b, h, 1, s)
+        slopes = self._alibi_slopes(q)
+        bias = None if slopes is None else (-slopes[:, None] * (t - tokens).to(q.dtype))[None, :, None, :]
+        return grouped_attention(q, keys_g, values_g, allowed, bias)
 
     def _make_pattern(self) -> Pattern:
         cfg = self.config

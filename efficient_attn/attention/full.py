@@ -13,6 +13,13 @@ Grouped key/value heads: ``naive`` repeats them, ``sdpa`` and ``flex`` pass ``en
 grouped layout, ``torch`` runs the group's query heads against the shared head. Cross-attention (query length !=
 key length, non-causal, optional key padding on the encoder side): every backend except ``flex``. Packed documents:
 ``flex`` composes its mask with a document mask; the others run each document alone.
+
+Decoding (causal): a :class:`~efficient_attn.attention.caches.KVCache` of every key and value (growing, or static
+with ``max_len``); the prefill chunk runs the configured backend, each later token one
+``scaled_dot_product_attention`` call over the cached keys (no mask while every cached key is real and no ALiBi;
+otherwise exact grouped attention with the key mask and the ALiBi row). FlexAttention and xFormers are not used for
+single-token steps: one query row against n keys is a memory-bound read that SDPA's kernels already stream.
+Memory O(n * kv_heads * head_dim), compute O(n) per token.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ from efficient_attn.attention import flex as flex_backend
 from efficient_attn.attention.auto import FusedBackendsMixin
 from efficient_attn.attention.base import Attention, AttentionConfig
 from efficient_attn.attention.blocked import dense_chunked_attention
-from efficient_attn.attention.functional import combine_masks, default_scale, dense_attention
+from efficient_attn.attention.caches import KVCache
+from efficient_attn.attention.functional import combine_masks, default_scale, dense_attention, grouped_attention
 from efficient_attn.attention.xformers_backend import xformers_attention
 from efficient_attn.registry import register_attention
 
@@ -87,6 +95,19 @@ class FullAttention(FusedBackendsMixin, Attention):
     def useful_flops(self, batch: int, seq_len: int) -> int:
         """Forward FLOPs of the pairs in the pattern: ``QK^T`` and ``PV`` cost 2 * head_dim each per pair and head."""
         return 4 * batch * self.config.num_heads * self.num_pairs(seq_len) * self.config.head_dim
+
+    decode_unsupported_reason = None
+
+    def _new_cache(self, common: dict) -> KVCache:
+        return KVCache(**common)
+
+    def _decode_step(self, cache: KVCache, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None) -> Tensor:
+        cache.append(k, v, real)
+        keys, values, is_real = cache.view()
+        bias = self._decode_bias(q, cache.length - 1, torch.arange(cache.length, device=q.device))
+        if bias is None and cache.all_real:
+            return F.scaled_dot_product_attention(q, keys, values, enable_gqa=keys.shape[1] != q.shape[1])
+        return grouped_attention(q, keys, values, is_real[:, None, None, :], bias)
 
     def _attend_naive(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         pattern = self.dense_mask(q.shape[-2], q.device) if self.config.causal else None

@@ -101,3 +101,26 @@ def dense_attention(
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p)
     return torch.einsum("bhij,bhjd->bhid", probs, v)  # (b, h, n, d)
+
+
+def grouped_attention(
+    q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None, bias: Tensor | None = None
+) -> Tensor:
+    """Exact softmax attention of a few queries over given keys, grouped heads without repeating k, v (decode steps).
+
+    Args:
+        q: ``(batch, heads, m, head_dim)``; k, v: ``(batch, kv_heads, kv_len, head_dim)``, kv_heads dividing heads.
+        allowed: bool broadcastable to ``(batch, heads, m, kv_len)``; rows with no allowed key give zeros.
+        bias: additive float bias broadcastable like ``allowed`` (ALiBi), added after scaling.
+
+    Memory ``batch * heads * m * kv_len`` scores: callers keep ``m`` small (one token, or a short chunk).
+    """
+    b, h, m, d = q.shape
+    kv_heads = k.shape[1]
+    scores = torch.matmul(fold_query_groups(q, kv_heads), k.transpose(-1, -2)) * default_scale(d)
+    scores = scores.view(b, h, m, -1)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    probs = masked_softmax(scores, allowed)
+    out = torch.matmul(probs.reshape(b, kv_heads, -1, probs.shape[-1]), v)
+    return out.view(b, h, m, d)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from efficient_attn.attention.base import Attention, AttentionConfig
+from efficient_attn.attention.caches import StateCache
 from efficient_attn.attention.linear_forms import chunked_sums, parallel_sums, recurrent_step, recurrent_sums
 from efficient_attn.errors import require_positive_int
 from efficient_attn.registry import register_attention
@@ -124,6 +125,24 @@ class LinearAttention(Attention):
     """
 
     config: LinearConfig
+    decode_unsupported_reason = None
+
+    # ------------------------------------------------------------------------------------------------ decoding
+    def _new_cache(self, common: dict) -> StateCache:
+        """The recurrent state ``[S | z]`` ``(batch, heads, head_dim, head_dim + 1)``: constant in the context."""
+        state = self.initial_state(common["batch"], dtype=common["dtype"], device=common["device"])
+        return StateCache(**common, state=state)
+
+    def _cache_fill(self, cache: StateCache, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None) -> None:
+        _, phi_k, values = _features(q, k, v, None if real is None else real[:, None, :, None])
+        cache.state = cache.state + torch.matmul(phi_k.transpose(-1, -2), values)
+        cache.length += k.shape[-2]
+
+    def _decode_step(self, cache: StateCache, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None) -> Tensor:
+        out, cache.state = linear_recurrent_step(cache.state, q[:, :, 0], k[:, :, 0], v[:, :, 0],
+                                                 None if real is None else real[:, 0])
+        cache.length += 1
+        return out[:, :, None]
 
     def _sums(self, backend: str, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         real = None if key_padding_mask is None else key_padding_mask[:, None, :, None]

@@ -3,13 +3,24 @@
 Beltagy et al. 2020, "Longformer: The Long-Document Transformer", arXiv:2004.05150. Query i attends to key j iff
 ``|i - j| <= window_size`` or i is global or j is global (causal: also ``j <= i``). Cost: O(n * (w + g)) time with the
 ``torch`` backend (global rows are dense rows, O(g * n)), O(n * d) memory.
+
+Decoding (causal): the global tokens' keys and values plus a rolling buffer of the last ``window_size + 1``
+(:class:`~efficient_attn.attention.caches.GlobalRollingCache`): each token attends to the buffer and the global keys
+so far, O((g + w) * d) bytes and compute per token, constant in the context. A global query sees every earlier key,
+so decoding needs each global token's earlier keys to be global or inside its window (always true for a leading
+count; an explicit index further out is refused by ``new_cache``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 from efficient_attn.attention.base import AttentionConfig
+from efficient_attn.attention.caches import GlobalRollingCache
+from efficient_attn.attention.functional import grouped_attention
 from efficient_attn.errors import require_positive_int
 from efficient_attn.attention.patterns import LongformerPattern, Pattern
 from efficient_attn.attention.sparse_base import PatternAttention
@@ -66,6 +77,32 @@ class LongformerAttention(PatternAttention):
     #: Packed documents run each document alone (its own leading global tokens); flex's document
     #: mask could not re-anchor the pattern at each document's start.
     packing_backends = ("torch", "naive")
+    decode_unsupported_reason = None
+
+    def _new_cache(self, common: dict) -> GlobalRollingCache:
+        glob, w = self.config.global_tokens, self.config.window_size
+        positions = tuple(range(glob)) if isinstance(glob, int) else tuple(sorted(glob))
+        for i in positions:
+            far = [j for j in range(max(0, i - w)) if j not in positions]
+            if far:
+                raise ValueError(
+                    f"longformer cannot decode with global token {i}: as a global query it attends to every earlier "
+                    f"key, and key {far[0]} is neither global nor within window_size={w}, so a bounded cache would "
+                    "not hold it; use a leading count of global tokens (global_tokens=int)"
+                )
+        return GlobalRollingCache(**common, global_positions=positions, capacity=w + 1)
+
+    def _decode_step(self, cache: GlobalRollingCache, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None) -> Tensor:
+        cache.append(k, v, real)
+        ring, glob = cache.ring, cache.globals
+        global_pos = torch.tensor(cache.global_positions, dtype=torch.long, device=q.device)
+        in_ring = (ring.positions >= 0) & ~torch.isin(ring.positions, global_pos)  # global keys come from `glob`
+        keys_g, values_g, real_g = glob.view()
+        keys = torch.cat([keys_g, ring.keys], dim=2)
+        values = torch.cat([values_g, ring.values], dim=2)
+        allowed = torch.cat([real_g, ring.real & in_ring[None]], dim=1)[:, None, None, :]
+        positions = torch.cat([torch.tensor(cache.global_held, dtype=torch.long, device=q.device), ring.positions])
+        return grouped_attention(q, keys, values, allowed, self._decode_bias(q, cache.length - 1, positions))
 
     def _make_pattern(self) -> Pattern:
         cfg = self.config

@@ -36,6 +36,12 @@ Backends (shapes ``(batch, heads, seq, head_dim)``; inputs are padded internally
   time, O(n * d + n^2 / block_size^2) memory.
 * ``naive``: the same selection expanded to a dense ``(batch, heads, n, n)`` mask (:meth:`dense_mask_for`) and the
   dense oracle.
+
+Decoding (causal): a :class:`~efficient_attn.attention.caches.KVCache` of every key and value (selection may pick any
+earlier block: memory O(n)), plus the last ``block_size`` queries (a ring) and the current block's selection. When a
+token starts block r, the representative (the mean of that ring) scores the means of the cached complete key blocks
+(O(n * d / block_size) per block start, amortised O(n * d / block_size^2) per token) and the top ``top_k - 1`` are
+kept; every token of block r then attends to its own block so far and the selected blocks: O(top_k * block_size * d).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from efficient_attn.attention.base import Attention, AttentionConfig
+from efficient_attn.attention.caches import KVCache
 from efficient_attn.attention.blocked import (
     KEY_ROWS_PER_CALL,
     _Call,
@@ -57,7 +64,7 @@ from efficient_attn.attention.blocked import (
     _chunk_forward,
     _use_cpu_flash,
 )
-from efficient_attn.attention.functional import combine_masks, default_scale, dense_attention
+from efficient_attn.attention.functional import combine_masks, default_scale, dense_attention, grouped_attention
 from efficient_attn.attention.patterns import EMPTY
 from efficient_attn.errors import require_positive_int
 from efficient_attn.registry import register_attention
@@ -393,6 +400,70 @@ class MobaAttention(Attention):
     """MoBA on ``(batch, heads, seq, head_dim)`` q, k, v (see the module docstring for the selection rule)."""
 
     config: MobaConfig
+    decode_unsupported_reason = None
+
+    # ------------------------------------------------------------------------------------------------ decoding
+    def _new_cache(self, common: dict) -> KVCache:
+        cache = KVCache(**common)
+        b, h, d, bs = common["batch"], self.config.num_heads, common["head_dim"], self.config.block_size
+        cache.extra["queries"] = torch.zeros(b, h, bs, d, dtype=common["dtype"], device=common["device"])
+        cache.extra["selected"] = torch.full((b, h, max(0, self.config.top_k - 1)), EMPTY, dtype=torch.long,
+                                             device=common["device"])
+        return cache
+
+    def _remember_queries(self, cache: KVCache, q: Tensor, start: int) -> None:
+        bs = self.config.block_size
+        keep = min(q.shape[-2], bs)
+        slots = torch.arange(start + q.shape[-2] - keep, start + q.shape[-2], device=q.device) % bs
+        cache.extra["queries"][:, :, slots] = q[:, :, q.shape[-2] - keep:]
+
+    def _cache_fill(self, cache: KVCache, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None) -> None:
+        cache.append(k, v, real)
+        self._remember_queries(cache, q, 0)
+        last = (q.shape[-2] - 1) // self.config.block_size
+        selected = self.selected_blocks(q, k, real)[:, :, last, 1:]  # slot 0 is the own block
+        cache.extra["selected"] = selected
+
+    def _decode_step(self, cache: KVCache, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None) -> Tensor:
+        cfg = self.config
+        bs = cfg.block_size
+        t = cache.length
+        cache.append(k, v, real)
+        self._remember_queries(cache, q, t)
+        keys, values, is_real = cache.view()
+        row = t // bs
+        if t % bs == 0:  # a new block: its selection from the queries ending here and the complete key blocks
+            cache.extra["selected"] = self._select_for_row(cache, row, keys[:, :, : row * bs], is_real[:, : row * bs])
+        selected = cache.extra["selected"]  # (b, h, top_k - 1)
+        offs = torch.arange(bs, device=q.device)
+        history = torch.where(selected[..., None] >= 0, selected[..., None] * bs + offs, t + 1).flatten(-2)
+        own = (row * bs + offs).expand(*history.shape[:2], bs)
+        tokens = torch.cat([own, history], dim=-1)  # (b, h, s)
+        valid = tokens <= t
+        tokens = tokens.clamp_max(t)
+        index = tokens[..., None].expand(-1, -1, -1, keys.shape[-1])
+        keys_g, values_g = keys.gather(2, index), values.gather(2, index)
+        allowed = valid & is_real.gather(1, tokens.flatten(1)).view_as(tokens)
+        return grouped_attention(q, keys_g, values_g, allowed[:, :, None, :])
+
+    def _select_for_row(self, cache: KVCache, row: int, keys: Tensor, real: Tensor) -> Tensor:
+        """Long ``(b, h, top_k - 1)``: the best earlier key blocks of query block ``row`` (as :func:`select_blocks`)."""
+        bs, others = self.config.block_size, max(0, self.config.top_k - 1)
+        b, h = keys.shape[:2]
+        if row == 0 or others == 0:
+            return torch.full((b, h, others), EMPTY, dtype=torch.long, device=keys.device)
+        with torch.no_grad():
+            rep = cache.extra["queries"][:, :, 0] if row == 0 else cache.extra["queries"].sum(-2) / bs  # (b, h, d)
+            weights = rearrange(real, "b (r c) -> b 1 r c 1", c=bs).to(keys.dtype)
+            counts = weights.sum(-2)  # (b, 1, r, 1)
+            means = (rearrange(keys, "b h (r c) d -> b h r c d", c=bs) * weights).sum(-2) / counts.clamp_min(1)
+            scores = torch.einsum("bhd,bhrd->bhr", rep, means).masked_fill(counts[..., 0] <= 0, -math.inf)
+            best, index = scores.topk(min(others, row), dim=-1)
+            index = torch.where(torch.isfinite(best), index, row).sort(dim=-1).values
+            index = torch.where(index < row, index, EMPTY)
+        if index.shape[-1] < others:
+            index = F.pad(index, (0, others - index.shape[-1]), value=EMPTY)
+        return index
 
     # ------------------------------------------------------------------------------------------- selection API
     def selected_blocks(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:

@@ -383,13 +383,58 @@ class LongformerPattern(WindowPattern):
 
 
 # ------------------------------------------------------------------------------------------------------ bigbird
-def _mix_seed(seed: int, num_blocks: int, head: int, draw: int) -> int:
-    """A 63-bit generator seed that is a pure function of its arguments (splitmix-style mixing)."""
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """A 32-bit integer mixer (xorshift-multiply rounds) on int64 tensors holding values in ``[0, 2^32)``; the
+    multiplier is below 2^31, so no product overflows int64."""
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _mix_seed(seed: int, head: int, draw: int) -> int:
+    """A 32-bit stream key that is a pure function of ``(seed, head, draw)`` (splitmix-style mixing)."""
     value = 0
-    for part in (seed, num_blocks, head, draw):
+    for part in (seed, head, draw):
         value = (value ^ (part & 0xFFFFFFFFFFFFFFFF)) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
         value ^= value >> 31
-    return value & 0x7FFFFFFFFFFFFFFF
+    return value & _MASK32
+
+
+def _draw_random_blocks(
+    stream: int, rows: Tensor, first_candidate: Tensor, num_candidates: Tensor, gap_start: Tensor, gap_len: Tensor,
+    count: int,
+) -> Tensor:
+    """``count`` distinct candidate blocks per row (fewer rows with fewer candidates take all; ``EMPTY`` pads).
+
+    Row ``r``'s candidates are ``first_candidate[r] + u`` for ``u`` in ``[0, num_candidates[r])``, skipping the
+    ``gap_len[r]`` blocks from ``gap_start[r]`` on (the non-causal window). The draw is Floyd's algorithm for a
+    uniform subset, fed by :func:`_hash32` of ``(stream, row, step)``: a pure function of the row, so row r's
+    blocks do not depend on how many rows follow. O(rows * count^2) time, O(rows * count) memory.
+    """
+    picks: list[Tensor] = []
+    c = num_candidates
+    for step in range(count):
+        top = c - count + step  # Floyd: draw t in [0, top], take top itself if t was drawn before
+        key = _hash32((_hash32((rows * 0x9E37 + step) & _MASK32) ^ stream) & _MASK32)
+        t = key % (top.clamp_min(0) + 1)
+        if picks:
+            seen = torch.stack(picks, dim=-1)
+            t = torch.where((seen == t[:, None]).any(-1), top, t)
+        picks.append(t)
+    if not picks:
+        return torch.zeros(rows.numel(), 0, dtype=torch.long, device=rows.device)
+    u = torch.stack(picks, dim=-1)  # (rows, count)
+    # rows with at most `count` candidates take all of them (0 .. c - 1), the rest of the slots are empty
+    all_of_them = torch.arange(count, device=rows.device)[None, :].expand_as(u)
+    u = torch.where((c <= count)[:, None], all_of_them, u)
+    used = u < c[:, None]
+    blocks = first_candidate[:, None] + u
+    blocks = torch.where(blocks >= gap_start[:, None], blocks + gap_len[:, None], blocks)
+    blocks = torch.where(used, blocks, EMPTY)
+    return blocks.sort(dim=-1).values  # EMPTY (-1) first; callers only test membership
 
 
 class BigBirdPattern(Pattern):
@@ -399,9 +444,17 @@ class BigBirdPattern(Pattern):
     they attend to every block and every block attends to them. Every other query block ``r`` sees its window blocks
     ``r - num_window_blocks // 2 .. r + num_window_blocks // 2`` (causal: only ``<= r``), the global blocks, and
     ``num_random_blocks`` random blocks drawn (per head) from the blocks that are neither window nor global (causal:
-    only earlier blocks). A row with fewer candidates takes all of them (:meth:`effective_random_blocks`). The draw is
-    a pure function of ``(seed, nb, head, draw)`` on a CPU ``torch.Generator``, so it is identical on every device;
-    ``draw`` stays 0 unless the module is asked to redraw. Causal: ``j <= i`` on top of the block layout.
+    only earlier blocks). A row with fewer candidates takes all of them (:meth:`effective_random_blocks`).
+
+    The plan is held as a table ``(heads, nb, num_random_blocks)`` of random block ids (:meth:`random_blocks`), never
+    as a dense ``(nb, nb)`` layout: the plan, the block cover and ``mask_mod`` cost O(nb * (w + r + g)) memory and
+    time. Row r's random blocks are drawn by :func:`_draw_random_blocks`, a pure function of
+    ``(seed, head, draw, r)`` and of the row's candidate range. Causal, the candidates of row r are blocks
+    ``num_global_blocks .. r - num_window_blocks // 2 - 1``, so the plan of row r does not depend on how many blocks
+    follow: a causal output at t depends on tokens ``0..t`` only (prefix consistent; incremental decoding can draw
+    row r when it starts). Non-causal, the candidates run to the last block, so the plan of a row depends on the
+    total number of blocks (as in the paper). ``draw`` stays 0 unless the module is asked to redraw. Causal:
+    ``j <= i`` on top of the block layout.
     """
 
     per_head = True
@@ -424,57 +477,98 @@ class BigBirdPattern(Pattern):
         self.seed = seed
         #: Which draw of the random plan is in effect (0 unless the owning module redraws).
         self.draw = 0
-        self._cache: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self._cache: dict[tuple, Tensor] = {}
 
-    def _plan(self, num_blocks: int) -> tuple[Tensor, Tensor]:
-        """CPU ``(layout (heads, nb, nb) bool, random (heads, nb, nb) bool)`` for ``num_blocks``; cached."""
-        key = (num_blocks, self.draw)
-        if key not in self._cache:
-            if len(self._cache) >= 8:  # redraws would otherwise grow it without bound
-                self._cache.clear()
-            self._cache[key] = self._draw_plan(num_blocks)
-        return self._cache[key]
+    def random_blocks(self, num_blocks: int, device: torch.device | str | None = None, rows: Tensor | None = None) -> Tensor:
+        """Long ``(heads, rows, num_random_blocks)``: the random key blocks of query blocks ``rows`` (default all
+        ``num_blocks``), ascending, ``EMPTY`` for unused slots (global rows, rows with fewer candidates)."""
+        if rows is None:
+            key = (num_blocks, self.draw, str(device))
+            if key not in self._cache:
+                if len(self._cache) >= 8:  # redraws would otherwise grow it without bound
+                    self._cache.clear()
+                self._cache[key] = self._draw(num_blocks, torch.arange(num_blocks, device=device))
+            return self._cache[key]
+        return self._draw(num_blocks, rows.to(device))
 
-    def _draw_plan(self, nb: int) -> tuple[Tensor, Tensor]:
-        blk = torch.arange(nb)
-        diff = blk[None, :] - blk[:, None]  # (nb, nb): key block - query block
+    def _draw(self, nb: int, rows: Tensor) -> Tensor:
+        g, half = self.num_global_blocks, self.num_window_blocks // 2
+        zeros = torch.zeros_like(rows)
+        if self.causal:
+            first, count = torch.full_like(rows, g), (rows - half - g).clamp_min(0)
+            gap_start, gap_len = torch.full_like(rows, nb + 1), zeros
+        else:
+            lo, hi = (rows - half).clamp(g, nb), (rows + half + 1).clamp(g, nb)  # the window inside [g, nb)
+            first, gap_start, gap_len = torch.full_like(rows, g), lo, (hi - lo).clamp_min(0)
+            count = (nb - g) - gap_len
+        count = torch.where(rows < g, zeros, count.clamp_min(0))
+        return torch.stack([
+            _draw_random_blocks(_mix_seed(self.seed, head, self.draw), rows, first, count, gap_start, gap_len,
+                                self.num_random_blocks)
+            for head in range(self.num_heads)
+        ])
+
+    def layout(self, seq_len: int, device: torch.device | str | None = None) -> Tensor:
+        """Bool ``(heads, nb, nb)``: which key blocks each query block sees (before causal/length masking).
+
+        Dense in blocks (O(nb^2)): for tests and inspection only; the backends use :meth:`random_blocks`.
+        """
+        nb = math.ceil(seq_len / self.block_size)
+        blk = torch.arange(nb, device=device)
+        diff = blk[None, :] - blk[:, None]
         half = self.num_window_blocks // 2
         window = (diff >= -half) & (diff <= 0 if self.causal else diff <= half)
         glob = blk < self.num_global_blocks
-        candidates = ~window & ~glob[None, :] & ~glob[:, None]
-        if self.causal:
-            candidates &= diff < 0
-        num_candidates = candidates.sum(-1, keepdim=True)  # (nb, 1)
-        layouts, randoms = [], []
-        for head in range(self.num_heads):
-            gen = torch.Generator().manual_seed(_mix_seed(self.seed, nb, head, self.draw))
-            keys = torch.rand(nb, nb, generator=gen).masked_fill(~candidates, 2.0)
-            rank = keys.argsort(dim=-1).argsort(dim=-1)  # rank of each block among the row's draws
-            random = candidates & (rank < self.num_random_blocks) & (rank < num_candidates)
-            layouts.append(window | glob[None, :] | glob[:, None] | random)
-            randoms.append(random)
-        return torch.stack(layouts), torch.stack(randoms)
-
-    def layout(self, seq_len: int, device: torch.device | str | None = None) -> Tensor:
-        """Bool ``(heads, nb, nb)``: which key blocks each query block sees (before causal/length masking)."""
-        return self._plan(math.ceil(seq_len / self.block_size))[0].to(device)
+        table = self.random_blocks(nb, device)  # (h, nb, r)
+        random = torch.zeros(self.num_heads, nb, nb + 1, dtype=torch.bool, device=device)
+        random.scatter_(-1, torch.where(table >= 0, table, nb), True)
+        return window | glob[None, :] | glob[:, None] | random[..., :nb]
 
     def effective_random_blocks(self, seq_len: int) -> Tensor:
         """Long ``(heads, nb)``: random blocks each query block really got (0 for global rows)."""
-        return self._plan(math.ceil(seq_len / self.block_size))[1].sum(-1)
+        return (self.random_blocks(math.ceil(seq_len / self.block_size)) >= 0).sum(-1)
+
+    def _block_rule(self, table: Tensor, h: Tensor | int, q_blk: Tensor, kv_blk: Tensor) -> Tensor:
+        """Whether key block ``kv_blk`` is in query block ``q_blk``'s row (window, global or random; block level)."""
+        half, g = self.num_window_blocks // 2, self.num_global_blocks
+        diff = kv_blk - q_blk
+        allowed = (diff >= -half) & ((diff <= 0) if self.causal else (diff <= half))
+        allowed = allowed | (kv_blk < g) | (q_blk < g)
+        nb, slots = table.shape[-2], table.shape[-1]
+        flat = table.reshape(-1)
+        row = (h * nb + q_blk) * slots
+        for slot in range(slots):  # unrolled, one 1-D lookup each: scalar-friendly for FlexAttention's vmap
+            allowed = allowed | (flat[row + slot] == kv_blk)
+        return allowed
 
     def mask_mod(self, seq_len: int, device: torch.device | str | None = None) -> MaskMod:
-        layout = self.layout(seq_len, device)
-        nb, bs = layout.shape[-1], self.block_size
+        nb, bs = math.ceil(seq_len / self.block_size), self.block_size
+        table = self.random_blocks(nb, device)
 
         def bigbird_mask(b: Tensor | int, h: Tensor | int, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             inside = _in_range(q_idx, kv_idx, seq_len)
             q_blk = (q_idx // bs).clamp(0, nb - 1)
             kv_blk = (kv_idx // bs).clamp(0, nb - 1)
-            allowed = inside & layout[h, q_blk, kv_blk]
+            allowed = inside & self._block_rule(table, h, q_blk, kv_blk)
             return allowed & (kv_idx <= q_idx) if self.causal else allowed
 
         return bigbird_mask
+
+    def row_blocks(self, num_blocks: int, rows: Tensor, device: torch.device | str | None = None) -> Tensor:
+        """Long ``(heads, len(rows), slots)``: every key block of non-global query blocks ``rows`` (window, global
+        and random, causal: none after the row), ascending then ``EMPTY``; slots = window + global + random."""
+        g, half = self.num_global_blocks, self.num_window_blocks // 2
+        rows = rows.to(device)
+        offsets = torch.arange(-half, 1 if self.causal else half + 1, device=device)
+        window = rows[:, None] + offsets  # (q, w)
+        window = torch.where((window >= g) & (window < num_blocks), window, EMPTY)  # global ones come below
+        glob = torch.arange(min(g, num_blocks), device=device).expand(rows.numel(), -1)
+        random = self.random_blocks(num_blocks, device, rows=rows)  # (h, q, r)
+        h = self.num_heads
+        blocks = torch.cat([window.expand(h, -1, -1), glob.expand(h, -1, -1), random], dim=-1)
+        big = num_blocks + 1  # empty slots sort last
+        ordered = torch.where(blocks >= 0, blocks, big).sort(dim=-1).values
+        return ordered.masked_fill_(ordered >= big, EMPTY)
 
     def chunk_mask(
         self, structure: BlockStructure, mod: MaskMod, is_global: Tensor, start: int, stop: int
@@ -488,17 +582,12 @@ class BigBirdPattern(Pattern):
         return tokens, allowed
 
     def structure(self, seq_len: int, device: torch.device | str | None = None) -> BlockStructure:
-        layout = self._plan(math.ceil(seq_len / self.block_size))[0]
-        nb = layout.shape[-1]
+        nb = math.ceil(seq_len / self.block_size)
         first = min(self.num_global_blocks, nb)
-        rows = layout[:, first:]  # (h, q, nb)
-        if self.causal:
-            blk = torch.arange(nb)
-            rows = rows & (blk[None, :] <= blk[first:, None])  # future blocks hold no allowed key
-        slots = int(rows.sum(-1).max()) if rows.numel() else 0
-        # allowed block ids first (ascending), then EMPTY
-        order = torch.where(rows, torch.arange(nb), nb + torch.arange(nb)).sort(dim=-1).values[..., :slots]
-        key_blocks = torch.where(order < nb, order, EMPTY).to(device)
+        rows = torch.arange(first, nb, device=device)
+        blocks = self.row_blocks(nb, rows, device)  # (h, q, slots), rows = first .. nb - 1
+        slots = int((blocks >= 0).sum(-1).max()) if blocks.numel() else 0
+        key_blocks = blocks[..., :slots].contiguous()
         glob = torch.arange(min(first * self.block_size, seq_len), device=device)
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return BlockStructure(seq_len, self.block_size, first, key_blocks, empty, glob)

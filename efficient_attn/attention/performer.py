@@ -15,6 +15,11 @@ costs O(n * m * d) memory; here the sequence is cut into chunks of ``chunk_size`
 product finishes the job. Chunks are processed in groups of about ``BLOCK`` positions, the running ``(m, d)`` state
 carried from group to group. Memory: with autograd O(n * m + n * m * d / c + n * c) (what backward needs); forward
 alone O(n * d) plus one group's O(BLOCK * (m + m * d / c + c)).
+
+Decoding (causal): the prefix sums are the recurrent state (section 3.4 of Katharopoulos et al. 2020, arXiv:2006.16236,
+applied to FAVOR+): per key/value head ``phi(K)^T V`` ``(m, d)``, the normaliser ``phi(K)^T 1`` ``(m,)`` and the
+running key maximum of the stabiliser, constant in the context; each token folds its key in (rescaling by
+``exp(old - new)`` when the maximum rises) and reads the state with its query features: O(m * d) per token.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from einops import rearrange
 from torch import Tensor
 
 from efficient_attn.attention.base import Attention, AttentionConfig
+from efficient_attn.attention.caches import StateCache
 from efficient_attn.attention.functional import grouped_matmul
 from efficient_attn.errors import require_positive_int
 from efficient_attn.registry import register_attention
@@ -142,6 +148,30 @@ class PerformerAttention(Attention):
 
     supports_gqa = True
     supports_cross_attention = True
+    decode_unsupported_reason = None
+
+    # ------------------------------------------------------------------------------------------------ decoding
+    def _new_cache(self, common: dict) -> StateCache:
+        """State ``(kv (b, kv_heads, m, d), k_sum (b, kv_heads, 1, m), running max (b, kv_heads, 1, 1))``."""
+        b, kvh, d, m = common["batch"], common["kv_heads"], common["head_dim"], self.config.num_features
+        like = dict(dtype=common["dtype"], device=common["device"])
+        state = (torch.zeros(b, kvh, m, d, **like), torch.zeros(b, kvh, 1, m, **like),
+                 torch.full((b, kvh, 1, 1), -math.inf, **like))
+        return StateCache(**common, state=state)
+
+    def _cache_fill(self, cache: StateCache, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None) -> None:
+        kv, k_sum, running = cache.state  # type: ignore[misc]
+        phi_k, alpha, running = self._key_features(k, None if real is None else real[:, None, :, None], running)
+        kv = kv * alpha + torch.matmul(phi_k.transpose(-1, -2), v)
+        k_sum = k_sum * alpha + phi_k.sum(dim=-2, keepdim=True)
+        cache.state = (kv, k_sum, running)
+        cache.length += k.shape[-2]
+
+    def _decode_step(self, cache: StateCache, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None) -> Tensor:
+        self._cache_fill(cache, q, k, v, real)
+        kv, k_sum, _ = cache.state  # type: ignore[misc]
+        phi_q = self._query_features(q)  # (b, h, 1, m)
+        return grouped_matmul(phi_q, kv) / _nonzero(grouped_matmul(phi_q, k_sum.transpose(-1, -2)))
 
     def __init__(self, config: PerformerConfig) -> None:
         super().__init__(config)

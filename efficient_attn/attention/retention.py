@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from efficient_attn.attention.base import Attention, AttentionConfig
+from efficient_attn.attention.caches import StateCache
 from efficient_attn.attention.linear_forms import chunked_sums, parallel_sums, recurrent_step, recurrent_sums
 from efficient_attn.errors import require_positive_int
 from efficient_attn.registry import register_attention
@@ -179,6 +180,33 @@ class RetentionAttention(Attention):
     """
 
     config: RetentionConfig
+    decode_unsupported_reason = None
+
+    # ------------------------------------------------------------------------------------------------ decoding
+    def _new_cache(self, common: dict) -> StateCache:
+        """A :class:`RetentionState` (``kv`` and ``weight``): constant in the context."""
+        state = self.initial_state(common["batch"], dtype=common["dtype"], device=common["device"])
+        return StateCache(**common, state=state)
+
+    def _cache_fill(self, cache: StateCache, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None) -> None:
+        n = k.shape[-2]
+        gammas = self.gammas.to(k.dtype)
+        decay = gammas[:, None] ** torch.arange(n - 1, -1, -1, device=k.device, dtype=k.dtype)  # (h, n): to the end
+        weights = torch.ones(k.shape[0], n, dtype=k.dtype, device=k.device) if real is None else real.to(k.dtype)
+        values = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+        decayed_k = k * (decay[None, :, :, None] * weights[:, None, :, None])
+        old: RetentionState = cache.state  # type: ignore[assignment]
+        carry = gammas ** n
+        kv = carry[:, None, None] * old.kv + torch.matmul(decayed_k.transpose(-1, -2), values)
+        weight = carry * old.weight + weights @ decay.T
+        cache.state = RetentionState(kv, weight)
+        cache.length += n
+
+    def _decode_step(self, cache: StateCache, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None) -> Tensor:
+        out, cache.state = self.recurrent_step(cache.state, q[:, :, 0], k[:, :, 0], v[:, :, 0],  # type: ignore
+                                               None if real is None else real[:, 0])
+        cache.length += 1
+        return out[:, :, None]
 
     def __init__(self, config: RetentionConfig) -> None:
         super().__init__(config)

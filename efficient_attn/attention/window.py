@@ -3,13 +3,21 @@
 Beltagy et al. 2020, "Longformer: The Long-Document Transformer", arXiv:2004.05150 (sliding window, section 3.1);
 Child et al. 2019, arXiv:1904.10509 (local patterns). Query i attends to key j iff ``|i - j| <= window_size``
 (causal: ``0 <= i - j <= window_size``). Cost: O(n * w) time, O(n * d) memory with the ``torch`` backend.
+
+Decoding (causal): a rolling buffer of the last ``window_size + 1`` keys and values (Mistral's rolling cache, Jiang
+et al. 2023, arXiv:2310.06825); each token writes its slot and attends to the whole buffer: bytes and compute per
+token constant in the context.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import Tensor
+
 from efficient_attn.attention.base import AttentionConfig
+from efficient_attn.attention.caches import RollingKVCache
+from efficient_attn.attention.functional import grouped_attention
 from efficient_attn.errors import require_positive_int
 from efficient_attn.attention.patterns import Pattern, WindowPattern
 from efficient_attn.attention.sparse_base import PatternAttention
@@ -49,6 +57,16 @@ class WindowAttention(PatternAttention):
 
     config: WindowConfig
     pattern_is_translation_invariant = True
+    decode_unsupported_reason = None
+
+    def _new_cache(self, common: dict) -> RollingKVCache:
+        return RollingKVCache(**common, capacity=self.config.window_size + 1)
+
+    def _decode_step(self, cache: RollingKVCache, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None) -> Tensor:
+        cache.append(k, v, real)
+        allowed = (cache.positions >= 0)[None, None, None, :] & cache.real[:, None, None, :]
+        bias = self._decode_bias(q, cache.length - 1, cache.positions)
+        return grouped_attention(q, cache.keys, cache.values, allowed, bias)
 
     def _make_pattern(self) -> Pattern:
         cfg = self.config
