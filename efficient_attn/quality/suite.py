@@ -689,7 +689,10 @@ def run_metrics(
         for r in read_rows(out / RESULTS_FILE)
         if r["status"] == "ok" and r["seed"] == "0"
     }
-    cells = [c for c in plan_cells(suite) if c.seed == 0 and c.key() in finished and model_path(out, c).exists()]
+    # the grid's and the heads sweep's models (a curve point's model is the same variant at another setting)
+    cells = [c for c in plan_cells(suite) if c.seed == 0 and c.key() in finished and model_path(out, c).exists()
+             and c.params_json == _json(suite.params.get(c.variant, {}))
+             and c.task_params_json == _json(suite.task_params.get(c.task, {}))]
     for cell in tqdm(cells, desc="metrics", unit="model", disable=not progress):
         model = load_trained_model(suite, cell, out)
         batch = TASKS[cell.task].generate(eval_rows, cell.seq_len, eval_seed(0), **json.loads(cell.task_params_json))
