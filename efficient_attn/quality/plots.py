@@ -313,6 +313,7 @@ def heads_figure(summary: Any, path: str | Path, *, variant: str = "full", stall
         left.axvline(stall, color="grey", linestyle="--", linewidth=1, label=f"stops improving: {stall} heads")
     _log2_ticks(left, heads)
     _percent_axis(left, None)
+    left.set_ylim(-3, 112)  # room for the labels above 100%
     left.set_xlabel("number of heads (width fixed)")
     left.set_title(f"{variant}: accuracy; heads costing > 1 point when removed", fontsize=10)
     left.legend(fontsize=8, loc="lower right")

@@ -293,6 +293,8 @@ def write_report(run_dir: str | Path, *, num_heads: int | None = None) -> Path:
                   f"{100 * COUNT_MARGIN:.0f} points with a seed std of at most {100 * STD_LIMIT:.0f} within the "
                   "budget, so differences between variants there say "
                   "nothing about long-range ability (they are shown, not interpreted).", ""]
+    elif not validity:
+        lines += ["No task has a finished `full` row yet, so none can be judged (nothing below is interpreted).", ""]
     else:
         lines += ["Every task counts at every length.", ""]
     # ---- accuracy table
@@ -337,6 +339,16 @@ def write_report(run_dir: str | Path, *, num_heads: int | None = None) -> Path:
     if errors_path.exists():
         errors = pd.read_csv(errors_path)
         lines += _error_section(errors)
+        if suite is not None:
+            used = {**suite.params}
+            for curve in suite.curves:
+                if curve.where == "attention" and curve.variant not in used and curve.variant not in suite.variants:
+                    points = suite.curve_points(curve)
+                    used[curve.variant] = points[len(points) // 2][0]
+            shown = sorted(set(errors["variant"]) & set(used))
+            if shown:
+                lines += ["Parameters behind the table (a variant only on a knob curve: its first curve's middle "
+                          "value): " + "; ".join(f"{v} `{_dumps(used[v])}`" for v in shown) + ".", ""]
         if len(errors[(errors["status"] == "ok") & (errors["variant"] != "full")]):
             figures.append(plots.error_plot(errors, run_dir / "errors.png"))
             lines += ["![relative error](errors.png)", ""]

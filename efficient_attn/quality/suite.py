@@ -680,8 +680,15 @@ def run_metrics(
 
     out = Path(out)
     heads = suite.train.num_heads
+    # the grid's variants at their params; a variant only on a knob curve at the middle value of its first curve
+    error_params, error_variants = dict(suite.params), list(suite.variants)
+    for curve in suite.curves:
+        if curve.where == "attention" and curve.variant not in error_variants:
+            points = suite.curve_points(curve)
+            error_params[curve.variant] = points[len(points) // 2][0]
+            error_variants.append(curve.variant)
     error_rows = random_input_errors(
-        suite.variants, suite.error_lengths, suite.params, num_heads=heads, head_dim=suite.train.dim // heads
+        error_variants, suite.error_lengths, error_params, num_heads=heads, head_dim=suite.train.dim // heads
     )
     diversity_rows: list[dict[str, Any]] = []
     finished = {
