@@ -247,7 +247,8 @@ def state_size_curves(points: Any, path: str | Path, *, ceiling: tuple[float, fl
     variants = list(dict.fromkeys(points["variant"]))
     cols = min(3, len(variants))
     rows = -(-len(variants) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4.6 * cols, 7.0), 3.8 * rows), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat[len(variants):]:
         ax.set_visible(False)
     for ax, variant in zip(axes.flat, variants):
@@ -266,7 +267,9 @@ def state_size_curves(points: Any, path: str | Path, *, ceiling: tuple[float, fl
         _log2_ticks(ax, sorted(part["value"].unique()))
         _percent_axis(ax, chance)
         ax.set_xlabel(f"{part['param'].iloc[0]} (log scale)")
-        ax.set_title(f"{variant}: seeds per point {int(part['n'].min())}-{int(part['n'].max())}", fontsize=10)
+        low, high = int(part["n"].min()), int(part["n"].max())
+        ax.set_title(f"{variant}: {low if low == high else f'{low}-{high}'} seed{'s' if high > 1 else ''} per point",
+                     fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(title or "MQAR accuracy vs each variant's state size (dots: single seeds)", fontsize=11)
     return _save(fig, path)
