@@ -195,7 +195,9 @@ def trained_errors(
     rows = []
     layers = capture_qkv(model, tokens, key_padding_mask)
     for index, (attn, (q, k, v)) in enumerate(zip(_attention_modules(model), layers)):
-        full = build_attention("full", dim=attn.config.dim, num_heads=attn.config.num_heads).eval()
+        # the reference has the model's own causality: a causal LM's core is compared with causal full attention
+        full = build_attention("full", dim=attn.config.dim, num_heads=attn.config.num_heads,
+                               causal=attn.config.causal).eval()
         y_full = full.attend(q, k, v, key_padding_mask)
         y = attn.attend(q, k, v, key_padding_mask)
         rows.append(

@@ -6,6 +6,10 @@
 * :func:`error_plot` -- relative error against full attention vs length (random inputs; trained activations).
 * :func:`head_similarity_heatmap` -- heads x heads cosine similarity per layer, outputs and attention maps.
 * :func:`similarity_vs_heads` -- mean off-diagonal head similarity against the number of heads.
+* :func:`state_size_curves` -- zoology's figure (Arora et al. 2023, arXiv:2312.04927, fig. 2): accuracy against each
+  variant's capacity knob, one panel per variant, ``full`` as the ceiling band.
+* :func:`pairs_curve` -- accuracy against the number of key-value pairs at a fixed knob.
+* :func:`heads_figure` -- the heads question: accuracy, head similarity and important heads against head count.
 
 Every function takes tidy pandas frames (the CSVs the suite writes) and a path, and returns the path written.
 Colours are fixed per variant key by :func:`efficient_attn.report.palette.variant_colour`, the palette the benchmark
@@ -28,6 +32,9 @@ __all__ = [
     "error_plot",
     "head_similarity_heatmap",
     "similarity_vs_heads",
+    "state_size_curves",
+    "pairs_curve",
+    "heads_figure",
 ]
 
 
@@ -211,6 +218,118 @@ def similarity_vs_heads(summary: Any, path: str | Path, *, title: str, variant: 
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def _percent_axis(ax: Any, chance: float | None) -> None:
+    if chance is not None:
+        ax.axhline(100 * chance, color="grey", linestyle=":", linewidth=1, label=f"chance ({100 * chance:.1f}%)")
+    ax.set_ylim(-3, 105)
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.grid(alpha=0.3)
+
+
+def _log2_ticks(ax: Any, values: list[Any]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(values, [str(v) for v in values])
+    ax.minorticks_off()
+
+
+def state_size_curves(points: Any, path: str | Path, *, ceiling: tuple[float, float] | None,
+                      chance: float | None = None, title: str = "") -> Path:
+    """Accuracy (mean +/- std over seeds, every seed as a dot) against each variant's knob, one panel per variant.
+
+    ``points`` columns: variant, param, value, mean, std, n, accuracies (a list per row); ``ceiling``: ``full``'s
+    (mean, std) at the same task, drawn as a black band in every panel."""
+    plt = _plt()
+    if points.empty:
+        raise ValueError("state_size_curves: no points")
+    variants = list(dict.fromkeys(points["variant"]))
+    cols = min(3, len(variants))
+    rows = -(-len(variants) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4.6 * cols, 7.0), 3.8 * rows), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[len(variants):]:
+        ax.set_visible(False)
+    for ax, variant in zip(axes.flat, variants):
+        part = points[points["variant"] == variant].sort_values("value")
+        colour = variant_colour(variant)
+        if ceiling is not None:
+            mean, std = ceiling
+            ax.axhline(100 * mean, color=variant_colour("full"), linewidth=1.5, label=f"full (ceiling) {100 * mean:.1f}%")
+            if std == std:  # not NaN
+                ax.axhspan(100 * (mean - std), 100 * min(mean + std, 1.0), color=variant_colour("full"), alpha=0.12)
+        ax.errorbar(part["value"], 100 * part["mean"], yerr=100 * part["std"].fillna(0), marker="o", capsize=3,
+                    color=colour, label=f"{variant} (mean ± std)")
+        for _, r in part.iterrows():
+            ax.scatter([r["value"]] * len(r["accuracies"]), [100 * a for a in r["accuracies"]], s=12, color=colour,
+                       alpha=0.45, zorder=3)
+        _log2_ticks(ax, sorted(part["value"].unique()))
+        _percent_axis(ax, chance)
+        ax.set_xlabel(f"{part['param'].iloc[0]} (log scale)")
+        low, high = int(part["n"].min()), int(part["n"].max())
+        ax.set_title(f"{variant}: {low if low == high else f'{low}-{high}'} seed{'s' if high > 1 else ''} per point",
+                     fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title or "MQAR accuracy vs each variant's state size (dots: single seeds)", fontsize=11)
+    return _save(fig, path)
+
+
+def pairs_curve(points: Any, path: str | Path, *, chance: float | None = None, title: str = "") -> Path:
+    """Accuracy (mean +/- std over seeds) against the number of pairs, one line per variant (label: its params)."""
+    plt = _plt()
+    if points.empty:
+        raise ValueError("pairs_curve: no points")
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+    for label, part in points.groupby("label", sort=False):
+        part = part.sort_values("value")
+        variant = part["variant"].iloc[0]
+        ax.errorbar(part["value"], 100 * part["mean"], yerr=100 * part["std"].fillna(0), marker="o", capsize=3,
+                    color=variant_colour(variant), label=label,
+                    linestyle="-" if variant == "full" else "--")
+    _log2_ticks(ax, sorted(points["value"].unique()))
+    _percent_axis(ax, chance)
+    ax.set_xlabel(f"{points['param'].iloc[0]} (log scale)")
+    ax.set_title(title or "MQAR accuracy vs number of key-value pairs (mean ± std over seeds)", fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def heads_figure(summary: Any, path: str | Path, *, variant: str = "full", stall: int | None = None) -> Path:
+    """Two panels against the number of heads: accuracy (mean +/- std over seeds) and the mean pairwise cosine of
+    head outputs and attention maps (mean over seeds), with the number of important heads annotated.
+
+    ``summary`` columns: num_heads, acc_mean, acc_std, output_cosine, map_cosine, important_heads."""
+    plt = _plt()
+    if summary.empty:
+        raise ValueError("heads_figure: no rows")
+    summary = summary.sort_values("num_heads")
+    heads = [int(h) for h in summary["num_heads"]]
+    hue = variant_colour(variant)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 4.2), layout="constrained")
+    left.errorbar(heads, 100 * summary["acc_mean"], yerr=100 * summary["acc_std"].fillna(0), marker="o", capsize=3,
+                  color=hue, label="accuracy (mean ± std)")
+    for h, acc, imp in zip(heads, summary["acc_mean"], summary["important_heads"]):
+        left.annotate(f"{imp:.1f} important", (h, 100 * acc), textcoords="offset points", xytext=(0, 9),
+                      ha="center", fontsize=7)
+    if stall is not None:
+        left.axvline(stall, color="grey", linestyle="--", linewidth=1, label=f"stops improving: {stall} heads")
+    _log2_ticks(left, heads)
+    _percent_axis(left, None)
+    left.set_ylim(-3, 112)  # room for the labels above 100%
+    left.set_xlabel("number of heads (width fixed)")
+    left.set_title(f"{variant}: accuracy; heads costing > 1 point when removed", fontsize=10)
+    left.legend(fontsize=8, loc="lower right")
+    right.plot(heads, summary["output_cosine"], marker="o", color=hue, label="head outputs")
+    right.plot(heads, summary["map_cosine"], marker="s", linestyle="--", color=shade(hue, SHADES[1]),
+               label="attention maps")
+    _log2_ticks(right, heads)
+    right.set_ylim(-0.05, 1.05)
+    right.set_xlabel("number of heads (width fixed)")
+    right.set_ylabel("mean pairwise cosine (over layers, seeds)")
+    right.set_title("how similar the heads are (1 head: no pair)", fontsize=10)
+    right.legend(fontsize=8)
+    right.grid(alpha=0.3)
     return _save(fig, path)
 
 
