@@ -1,6 +1,8 @@
 """Issue 19 item 6: ``effattn quality`` behaves like ``bench``: one-line errors with status 2 (bad options, a missing
 suite, a changed --steps on resume, a bad meta.json), 130 on Ctrl-C, and the heads sweep follows the filters."""
 
+from pathlib import Path
+
 import pytest
 
 from efficient_attn import cli
@@ -52,11 +54,12 @@ def test_ctrl_c_is_130_and_says_how_to_resume(capsys, tmp_path, monkeypatch):
 
 
 def test_the_heads_sweep_follows_the_filters(capsys):
-    filtered = load_suite(DEFAULT_SUITE, tasks=["listops"], variants=["window"], lengths=[64])
+    heads = Path(DEFAULT_SUITE).with_name("heads.toml")  # the suite that has a heads sweep (mqar, full, 64 tokens)
+    filtered = load_suite(heads, tasks=["mqar"], variants=["full"], lengths=[128])
     cells = plan_cells(filtered)
-    assert {(c.task, c.variant, c.seq_len) for c in cells} == {("listops", "window", 64)}
-    assert filtered.heads_sweep is None and "--tasks does not include its 'recall'" in filtered.dropped_heads_sweep
+    assert {(c.task, c.variant, c.seq_len) for c in cells} == {("mqar", "full", 128)}
+    assert filtered.heads_sweep is None and "--lengths does not include its 64" in filtered.dropped_heads_sweep
     # filters that keep the sweep's task, variant and length keep the sweep
-    kept = load_suite(DEFAULT_SUITE, tasks=["recall"], variants=["full"], lengths=[256])
-    assert kept.heads_sweep is not None and {c.num_heads for c in plan_cells(kept)} == {1, 2, 4, 8}
-    assert load_suite(DEFAULT_SUITE).heads_sweep is not None  # no filters: the suite's sweep
+    kept = load_suite(heads, tasks=["mqar"], variants=["full"], lengths=[64])
+    assert kept.heads_sweep is not None and {c.num_heads for c in plan_cells(kept)} == {1, 2, 4, 8, 16}
+    assert load_suite(heads).heads_sweep is not None  # no filters: the suite's sweep
