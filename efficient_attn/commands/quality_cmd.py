@@ -27,7 +27,7 @@ DEFAULT_SUITE = Path(__file__).resolve().parents[2] / "bench" / "quality" / "def
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", default=str(DEFAULT_SUITE), help="quality suite TOML (default: bench/quality/default.toml)")
-    parser.add_argument("--tasks", nargs="+", action=UniqueItems, default=None, help="tasks to run (recall, listops); default: the suite's")
+    parser.add_argument("--tasks", nargs="+", action=UniqueItems, default=None, help="tasks to run (mqar, recall, listops); default: the suite's")
     parser.add_argument("--variants", nargs="+", action=UniqueItems, default=None, help="registry keys; default: the suite's")
     parser.add_argument("--lengths", nargs="+", type=positive_int, action=UniqueItems, default=None, help="sequence lengths; default: the suite's")
     parser.add_argument("--seeds", type=positive_int, default=None, help="number of seeds (0..N-1); default: the suite's")
@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     cells = plan_cells(suite)
     print(f"quality: {len(cells)} cells ({len(suite.tasks)} tasks x {len(suite.variants)} variants x "
-          f"{len(suite.lengths)} lengths x {suite.seeds} seeds{' + heads sweep' if suite.heads_sweep else ''}) "
+          f"{len(suite.lengths)} lengths x {suite.seeds} seeds"
+          f"{f' + {len(suite.curves)} curves' if suite.curves else ''}{' + heads sweep' if suite.heads_sweep else ''}) "
           f"-> {out}")
     started = time.perf_counter()
     try:
