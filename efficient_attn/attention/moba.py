@@ -453,7 +453,7 @@ class MobaAttention(Attention):
         if row == 0 or others == 0:
             return torch.full((b, h, others), EMPTY, dtype=torch.long, device=keys.device)
         with torch.no_grad():
-            rep = cache.extra["queries"][:, :, 0] if row == 0 else cache.extra["queries"].sum(-2) / bs  # (b, h, d)
+            rep = cache.extra["queries"].sum(-2) / bs  # (b, h, d): the ring holds queries row*bs - bs + 1 .. row*bs
             weights = rearrange(real, "b (r c) -> b 1 r c 1", c=bs).to(keys.dtype)
             counts = weights.sum(-2)  # (b, 1, r, 1)
             means = (rearrange(keys, "b h (r c) d -> b h r c d", c=bs) * weights).sum(-2) / counts.clamp_min(1)
