@@ -523,7 +523,7 @@ def _diversity_section(diversity: Any, num_heads: int, run_dir: Path) -> tuple[l
         lines.append("")
     # Heat map of one model: full on the first task at the shortest length
     pick = diversity[(diversity["num_heads"] == num_heads)]
-    if len(pick):
+    if len(pick) and num_heads > 1:  # one head has no pair: its 1 x 1 self-similarity says nothing
         first = pick.sort_values(["seq_len"]).iloc[0]
         variant = "full" if "full" in set(pick["variant"]) else first["variant"]
         task = sorted(pick[pick["variant"] == variant]["task"].unique())[0]
