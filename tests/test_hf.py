@@ -381,3 +381,15 @@ def test_grouped_heads_reach_our_kernel_unrepeated(key):
     assert out.shape == (2, 24, 4, 8) and k.grad.shape == k.shape
     grouped = [m for m in hf.attention_modules(variant.name) if m.config.num_kv_heads == 1]
     assert len(grouped) == 1 and grouped[0].last_backend != "naive"
+
+
+def test_shared_builder_sliding_window_is_mistral_with_that_window():
+    model = build_hf_llama(layers=1, hidden=32, heads=4, kv_heads=2, intermediate=64, vocab=VOCAB, sliding_window=4)
+    assert type(model).__name__ == "MistralModel" and model.config.sliding_window == 4
+    # the sliding window changes the result against the same weights without it (16 tokens > 4-key window)
+    plain = build_hf_llama(layers=1, hidden=32, heads=4, kv_heads=2, intermediate=64, vocab=VOCAB)
+    ids = tokens(1, 16)
+    assert not torch.allclose(model(ids).last_hidden_state, plain(ids).last_hidden_state)
+    torch.testing.assert_close(model(ids[:, :4]).last_hidden_state, plain(ids[:, :4]).last_hidden_state)
+    with pytest.raises(ValueError, match="sliding_window"):
+        build_hf_llama(layers=1, hidden=32, heads=4, vocab=VOCAB, sliding_window=0)

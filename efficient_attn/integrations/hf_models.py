@@ -14,7 +14,15 @@ from torch import nn
 
 from efficient_attn.integrations.hf import check_hf_model
 
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, LlamaModel
+from transformers import (
+    AttentionInterface,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+    MistralConfig,
+    MistralForCausalLM,
+    MistralModel,
+)
 
 __all__ = ["build_hf_llama", "llama_config"]
 
@@ -29,15 +37,23 @@ def llama_config(
     vocab: int = 256,
     max_positions: int = 1 << 17,
     attn_implementation: str = "sdpa",
-) -> LlamaConfig:
-    """A ``LlamaConfig`` of the given shape (``kv_heads`` None = ``heads``, i.e. no GQA)."""
+    sliding_window: int | None = None,
+) -> LlamaConfig | MistralConfig:
+    """A ``LlamaConfig`` of the given shape (``kv_heads`` None = ``heads``, i.e. no GQA).
+
+    ``sliding_window=w`` gives a ``MistralConfig`` instead (the same architecture plus a causal sliding window of
+    ``w`` keys, the query itself included: our ``window_size = w - 1``).
+    """
+    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                       or sliding_window < 1):
+        raise ValueError(f"sliding_window must be a positive int or None; got {sliding_window!r}")
     known = ["eager", *AttentionInterface().valid_keys()]
     if attn_implementation not in known:
         raise ValueError(
             f"unknown attn_implementation {attn_implementation!r}; known now: {', '.join(known)} "
             "(register ours first with efficient_attn.integrations.hf.register_hf)"
         )
-    return LlamaConfig(
+    shape = dict(
         num_hidden_layers=layers,
         hidden_size=hidden,
         num_attention_heads=heads,
@@ -47,6 +63,9 @@ def llama_config(
         max_position_embeddings=max_positions,
         attn_implementation=attn_implementation,
     )
+    if sliding_window is not None:
+        return MistralConfig(**shape, sliding_window=sliding_window)
+    return LlamaConfig(**shape)
 
 
 def build_hf_llama(
@@ -60,11 +79,13 @@ def build_hf_llama(
     *,
     lm_head: bool = False,
     max_positions: int = 1 << 17,
+    sliding_window: int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """A ``LlamaModel`` (``lm_head=True``: ``LlamaForCausalLM``) with random weights from ``seed``, in eval mode.
+    """A ``LlamaModel`` (``lm_head=True``: ``LlamaForCausalLM``) with random weights from ``seed``, in eval mode;
+    with ``sliding_window`` a ``MistralModel`` / ``MistralForCausalLM`` (see :func:`llama_config`).
 
     Returns:
         The model; ``model(input_ids)`` takes ``(batch, seq)`` token ids.
@@ -81,8 +102,13 @@ def build_hf_llama(
         vocab=vocab,
         max_positions=max_positions,
         attn_implementation=attn_implementation,
+        sliding_window=sliding_window,
     )
+    if sliding_window is None:
+        cls = LlamaForCausalLM if lm_head else LlamaModel
+    else:
+        cls = MistralForCausalLM if lm_head else MistralModel
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = (LlamaForCausalLM if lm_head else LlamaModel)(config)
+        model = cls(config)
     return check_hf_model(model.to(device=device, dtype=dtype).eval())
