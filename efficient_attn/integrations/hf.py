@@ -119,6 +119,7 @@ _IGNORED_ARGUMENTS = (
     "output_hidden_states",
     "return_dict",
     "encoder_hidden_states",  # a self-attention layer ignores it; cross-attention fails the length check
+    "deterministic",  # ModernBERT's flag for flash-attn's backward; our kernels' results do not depend on it
 )
 #: Attention-call arguments that would change the result: refused unless unset.
 _REFUSED_ARGUMENTS = (
@@ -356,6 +357,15 @@ def expand_kv(key: Tensor, value: Tensor, num_heads: int) -> tuple[Tensor, Tenso
     return (repeat(t, "b g n d -> b (g r) n d", r=groups) for t in (key, value))  # type: ignore[return-value]
 
 
+def _same_window(layer_window: int, mask: CompactMask) -> bool:
+    """Whether a layer's ``sliding_window`` argument names its mask's window. The mask (checked on the band by
+    :func:`describe_mask`) is what we honour; the argument is for flash-attn, in two conventions: the config's ``w``
+    (Mistral, Qwen2) or, in bidirectional ModernBERT, ``w + 1`` (flash-attn's inclusive bound for ``|i - j| <= w``)."""
+    if mask.sliding_window is None:
+        return False
+    return layer_window == mask.sliding_window or (not mask.causal and layer_window == mask.sliding_window + 1)
+
+
 def _owner(module: nn.Module) -> str:
     return type(module).__name__
 
@@ -428,7 +438,7 @@ class HFVariant:
                 f"{self.name} in {owner}: is_causal={is_causal} disagrees with the model's mask "
                 f"({'causal' if mask.causal else 'bidirectional'})"
             )
-        if sliding_window is not None and sliding_window != mask.sliding_window:
+        if sliding_window is not None and not _same_window(sliding_window, mask):
             raise ValueError(
                 f"{self.name} in {owner}: the layer asks for sliding_window={sliding_window} but its mask has "
                 f"{mask.sliding_window}"
