@@ -16,7 +16,7 @@ import efficient_attn as ea
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import MistralConfig, MistralForCausalLM  # noqa: E402
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from efficient_attn.attention.caches import KVCache, RollingKVCache, StateCache  # noqa: E402
 from efficient_attn.integrations import hf  # noqa: E402
@@ -83,7 +83,24 @@ def test_generate_with_full_matches_sdpa_through_the_dynamic_cache():
     caches = [c for c in hf.decode_caches(name) if c.batch == 2]
     # one KV cache per layer, holding the prompt and all but the last new token, the padding marked
     assert len(caches) == 2 and all(type(c) is KVCache and c.length == 7 + 9 for c in caches)
+    assert all(c.kv_heads == 2 for c in caches)  # GQA: the 2 key/value heads as they are, not repeated to 4
     assert all(not c.all_real and not bool(c.real[1, :3].any()) for c in caches)
+
+
+def test_generate_in_qwen2_with_full_and_window_matches_sdpa():
+    # Another current decoder (attention bias on q, k, v); window 64 > 17 tokens is full attention here.
+    def qwen2(attn: str):
+        config = Qwen2Config(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, attn_implementation=attn,
+        )
+        torch.manual_seed(0)
+        return hf.check_hf_model(Qwen2ForCausalLM(config).eval())
+
+    ids, mask = left_padded_prompts()
+    expected = generate(qwen2("sdpa"), ids, mask, 10)
+    for name in (hf.register_hf("full"), hf.register_hf("window", name="efficient_attn:window-64", window_size=64)):
+        assert_same_generation(generate(qwen2(name), ids, mask, 10), expected)
 
 
 def test_generate_with_window_matches_mistral_sliding_window_cache():

@@ -84,9 +84,9 @@ def test_backend_and_params_reach_our_registration():
     assert name == "efficient_attn:window(backend='naive',window_size=3)"
     with torch.no_grad():
         forward()
-    from efficient_attn.integrations.hf import attention_modules
-
-    assert {m.last_backend for m in attention_modules(name)} == {"naive"}
+    built = hf_workload.attention_modules_for(c)
+    assert built and {m.last_backend for m in built} == {"naive"}
+    assert hf_workload.attention_modules_for(cell("transformers-sdpa")) == []
 
 
 def test_row_info_names_the_version_and_the_implementation():

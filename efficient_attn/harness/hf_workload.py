@@ -30,6 +30,7 @@ from efficient_attn.harness.plan import Cell
 
 __all__ = [
     "HF_LEVEL",
+    "attention_modules_for",
     "TRANSFORMERS_IMPLEMENTATIONS",
     "TRANSFORMERS_PEERS",
     "build_hf_parts",
@@ -170,3 +171,13 @@ def hf_row_info(cell: Cell) -> dict[str, str]:
         "transformers_version": importlib.metadata.version("transformers"),
         "attn_implementation": implementation_name(cell),
     }
+
+
+def attention_modules_for(cell: Cell) -> list[nn.Module]:
+    """Our attention modules that ``cell``'s registration has built so far (after a first forward; to read
+    ``last_backend``), shared by every model of that registration; empty for transformers' implementations."""
+    if _is_transformers(cell):
+        return []
+    from efficient_attn.integrations.hf import attention_modules
+
+    return attention_modules(implementation_name(cell))
