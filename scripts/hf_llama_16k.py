@@ -1,7 +1,7 @@
 """Forward time and peak memory of a transformers LlamaModel with our ``window`` attention vs transformers' ``sdpa``.
 
 Issue 16's performance check: LlamaModel (no LM head), 2 layers, hidden 256, 4 heads, intermediate 1024, vocab 256,
-float32, one sequence of 16K tokens. Each implementation runs in its own fresh process (so peak RSS means something):
+float32, one sequence of 16K tokens, ``use_cache=False`` (no key/value cache on either side). Each implementation runs in its own fresh process (so peak RSS means something):
 one cold forward under ``rss_probe`` (peak resident-set growth), then timed forwards (median), then one forward under
 ``StorageTracker`` (exact live tensor bytes created by the forward; kernel-internal workspaces are invisible to it).
 
@@ -32,15 +32,15 @@ def one(impl: str, seq: int, reps: int, window: int) -> dict:
     with torch.no_grad():
         with rss_probe() as probe:
             t0 = time.perf_counter()
-            model(ids)
+            model(ids, use_cache=False)
             cold = time.perf_counter() - t0
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            model(ids)
+            model(ids, use_cache=False)
             times.append(time.perf_counter() - t0)
         with StorageTracker() as tracker:
-            model(ids)
+            model(ids, use_cache=False)
     backends = sorted({m.last_backend for m in attention_modules(name)}) if impl == "window" else ["sdpa"]
     return {
         "impl": name,

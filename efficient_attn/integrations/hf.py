@@ -36,9 +36,21 @@ How the pieces meet:
 * **GQA**: k and v arrive with ``heads / num_key_value_groups`` heads. A variant with grouped heads (its class's
   ``supports_gqa``) is built with ``num_kv_heads`` and reads them as they are, never repeated outside ``naive``; only
   a variant without grouped heads gets them repeated by :func:`expand_kv`.
-* **Generation**: our ``attend`` needs q and k of one length. A prefill (no cached tokens) runs; a decode step (one new
-  query against cached keys) or cross-attention is a clear error. ``model.generate(..., use_cache=False)`` recomputes
-  the whole prefix each step and so runs through our attention.
+* **Generation** (``model.generate``, or any forward with ``use_cache=True``): transformers keeps its own key/value
+  cache (``DynamicCache``; a sliding-window config's layers keep the last ``sliding_window - 1`` keys) and hands the
+  attention the new tokens' queries with every cached key. Our variants decode with our own caches
+  (:mod:`efficient_attn.attention.caches`): a causal prefill with ``use_cache=True`` (query offset 0) makes a fresh
+  decode cache of ours for that layer (``new_cache``, filled by ``attend(..., cache=)``), replacing an earlier
+  generation's; a later call (query offset > 0, one token or a chunk) appends the new tokens, the last ``q_len`` keys
+  and values transformers passes, to it. So ``full`` keeps every key (a second copy next to transformers'), ``window``
+  a rolling ``window_size + 1``, and performer / linear / retention their constant-size state, which transformers'
+  cache could not hold. The two caches are tied by transformers' layer module (held weakly: ours go with the model)
+  and checked every step: our length must be the query offset and our last key the key transformers holds before the
+  new ones, so an interleaved generation or a reordered cache (beam search) is an error, not a wrong result. A cache
+  cropped by assisted generation is followed where ours is a plain KV cache (``full``, ``bigbird``) and an error
+  elsewhere; static caches (``cache_implementation="static"``) and cross-attention are errors. Left padding: the
+  prompt's padding comes from the 2D ``attention_mask`` and stays marked in our cache. Pass ``use_cache=False`` for a
+  forward that will not be continued (no cache of ours is made then). :func:`decode_caches` lists ours.
 
 Supported: transformers ``>= 5.0, < 6`` (:data:`SUPPORTED_TRANSFORMERS`); tested with 5.24 only. ``AttentionInterface``
 arrived in 4.48 and ``AttentionMaskInterface`` in 4.53, but 4.x builds encoder (BERT) masks outside it; early 5.x
@@ -52,6 +64,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -61,6 +74,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from efficient_attn.attention.base import Attention
+from efficient_attn.attention.caches import Cache, KVCache
 from efficient_attn.registry import build_attention, build_config, get_spec
 
 try:
@@ -82,6 +96,7 @@ __all__ = [
     "attention_modules",
     "check_hf_model",
     "check_transformers_version",
+    "decode_caches",
     "describe_mask",
     "expand_kv",
     "register_hf",
@@ -100,10 +115,11 @@ _BUILTIN_NAMES = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash
 _IGNORED_ARGUMENTS = (
     "position_ids",
     "cache_position",
-    "use_cache",
+    "use_cache",  # read: a causal prefill with use_cache=True fills our decode cache
     "output_hidden_states",
     "return_dict",
     "encoder_hidden_states",  # a self-attention layer ignores it; cross-attention fails the length check
+    "deterministic",  # ModernBERT's flag for flash-attn's backward; our kernels' results do not depend on it
 )
 #: Attention-call arguments that would change the result: refused unless unset.
 _REFUSED_ARGUMENTS = (
@@ -271,6 +287,13 @@ def describe_mask(
         if q_length and int(cache_position[-1]) - q_offset != q_length - 1:
             raise ValueError("efficient_attn's mask function needs consecutive query positions (cache_position)")
     q_offset = int(q_offset)
+    if q_offset + q_length != kv_offset + kv_length:
+        raise NotImplementedError(
+            f"efficient_attn's mask function got {q_length} queries from position {q_offset} against {kv_length} keys "
+            f"from position {kv_offset}: our attention takes self-attention whose new tokens are the last keys (no "
+            "cache, or transformers' dynamic caches); static caches (cache_implementation='static') and "
+            "cross-attention are not supported"
+        )
     if device is None:
         device = attention_mask.device if attention_mask is not None else "cpu"
     if use_vmap:
@@ -334,8 +357,32 @@ def expand_kv(key: Tensor, value: Tensor, num_heads: int) -> tuple[Tensor, Tenso
     return (repeat(t, "b g n d -> b (g r) n d", r=groups) for t in (key, value))  # type: ignore[return-value]
 
 
+def _same_window(layer_window: int, mask: CompactMask) -> bool:
+    """Whether a layer's ``sliding_window`` argument names its mask's window. The mask (checked on the band by
+    :func:`describe_mask`) is what we honour; the argument is for flash-attn, in two conventions: the config's ``w``
+    (Mistral, Qwen2) or, in bidirectional ModernBERT, ``w + 1`` (flash-attn's inclusive bound for ``|i - j| <= w``)."""
+    if mask.sliding_window is None:
+        return False
+    return layer_window == mask.sliding_window or (not mask.causal and layer_window == mask.sliding_window + 1)
+
+
 def _owner(module: nn.Module) -> str:
     return type(module).__name__
+
+
+def _croppable(cache: Cache, given_key: Tensor) -> bool:
+    """Whether ``cache`` can drop its last tokens the way transformers' ``DynamicCache.crop`` does (assisted
+    generation): a plain :class:`KVCache` (every key and value, nothing else) of the keys as transformers holds them."""
+    return type(cache) is KVCache and not cache.extra and cache.kv_heads == given_key.shape[1]
+
+
+@dataclass(eq=False)
+class _DecodeState:
+    """One layer's decode cache of ours next to transformers' cache, and the last key it took (as transformers holds
+    it: before any GQA repeat), to check that the two caches still hold the same tokens."""
+
+    cache: Cache
+    last_key: Tensor
 
 
 class HFVariant:
@@ -348,6 +395,8 @@ class HFVariant:
         self.params = dict(params)
         self.spec = get_spec(key)
         self.modules: dict[tuple, Attention] = {}
+        #: Our decode caches: per transformers attention layer (held weakly: they go with the model), per module.
+        self.decode_states: weakref.WeakKeyDictionary[nn.Module, dict[int, _DecodeState]] = weakref.WeakKeyDictionary()
 
     # --------------------------------------------------------------------------------------- the mask interface
     def mask(self, *args: Any, **kwargs: Any) -> CompactMask:
@@ -376,12 +425,11 @@ class HFVariant:
         mask = self._require_mask(owner, attention_mask)
         batch, heads, q_len, head_dim = query.shape
         kv_len = key.shape[-2]
-        if q_len != kv_len or mask.q_offset != mask.kv_offset:
+        if (q_len, kv_len) != (mask.q_length, mask.kv_length) or mask.q_offset + q_len != mask.kv_offset + kv_len:
             raise NotImplementedError(
-                f"{self.name} in {owner}: query length {q_len} (from position {mask.q_offset}) against {kv_len} keys "
-                f"(from position {mask.kv_offset}); our attend needs queries and keys of one length, so decode steps "
-                "against a cache and cross-attention are not supported yet: run a prefill, or "
-                "generate(..., use_cache=False)"
+                f"{self.name} in {owner}: {q_len} queries from position {mask.q_offset} against {kv_len} keys from "
+                f"position {mask.kv_offset}: the new tokens must be the last keys (self-attention over a dynamic "
+                "cache); cross-attention and static caches (cache_implementation='static') are not supported"
             )
         if value.shape[-1] != head_dim:
             raise ValueError(f"{self.name} in {owner}: value head_dim {value.shape[-1]} != query head_dim {head_dim}")
@@ -390,11 +438,12 @@ class HFVariant:
                 f"{self.name} in {owner}: is_causal={is_causal} disagrees with the model's mask "
                 f"({'causal' if mask.causal else 'bidirectional'})"
             )
-        if sliding_window is not None and sliding_window != mask.sliding_window:
+        if sliding_window is not None and not _same_window(sliding_window, mask):
             raise ValueError(
                 f"{self.name} in {owner}: the layer asks for sliding_window={sliding_window} but its mask has "
                 f"{mask.sliding_window}"
             )
+        given_key = key
         kv_heads = key.shape[1]
         if not self.spec.module_cls.supports_gqa:
             key, value = expand_kv(key, value, heads)
@@ -404,8 +453,75 @@ class HFVariant:
         )
         if scaling is not None and not math.isclose(scaling, head_dim**-0.5, rel_tol=1e-12):
             query = query * (scaling * math.sqrt(head_dim))  # our variants score with 1/sqrt(head_dim)
-        out = attn.attend(query, key, value, key_padding_mask=mask.key_padding)
+        if mask.q_offset > 0:  # a decode step (or a chunk) after tokens transformers' cache already holds
+            out = self._decode(owner, module, attn, mask, query, key, value, given_key)
+        elif mask.causal and extra.get("use_cache") and self.spec.module_cls.decode_unsupported_reason is None:
+            out = self._prefill_into_cache(module, attn, mask, query, key, value, given_key)
+        else:
+            out = attn.attend(query, key, value, key_padding_mask=mask.key_padding)
         return rearrange(out, "b h n d -> b n h d").contiguous(), None
+
+    # ------------------------------------------------------------------------------ decoding with transformers
+    def _prefill_into_cache(
+        self, layer: nn.Module, attn: Attention, mask: CompactMask, q: Tensor, k: Tensor, v: Tensor, given_key: Tensor
+    ) -> Tensor:
+        """A first chunk with ``use_cache``: our attention over it, and a fresh decode cache of ours for ``layer``
+        (replacing the one of an earlier generation) filled with it."""
+        cache = attn.new_cache(q.shape[0], device=q.device, dtype=q.dtype)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            out = attn.attend(q, k, v, key_padding_mask=mask.key_padding)  # the cache must not hold the graph
+            attn.fill_cache(cache, q.detach(), k.detach(), v.detach(), mask.key_padding)
+        else:
+            out = attn.attend(q, k, v, key_padding_mask=mask.key_padding, cache=cache)
+        self.decode_states.setdefault(layer, {})[id(attn)] = _DecodeState(cache, given_key[:, :, -1:].detach().clone())
+        return out
+
+    def _decode(
+        self,
+        owner: str,
+        layer: nn.Module,
+        attn: Attention,
+        mask: CompactMask,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        given_key: Tensor,
+    ) -> Tensor:
+        """New tokens at ``mask.q_offset``... against transformers' cache: our own decode cache for ``layer`` takes the
+        new tokens (the last ``q_len`` keys and values) after checking it holds exactly what transformers' does."""
+        reason = self.spec.module_cls.decode_unsupported_reason
+        if reason is not None:
+            raise NotImplementedError(
+                f"{self.name} in {owner}: {self.key!r} cannot decode with a cache ({reason}); generate with "
+                "use_cache=False"
+            )
+        state = self.decode_states.get(layer, {}).get(id(attn))
+        q_len = q.shape[-2]
+        if state is None:
+            raise ValueError(
+                f"{self.name} in {owner}: queries from position {mask.q_offset} but this layer has no decode cache of "
+                "ours: the tokens before them did not run through this registration with use_cache=True"
+            )
+        cache = state.cache
+        if cache.length > mask.q_offset and _croppable(cache, given_key):  # assisted generation rejected a draft
+            cache.length = mask.q_offset
+            state.last_key = cache.keys[:, :, mask.q_offset - 1 : mask.q_offset]
+        if cache.length != mask.q_offset or cache.batch != q.shape[0]:
+            raise ValueError(
+                f"{self.name} in {owner}: transformers' cache holds {mask.q_offset} tokens x batch {q.shape[0]}, ours "
+                f"{cache.length} x batch {cache.batch}: a cache that was cropped, reordered or resized (assisted "
+                "generation, beam search, contrastive search) cannot be mirrored; use greedy or sampling generation"
+            )
+        previous = given_key[:, :, -q_len - 1 : -q_len]
+        if previous.shape[-2] == 1 and not torch.equal(previous, state.last_key):
+            raise ValueError(
+                f"{self.name} in {owner}: transformers' cache no longer holds the keys ours was filled with (another "
+                "generation interleaved, or the cache was reordered, e.g. by beam search); start a new generation"
+            )
+        real = None if mask.key_padding is None else mask.key_padding[:, -q_len:]
+        out = attn.attend(q, k[:, :, -q_len:], v[:, :, -q_len:], key_padding_mask=real, cache=cache)
+        state.last_key = given_key[:, :, -1:].detach().clone()
+        return out
 
     def _check_extra(self, owner: str, extra: dict[str, Any], output_attentions: bool) -> None:
         if output_attentions:
@@ -558,6 +674,14 @@ def attention_modules(name: str) -> list[Attention]:
         return list(_VARIANTS[name].modules.values())
     except KeyError:
         raise KeyError(f"{name!r} is not registered by register_hf (registered: {', '.join(_VARIANTS)})") from None
+
+
+def decode_caches(name: str) -> list[Cache]:
+    """Our decode caches a registration holds now (one per layer of each model that generated with it; they are
+    replaced by the next generation's prefill and go with their model), e.g. to read their ``nbytes``."""
+    if name not in _VARIANTS:
+        raise KeyError(f"{name!r} is not registered by register_hf (registered: {', '.join(_VARIANTS)})")
+    return [state.cache for states in _VARIANTS[name].decode_states.values() for state in states.values()]
 
 
 def check_hf_model(model: nn.Module) -> nn.Module:
