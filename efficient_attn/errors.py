@@ -104,7 +104,7 @@ def _describe(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(arg) for arg in typing.get_args(hint))
     if origin is tuple:
-        return f"a tuple of {_describe(typing.get_args(hint)[0]).split(' ', 1)[-1]}s"
+        return f"a tuple (or list) whose items are each {_describe(typing.get_args(hint)[0])}"
     return getattr(hint, "__name__", str(hint))
 
 
@@ -138,9 +138,18 @@ def check_typed_value(name: str, value: object, hint: Any, owner: str | None = N
     """Raise a ``ValueError`` ``"<name> must be <type in words>, got <value>"`` when ``value`` is not of the
     type ``hint`` (bool only for bool: ``'no'`` and ``1`` are refused; an int for int; any real number for float;
     a list or tuple for ``tuple[...]``, element by element; unions and None as written)."""
-    if not _matches(value, hint):
-        whose = f" (a parameter of {owner})" if owner else ""
-        raise ValueError(f"{name}{whose} must be {_describe(hint)}, got {value!r} ({type(value).__name__})")
+    if _matches(value, hint):
+        return
+    whose = f" ({owner})" if owner else ""
+    arms = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for arm in arms:  # a list or tuple for a tuple[X, ...] field: name the first item that is not an X
+        args = typing.get_args(arm)
+        if typing.get_origin(arm) is tuple and len(args) == 2 and args[1] is Ellipsis and isinstance(value, (tuple, list)):
+            for i, item in enumerate(value):
+                if not _matches(item, args[0]):
+                    raise ValueError(f"{name}[{i}] must be {_describe(args[0])}, got {item!r} "
+                                     f"({type(item).__name__}) in {name}={value!r}{whose}")
+    raise ValueError(f"{name} must be {_describe(hint)}, got {value!r} ({type(value).__name__}){whose}")
 
 
 def check_field_types(instance: object, owner: str | None = None) -> None:

@@ -98,9 +98,9 @@ class AttentionConfig:
     def __post_init__(self) -> None:
         # every field against its declared type first (a bool field takes a bool only, ...), so the checks below
         # and the subclasses' (which run after this) compare values of the right type
-        check_field_types(self, type(self).__name__)
         require_positive_int("dim", self.dim)
         require_positive_int("num_heads", self.num_heads)
+        check_field_types(self, type(self).__name__)
         if self.dim % self.num_heads != 0:
             raise ValueError(
                 f"num_heads={self.num_heads} must divide dim={self.dim} "
