@@ -231,3 +231,54 @@ def test_gradients_of_unreached_rows_stay_finite():
     finite = torch.isfinite(out)
     out.masked_fill(~finite, 0).sum().backward()
     assert torch.isfinite(q.grad).all()
+
+
+def _cross_cases():
+    for key in ea.list_attentions():
+        if ea.get_spec(key).module_cls.supports_cross_attention:
+            yield key
+
+
+@pytest.mark.parametrize("key", list(_cross_cases()))
+def test_cross_attention_bad_key_reaches_the_rows_that_see_it(key):
+    """Encoder-decoder attention (q_len != kv_len): a bad real encoder key reaches every decoder row (all of
+    them see every real key); a bad padded encoder key reaches none; a bad decoder query only its own row (all rows
+    of its head where queries are mixed)."""
+    attn, dtype = _build(key, "torch" if "torch" in ea.get_spec(key).backends else ea.get_spec(key).backends[0],
+                         False)
+    gen = torch.Generator().manual_seed(4)
+    hd, kv = attn.config.head_dim, attn.config.num_kv_heads
+    q = torch.randn(2, HEADS, 6, hd, generator=gen, dtype=dtype)
+    k, v = (torch.randn(2, kv, 11, hd, generator=gen, dtype=dtype) for _ in range(2))
+    real = torch.ones(2, 11, dtype=torch.bool)
+    real[1, 8:] = False
+    k[0, 0, 2, 0] = math.nan  # real: every row of the heads that share kv head 0
+    k[1, 0, 9, 0] = math.inf  # padded: nobody
+    q[1, 1, 4, 0] = math.nan  # its own row
+    with torch.no_grad():
+        out = attn.attend(q, k, v, key_padding_mask=real, cross=True)
+    reached = ~torch.isfinite(out).all(-1)
+    group = HEADS // kv
+    expected = torch.zeros_like(reached)
+    expected[0, :group] = True
+    if attn.queries_independent:
+        expected[1, 1, 4] = True
+    else:  # Nystrom: the query landmarks mix every decoder query of the head
+        expected[1, 1, :] = True
+    assert torch.equal(reached, expected), reached.nonzero().tolist()
+
+
+def test_alibi_and_dropout_do_not_hide_a_far_bad_key():
+    """The reach rerun turns ALiBi off (its bias would underflow far weights) and dropout off (it would drop the
+    bad token at random): in training mode with both, a bad key still reaches exactly its pattern's rows."""
+    attn = build_for_test("full", dim=DIM, num_heads=HEADS, causal=True, backend="naive", alibi=True,
+                          dropout=0.5).train()
+    n = 600  # head 0's slope is 1/4: exp(-600 / 4) underflows in float32
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, HEADS, n, DIM // HEADS, generator=gen) for _ in range(3))
+    k[0, 0, 0, 0] = math.nan
+    out = attn.attend(q, k, v)
+    reached = ~torch.isfinite(out).all(-1)
+    expected = torch.zeros_like(reached)
+    expected[0, 0, :] = True
+    assert torch.equal(reached, expected)
