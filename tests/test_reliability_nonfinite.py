@@ -282,3 +282,20 @@ def test_alibi_and_dropout_do_not_hide_a_far_bad_key():
     expected = torch.zeros_like(reached)
     expected[0, 0, :] = True
     assert torch.equal(reached, expected)
+
+
+@pytest.mark.parametrize("bad_at,reached", [(0, False), (SEQ - 2, True)])
+def test_fill_cache_remembers_bad_tokens_within_the_window(bad_at, reached):
+    """``fill_cache`` (what benchmarks use) keeps the cache finite and remembers the bad position: a window query
+    sees a bad key only while it is inside its window (window 5 here)."""
+    attn, dtype = _build("window", "torch", True)
+    q, k, v, _ = _inputs(attn, dtype, seed=3)
+    k = k.clone()
+    k[:, :, bad_at, 0] = math.nan
+    cache = attn.new_cache(BATCH, dtype=dtype)
+    attn.fill_cache(cache, q, k, v)
+    assert all(torch.isfinite(t).all() for t in cache.tensors() if t.is_floating_point())
+    step = _inputs(attn, dtype, seed=4)
+    with torch.no_grad():
+        out = attn.attend(*(t[:, :, :1] for t in step[:3]), cache=cache)
+    assert bool((~torch.isfinite(out)).any()) == reached

@@ -25,6 +25,13 @@ the variant's ``_decode_step`` one token at a time. Variants that cannot decode 
 ``key_padding_mask`` is bool ``(batch, seq)`` with True = real token. A query with no allowed key (all of its keys
 are padding, or masked by the pattern) yields zeros, never NaN.
 
+Non-finite inputs (one rule for every variant and backend, enforced here, not in the kernels): a NaN or infinite
+query gives a NaN output row; a non-finite key or value gives NaN exactly in the rows whose pattern includes that
+token (causal, window, globals, random blocks, the selection, packed documents), and a padded one reaches nobody;
+every other row is unchanged. ``attend`` checks with one reduction pass; only when something is non-finite does it
+run the backend on cleaned inputs and mark the rows (:meth:`Attention._nonfinite_reach`). Decode caches hold the
+cleaned tokens and remember where the bad ones were.
+
 Subclasses implement ``_attend_<name>`` for each backend listed in their registry spec, and ``auto_backend``.
 Exact pattern variants also implement ``dense_mask(seq_len)`` and ``num_pairs(seq_len)``. What a variant supports
 beyond the plain core (grouped key/value heads, ALiBi, packing, cross-attention) is declared by the class attributes
