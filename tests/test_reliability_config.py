@@ -72,7 +72,7 @@ def _field_cases():
 
 @pytest.mark.parametrize("key,field,value", list(_field_cases()))
 def test_every_field_refuses_a_value_of_the_wrong_type(key, field, value):
-    with pytest.raises(ValueError, match=rf"^{field} .*must be .*got {re.escape(repr(value))}"):
+    with pytest.raises(ValueError, match=rf"^{field} .*must .*got {re.escape(repr(value))}"):
         ea.build_config(key, **{**_base(key), field: value})
 
 

@@ -103,21 +103,22 @@ class AttentionConfig:
     rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
-        # every field against its declared type first (a bool field takes a bool only, ...), so the checks below
-        # and the subclasses' (which run after this) compare values of the right type
+        # the shared fields' own checks (type-safe, with the allowed values), then every field against its declared
+        # type (a bool field takes a bool only, a float field a number, ...), so that the range checks below and
+        # the subclasses' (which run after this) always compare values of the right type
         require_positive_int("dim", self.dim)
         require_positive_int("num_heads", self.num_heads)
-        check_field_types(self, type(self).__name__)
         if self.dim % self.num_heads != 0:
             raise ValueError(
                 f"num_heads={self.num_heads} must divide dim={self.dim} "
                 f"(e.g. num_heads in {[h for h in range(1, 17) if self.dim % h == 0]})"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.causal, bool):
             raise ValueError(f"causal must be a bool, got {self.causal!r}")
         self._check_shape_fields()
+        check_field_types(self, type(self).__name__)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
     def _check_shape_fields(self) -> None:
         """Validate (and resolve) ``num_kv_heads``, ``alibi``, ``rope`` and ``rope_base``."""
