@@ -128,7 +128,7 @@ def test_causal_refused_with_reason(key, reason):
     [
         ("linformer", dict(k=0), r"k must be a positive int, got 0"),
         ("linformer", dict(k=-3), r"k must be a positive int, got -3"),
-        ("linformer", dict(k=2.5), r"k must be an int, got 2.5"),
+        ("linformer", dict(k=2.5), r"k must be a positive int, got 2.5"),
         ("linformer", dict(max_len=0), r"max_len must be a positive int, got 0"),
         ("linformer", dict(share_kv="yes"), r"share_kv must be a bool"),
         ("linformer", dict(headwise=1), r"headwise must be a bool"),

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -103,9 +104,8 @@ class AttentionConfig:
     rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
-        # the shared fields' own checks (type-safe, with the allowed values), then every field against its declared
-        # type (a bool field takes a bool only, a float field a number, ...), so that the range checks below and
-        # the subclasses' (which run after this) always compare values of the right type
+        # every field is also checked against its declared type, after all the specific checks (see
+        # _with_field_types: they name allowed values, which the generic check cannot)
         require_positive_int("dim", self.dim)
         require_positive_int("num_heads", self.num_heads)
         if self.dim % self.num_heads != 0:
@@ -115,10 +115,14 @@ class AttentionConfig:
             )
         if not isinstance(self.causal, bool):
             raise ValueError(f"causal must be a bool, got {self.causal!r}")
-        self._check_shape_fields()
-        check_field_types(self, type(self).__name__)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        self._check_shape_fields()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__post_init__" in cls.__dict__:
+            cls.__post_init__ = _with_field_types(cls.__dict__["__post_init__"])
 
     def _check_shape_fields(self) -> None:
         """Validate (and resolve) ``num_kv_heads``, ``alibi``, ``rope`` and ``rope_base``."""
@@ -151,6 +155,28 @@ class AttentionConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _with_field_types(post_init):
+    """Wrap a config's ``__post_init__`` so that every field is checked against its declared type
+    (:func:`~efficient_attn.errors.check_field_types`: a bool field takes a bool only, a float field a number, ...)
+    for every variant without code of its own: after the variant's specific checks (whose messages name the allowed
+    values) when they pass, and instead of the raw ``TypeError`` a value of the wrong type made them raise."""
+
+    @functools.wraps(post_init)
+    def checked(self) -> None:
+        try:
+            post_init(self)
+        except TypeError:
+            check_field_types(self, type(self).__name__)  # a clear ValueError naming the field, if that was it
+            raise
+        if type(self).__post_init__ is checked:  # once, in the most derived config's __post_init__
+            check_field_types(self, type(self).__name__)
+
+    return checked
+
+
+AttentionConfig.__post_init__ = _with_field_types(AttentionConfig.__post_init__)  # type: ignore[method-assign]
 
 
 class Attention(nn.Module):
