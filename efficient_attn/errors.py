@@ -5,17 +5,25 @@ One way to say each kind of mistake, used by the registry, the attention configs
 * :func:`unknown_name_error`: an unknown name (key, suite, peer, option value) with the nearest valid names;
 * :func:`check_parameter_names`: unknown keyword parameters, each with its nearest spelling, and the allowed list;
 * :func:`require_positive_int`: a positive int (bools rejected);
+* :func:`check_typed_value`, :func:`check_field_types`: a value of the type a (dataclass) field declares;
 * :func:`did_you_mean`: the hint itself, for errors of other classes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-from typing import Iterable
+import numbers
+import types
+import typing
+from typing import Any, Iterable
 
 __all__ = [
     "BackendUnavailableError",
+    "check_field_types",
     "check_parameter_names",
+    "check_required_parameters",
+    "check_typed_value",
     "did_you_mean",
     "require_positive_int",
     "suggest",
@@ -78,3 +86,84 @@ def require_positive_int(name: str, value: object, error: type[Exception] = Valu
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise error(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def _describe(hint: Any) -> str:
+    """``'a bool'``, ``'an int or None'``, ``'a tuple of floats'``: the type in words, for messages."""
+    if hint is type(None):
+        return "None"
+    if hint is bool:
+        return "a bool (True or False)"
+    if hint is int:
+        return "an int"
+    if hint is float:
+        return "a number (float)"
+    if hint is str:
+        return "a str"
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if origin is tuple:
+        return f"a tuple (or list) whose items are each {_describe(typing.get_args(hint)[0])}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _matches(value: object, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(item, args[0]) for item in value)
+        return len(args) == len(value) and all(_matches(item, arg) for item, arg in zip(value, args))
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # a hint this checker does not read: the field's own validation decides
+
+
+def check_typed_value(name: str, value: object, hint: Any, owner: str | None = None) -> None:
+    """Raise a ``ValueError`` ``"<name> must be <type in words>, got <value>"`` when ``value`` is not of the
+    type ``hint`` (bool only for bool: ``'no'`` and ``1`` are refused; an int for int; any real number for float;
+    a list or tuple for ``tuple[...]``, element by element; unions and None as written)."""
+    if _matches(value, hint):
+        return
+    whose = f" ({owner})" if owner else ""
+    arms = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for arm in arms:  # a list or tuple for a tuple[X, ...] field: name the first item that is not an X
+        args = typing.get_args(arm)
+        if typing.get_origin(arm) is tuple and len(args) == 2 and args[1] is Ellipsis and isinstance(value, (tuple, list)):
+            for i, item in enumerate(value):
+                if not _matches(item, args[0]):
+                    raise ValueError(f"{name}[{i}] must be {_describe(args[0])}, got {item!r} "
+                                     f"({type(item).__name__}) in {name}={value!r}{whose}")
+    raise ValueError(f"{name} must be {_describe(hint)}, got {value!r} ({type(value).__name__}){whose}")
+
+
+def check_field_types(instance: object, owner: str | None = None) -> None:
+    """:func:`check_typed_value` for every init field of the dataclass ``instance``, from its declared types."""
+    hints = typing.get_type_hints(type(instance))
+    for field in dataclasses.fields(instance):  # type: ignore[arg-type]
+        if field.init and field.name in hints:
+            check_typed_value(field.name, getattr(instance, field.name), hints[field.name], owner)
+
+
+def check_required_parameters(given: Iterable[str], required: list[str], owner: str) -> None:
+    """Raise a ``TypeError`` naming the ``required`` parameters missing from ``given`` (after the unknown ones were
+    refused by :func:`check_parameter_names`, so a misspelt name is reported as itself, not as a missing one)."""
+    missing = [name for name in required if name not in set(given)]
+    if missing:
+        raise TypeError(f"{owner} needs {', '.join(missing)} (missing required parameter"
+                        f"{'s' if len(missing) > 1 else ''})")

@@ -31,7 +31,7 @@ import fnmatch
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from efficient_attn.errors import check_parameter_names, unknown_name_error
+from efficient_attn.errors import check_parameter_names, check_required_parameters, unknown_name_error
 
 if TYPE_CHECKING:  # pragma: no cover - import only for type checkers
     from efficient_attn.attention.base import Attention, AttentionConfig
@@ -173,16 +173,20 @@ def build_config(key: str, **fields: Any) -> "AttentionConfig":
         ValueError: a value the config rejects.
     """
     spec = get_spec(key)
-    allowed = [f.name for f in dataclasses.fields(spec.config_cls) if f.init]
+    init_fields = [f for f in dataclasses.fields(spec.config_cls) if f.init]
+    allowed = [f.name for f in init_fields]
     check_parameter_names(fields, allowed, f"attention {key!r}")
+    required = [f.name for f in init_fields
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    check_required_parameters(fields, required, f"attention {key!r}")
     return spec.config_cls(**fields)
 
 
 def build_attention(
     key: str,
     *,
-    dim: int,
-    num_heads: int,
+    dim: int | None = None,
+    num_heads: int | None = None,
     causal: bool = False,
     backend: str = "auto",
     **params: Any,
@@ -191,14 +195,17 @@ def build_attention(
 
     Args:
         key: registry key (see :func:`list_attentions`).
-        dim: model width; must be divisible by ``num_heads``.
-        num_heads: number of heads.
+        dim: model width (required); must be divisible by ``num_heads``.
+        num_heads: number of heads (required).
         causal: mask future keys (only for variants whose spec says ``supports_causal``).
         backend: ``"auto"`` or one of the spec's backends.
-        **params: the variant's own config fields (e.g. ``window_size``); a misspelt name is a ``TypeError``.
+        **params: the variant's own config fields (e.g. ``window_size``); a misspelt name is a ``TypeError`` that
+            names it and its nearest spelling (``num_head``: did you mean ``num_heads``), checked before a
+            missing ``dim`` / ``num_heads`` is reported (which is why they default to None here).
 
     Returns:
         An ``nn.Module``: ``forward(x)`` maps ``(batch, seq, dim)`` to ``(batch, seq, dim)``.
     """
-    config = build_config(key, dim=dim, num_heads=num_heads, causal=causal, backend=backend, **params)
+    required = {name: value for name, value in (("dim", dim), ("num_heads", num_heads)) if value is not None}
+    config = build_config(key, **required, causal=causal, backend=backend, **params)
     return get_spec(key).module_cls(config)

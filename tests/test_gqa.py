@@ -180,13 +180,14 @@ def test_naive_repeats_so_the_watch_can_fail():
 
 def test_flex_grouped_heads_alibi_and_padding():
     """CPU FlexAttention: float32, forward only, one compile for grouped heads + ALiBi's score_mod + padding (its
-    float64 pattern reference is in tests/test_flex.py): equals the same variant on repeated heads, and the float64
-    ALiBi reference of tests/test_positions.py."""
+    float64 pattern reference is in tests/test_flex.py): the kernel gets the 2 shared heads with ``enable_gqa`` and
+    equals the float64 ALiBi reference of tests/test_positions.py on the repeated heads (no second flex run on
+    repeated heads: that would compile a second kernel for the 4-head shape, and the dense reference is stronger)."""
     from test_positions import alibi_reference
 
     key, causal, padded = "window", False, True
-    gqa, mha = gqa_and_reference(key, 2, causal=causal, backend="flex", alibi=True)
-    gqa, mha = gqa.float().eval(), mha.float().eval()
+    gqa, _ = gqa_and_reference(key, 2, causal=causal, backend="flex", alibi=True)
+    gqa = gqa.float().eval()
     seen = []
     real = flex_backend.compiled_flex_attention()
 
@@ -199,9 +200,7 @@ def test_flex_grouped_heads_alibi_and_padding():
     with mock.patch.object(flex_backend, "compiled_flex_attention", return_value=spy), torch.no_grad():
         out = gqa.attend(q, k, v, key_padding_mask=kpm)
     assert seen == [(2, 2, True)] and gqa.last_backend == "flex"
-    ref = mha.attend(q, repeat_kv(k, 2), repeat_kv(v, 2), key_padding_mask=kpm)  # flex runs 4 heads: same kernel
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
-    dense = alibi_reference(q, k, v, pattern_with_padding(gqa.dense_mask(37), kpm)).float()
+    dense = alibi_reference(q, k, v, pattern_with_padding(gqa.dense_mask(37), kpm)).float()  # repeats k, v itself
     torch.testing.assert_close(out, dense, atol=2e-5, rtol=1e-4)
     with pytest.raises(ea.BackendUnavailableError, match="forward-only"):
         gqa.attend(q.requires_grad_(), k, v)

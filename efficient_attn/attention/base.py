@@ -25,6 +25,13 @@ the variant's ``_decode_step`` one token at a time. Variants that cannot decode 
 ``key_padding_mask`` is bool ``(batch, seq)`` with True = real token. A query with no allowed key (all of its keys
 are padding, or masked by the pattern) yields zeros, never NaN.
 
+Non-finite inputs (one rule for every variant and backend, enforced here, not in the kernels): a NaN or infinite
+query gives a NaN output row; a non-finite key or value gives NaN exactly in the rows whose pattern includes that
+token (causal, window, globals, random blocks, the selection, packed documents), and a padded one reaches nobody;
+every other row is unchanged. ``attend`` checks with one reduction pass; only when something is non-finite does it
+run the backend on cleaned inputs and mark the rows (:meth:`Attention._nonfinite_reach`). Decode caches hold the
+cleaned tokens and remember where the bad ones were.
+
 Subclasses implement ``_attend_<name>`` for each backend listed in their registry spec, and ``auto_backend``.
 Exact pattern variants also implement ``dense_mask(seq_len)`` and ``num_pairs(seq_len)``. What a variant supports
 beyond the plain core (grouped key/value heads, ALiBi, packing, cross-attention) is declared by the class attributes
@@ -33,17 +40,26 @@ read by :func:`capabilities`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from efficient_attn.attention import packing
 from efficient_attn.attention import positions as positional
-from efficient_attn.errors import BackendUnavailableError, require_positive_int, unknown_name_error
+from efficient_attn.errors import (
+    BackendUnavailableError,
+    check_field_types,
+    require_positive_int,
+    unknown_name_error,
+)
 from efficient_attn.registry import get_spec, list_attentions
 
 from efficient_attn.attention.caches import Cache
@@ -88,6 +104,8 @@ class AttentionConfig:
     rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
+        # every field is also checked against its declared type, after all the specific checks (see
+        # _with_field_types: they name allowed values, which the generic check cannot)
         require_positive_int("dim", self.dim)
         require_positive_int("num_heads", self.num_heads)
         if self.dim % self.num_heads != 0:
@@ -95,11 +113,16 @@ class AttentionConfig:
                 f"num_heads={self.num_heads} must divide dim={self.dim} "
                 f"(e.g. num_heads in {[h for h in range(1, 17) if self.dim % h == 0]})"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.causal, bool):
             raise ValueError(f"causal must be a bool, got {self.causal!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         self._check_shape_fields()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__post_init__" in cls.__dict__:
+            cls.__post_init__ = _with_field_types(cls.__dict__["__post_init__"])
 
     def _check_shape_fields(self) -> None:
         """Validate (and resolve) ``num_kv_heads``, ``alibi``, ``rope`` and ``rope_base``."""
@@ -134,6 +157,28 @@ class AttentionConfig:
         return dataclasses.asdict(self)
 
 
+def _with_field_types(post_init):
+    """Wrap a config's ``__post_init__`` so that every field is checked against its declared type
+    (:func:`~efficient_attn.errors.check_field_types`: a bool field takes a bool only, a float field a number, ...)
+    for every variant without code of its own: after the variant's specific checks (whose messages name the allowed
+    values) when they pass, and instead of the raw ``TypeError`` a value of the wrong type made them raise."""
+
+    @functools.wraps(post_init)
+    def checked(self) -> None:
+        try:
+            post_init(self)
+        except TypeError:
+            check_field_types(self, type(self).__name__)  # a clear ValueError naming the field, if that was it
+            raise
+        if type(self).__post_init__ is checked:  # once, in the most derived config's __post_init__
+            check_field_types(self, type(self).__name__)
+
+    return checked
+
+
+AttentionConfig.__post_init__ = _with_field_types(AttentionConfig.__post_init__)  # type: ignore[method-assign]
+
+
 class Attention(nn.Module):
     """Base class of every registered variant (see the module docstring for the contract)."""
 
@@ -166,6 +211,11 @@ class Attention(nn.Module):
     _redraw_frozen: bool = False
     #: Whether the running ``attend`` call is cross-attention (read by variants that treat it differently).
     _call_is_cross: bool = False
+    #: Set while the non-finite reach rerun runs (see ``_nonfinite_reach``): dropout and ALiBi are off.
+    _reaching: bool = False
+    #: Whether every earlier token of a decode cache is in the pattern of the newest query (full and the recurrent
+    #: states); None = read it from ``mask_mod`` when the variant has one, else True.
+    decode_reaches_all_earlier: ClassVar[bool | None] = None
 
     def __init__(self, config: AttentionConfig) -> None:
         super().__init__()
@@ -218,6 +268,8 @@ class Attention(nn.Module):
         cfg = self.config
         if cache is not None and context is not None:
             raise ValueError("a decode cache is for causal self-attention; it cannot be used with context")
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected x as a tensor (batch, seq, {cfg.dim}), got a {type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != cfg.dim:
             raise ValueError(f"expected x of shape (batch, seq, {cfg.dim}), got {tuple(x.shape)}")
         if context is None:
@@ -297,13 +349,105 @@ class Attention(nn.Module):
                 )
                 self.last_backend = backend
             self._check_packing(backend)
+        if not all_finite(q, k, v):
+            return self._attend_nonfinite(backend, q, k, v, key_padding_mask, document_ids)
+        return self._dispatch(backend, q, k, v, key_padding_mask, document_ids)
+
+    def _dispatch(
+        self, backend: str, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+        document_ids: Tensor | None, fn=None,
+    ) -> Tensor:
+        """Run ``_attend_<backend>`` (or ``fn(q, k, v, key_padding_mask)``), once per document when packed."""
+        if document_ids is None:
+            return (fn or getattr(self, f"_attend_{backend}"))(q, k, v, key_padding_mask)
+        if fn is None:
             native = getattr(self, f"_attend_{backend}_packed", None)
             if native is not None:
                 return native(q, k, v, key_padding_mask, document_ids)
-            return packing.attend_per_document(
-                getattr(self, f"_attend_{backend}"), q, k, v, key_padding_mask, document_ids, self
-            )
-        return getattr(self, f"_attend_{backend}")(q, k, v, key_padding_mask)
+            fn = getattr(self, f"_attend_{backend}")
+        return packing.attend_per_document(fn, q, k, v, key_padding_mask, document_ids, self)
+
+    # ------------------------------------------------------------------------------------- non-finite inputs
+    def _attend_nonfinite(
+        self, backend: str, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+        document_ids: Tensor | None,
+    ) -> Tensor:
+        """``attend`` when q, k or v holds a NaN or an infinity: the rule every variant and backend follows.
+
+        A non-finite query makes its own output row NaN; a non-finite key or value makes NaN exactly the output rows
+        whose pattern includes that token (:meth:`_nonfinite_reach`), and a padded token reaches nobody. Every other
+        row is the variant's output on the cleaned inputs (non-finite entries set to 0), so no kernel ever sees a
+        NaN: ``0 x NaN`` in a masked product, a NaN key in a gathered block or a compiled kernel's NaN handling
+        cannot spread it, hide it or change other rows.
+        """
+        bad_q = ~torch.isfinite(q).all(-1)  # (b, h, q_len)
+        bad_kv = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # (b, kv_heads, kv_len)
+        q, k, v = (_cleaned(t) for t in (q, k, v))
+        out = self._dispatch(backend, q, k, v, key_padding_mask, document_ids)
+        with torch.no_grad(), self._reach_run():
+            reached = self._nonfinite_reach(backend, q.detach(), k.detach(), bad_q, bad_kv, key_padding_mask,
+                                            document_ids)
+        return out.masked_fill(reached[..., None], math.nan)
+
+    def _nonfinite_reach(
+        self, backend: str, q: Tensor, k: Tensor, bad_q: Tensor, bad_kv: Tensor, key_padding_mask: Tensor | None,
+        document_ids: Tensor | None,
+    ) -> Tensor:
+        """Bool ``(batch, heads, q_len)``: the output rows a non-finite token reaches.
+
+        ``q``, ``k`` are the cleaned inputs, ``bad_q`` ``(batch, heads, q_len)`` and ``bad_kv`` ``(batch, kv_heads,
+        kv_len)`` mark the non-finite tokens. The default reruns the same backend with ``q = k = 0`` (uniform
+        weights over each row's pattern, so no weight underflows) and ``v`` = the indicator of bad keys: a row
+        whose output is > 0 has a bad token in its pattern (causal, window, globals, random blocks, padding,
+        documents). No ``n x n`` tensor; dropout, ALiBi and redraws are off for the rerun. Variants whose pattern is
+        not a function of positions, or whose weights vanish at q = k = 0, override it (often with
+        :meth:`_structural_reach`).
+        """
+        indicator = bad_kv[..., None].to(q.dtype).expand(k.shape).contiguous()
+        seen = self._dispatch(backend, torch.zeros_like(q), torch.zeros_like(k), indicator, key_padding_mask,
+                              document_ids)
+        return bad_q | (seen[..., 0] > 0)
+
+    def _structural_reach(
+        self, backend: str, bad_q: Tensor, bad_kv: Tensor, key_padding_mask: Tensor | None,
+        document_ids: Tensor | None, *, causal: bool, queries_mix: bool = False,
+    ) -> Tensor:
+        """The reach of a pattern that mixes every real key (``causal``: every real key at or before the row),
+        within each document; ``queries_mix``: a bad real query reaches every row of its head too (Nystrom's query
+        landmarks). Same arguments and result as :meth:`_nonfinite_reach`, O(n) work."""
+        group = bad_q.shape[1] // bad_kv.shape[1]
+        cross = bad_q.shape[-1] != bad_kv.shape[-1]
+
+        def reach(qi: Tensor, ki: Tensor, vi: Tensor, mask: Tensor | None) -> Tensor:
+            bad = vi[..., 0] > 0
+            if mask is not None:
+                bad = bad & mask[:, None, :]
+            bad = bad.repeat_interleave(group, dim=1)  # (b, heads, kv_len): small bools
+            if causal:
+                seen = bad.cumsum(-1) > 0
+            else:
+                seen = bad.any(-1, keepdim=True).expand(*bad.shape[:2], qi.shape[-2])
+            if queries_mix:
+                bad_rows = qi[..., 0] > 0
+                if mask is not None and not cross:
+                    bad_rows = bad_rows & mask[:, None, :]
+                seen = seen | bad_rows.any(-1, keepdim=True)
+            return seen[..., None].to(qi.dtype)
+
+        as_float = (bad_q[..., None].double(), bad_kv[..., None].double())
+        seen = self._dispatch(backend, as_float[0], as_float[1], as_float[1], key_padding_mask, document_ids,
+                              fn=reach)
+        return bad_q | (seen[..., 0] > 0)
+
+    @contextlib.contextmanager
+    def _reach_run(self):
+        """While a reach rerun runs: no dropout, no ALiBi, no redraw of random features or plans."""
+        before = self._redraw_frozen, self._reaching
+        self._redraw_frozen, self._reaching = True, True
+        try:
+            yield
+        finally:
+            self._redraw_frozen, self._reaching = before
 
     # ------------------------------------------------------------------------------------------------ decoding
     def new_cache(
@@ -371,6 +515,15 @@ class Attention(nn.Module):
                     f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
                 )
         cache.check(id(self), self.spec_key, q, k)
+        bad_q = None
+        if not all_finite(q, k, v):  # clean the new tokens and remember the bad ones (see _attend_nonfinite)
+            bad_q, bad_kv = self._remember_nonfinite(cache, q, k, v, key_padding_mask)
+            if cache.length == 0:
+                out = self.attend(q, k, v, key_padding_mask)  # the chunk follows the rule of attend itself
+            q, k, v = (_cleaned(t) for t in (q, k, v))
+            if cache.length == 0:
+                self._cache_fill(cache, q, k, v, key_padding_mask)
+                return out
         if cache.length == 0:
             out = self.attend(q, k, v, key_padding_mask)
             self._cache_fill(cache, q, k, v, key_padding_mask)
@@ -378,8 +531,61 @@ class Attention(nn.Module):
         outs = []
         for t in range(q.shape[-2]):
             real_t = None if key_padding_mask is None else key_padding_mask[:, t : t + 1]
-            outs.append(self._decode_step(cache, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], real_t))
+            pos = cache.length
+            out = self._decode_step(cache, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], real_t)
+            reached = self._decode_reached(cache, pos)
+            if bad_q is not None:
+                reached = bad_q[:, :, t] if reached is None else reached | bad_q[:, :, t]
+            outs.append(out if reached is None else out.masked_fill(reached[..., None, None], math.nan))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+
+    def _remember_nonfinite(
+        self, cache: Cache, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Mark the non-finite new tokens: returns ``bad_q`` ``(batch, heads, new)`` and ``bad_kv`` ``(batch,
+        kv_heads, new)``, and records the positions of bad real keys/values in ``cache.nonfinite`` (positions
+        ``(m,)``, which heads ``(batch, kv_heads, m)``), so a decode step costs nothing while none was seen and
+        O(m) after (one entry in all when every earlier token stays in the pattern)."""
+        bad_q = ~torch.isfinite(q).all(-1)
+        bad_kv = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
+        if key_padding_mask is not None:
+            bad_kv = bad_kv & key_padding_mask[:, None, :]
+        index = bad_kv.any(1).any(0).nonzero()[:, 0]
+        if index.numel():
+            positions, heads = cache.length + index, bad_kv[..., index]
+            if cache.nonfinite is not None:
+                positions = torch.cat([cache.nonfinite[0], positions])
+                heads = torch.cat([cache.nonfinite[1], heads], dim=-1)
+            if self._reaches_all_earlier():
+                positions, heads = positions.min(dim=0, keepdim=True).values, heads.any(-1, keepdim=True)
+            cache.nonfinite = (positions, heads)
+        return bad_q, bad_kv
+
+    def _reaches_all_earlier(self) -> bool:
+        if self.decode_reaches_all_earlier is not None:
+            return self.decode_reaches_all_earlier
+        return not hasattr(self, "mask_mod")
+
+    def _decode_reached(self, cache: Cache, t: int) -> Tensor | None:
+        """Bool ``(batch, heads)``: whether the query at position ``t`` sees a remembered bad token (None: none)."""
+        if cache.nonfinite is None:
+            return None
+        positions, heads = cache.nonfinite
+        group = self.config.num_heads // heads.shape[1]
+        seen = heads.repeat_interleave(group, dim=1) & self._decode_reach(cache, t, positions)
+        return seen.any(-1)
+
+    def _decode_reach(self, cache: Cache, t: int, positions: Tensor) -> Tensor:
+        """Bool broadcastable to ``(batch, heads, m)``: which earlier ``positions`` the query at ``t`` attends to.
+        The default reads the pattern's ``mask_mod`` at length ``t + 1`` (causal patterns are prefix consistent), or
+        every earlier token; variants with a data-dependent pattern override it."""
+        if self._reaches_all_earlier():
+            return positions <= t
+        mod = self.mask_mod(t + 1, positions.device)  # type: ignore[attr-defined]
+        pattern = getattr(self, "pattern", None)
+        heads = torch.arange(getattr(pattern, "mask_heads", 1), device=positions.device)[:, None]
+        query = torch.tensor(t, device=positions.device)
+        return (mod(0, heads, query, positions[None, :]) & (positions <= t))[None]
 
     def fill_cache(
         self, cache: Cache, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None
@@ -393,6 +599,9 @@ class Attention(nn.Module):
             raise ValueError(f"fill_cache fills an empty cache; this one holds {cache.length} tokens")
         self._check_inputs(q, k, v, key_padding_mask)
         cache.check(id(self), self.spec_key, q, k)
+        if not all_finite(q, k, v):
+            self._remember_nonfinite(cache, q, k, v, key_padding_mask)
+            q, k, v = (_cleaned(t) for t in (q, k, v))
         self._cache_fill(cache, q, k, v, key_padding_mask)
 
     def _cache_fill(self, cache: Cache, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None) -> None:
@@ -457,7 +666,7 @@ class Attention(nn.Module):
 
     def _alibi_slopes(self, q: Tensor) -> Tensor | None:
         """``(heads,)`` ALiBi slopes in q's dtype and device, or None when ``config.alibi`` is off."""
-        if not self.config.alibi:
+        if not self.config.alibi or self._reaching:
             return None
         return positional.slopes_tensor(self.config.num_heads, q.device, q.dtype)
 
@@ -471,7 +680,7 @@ class Attention(nn.Module):
 
     def _alibi_score_mod(self, q: Tensor):
         """FlexAttention ``score_mod`` adding ALiBi (one closure per device, so compiled kernels are reused), or None."""
-        if not self.config.alibi:
+        if not self.config.alibi or self._reaching:
             return None
         cache = self.__dict__.setdefault("_score_mods", {})
         key = str(q.device)
@@ -492,7 +701,7 @@ class Attention(nn.Module):
     @property
     def dropout_p(self) -> float:
         """Attention dropout in effect now (0 in eval mode)."""
-        return self.config.dropout if self.training else 0.0
+        return self.config.dropout if self.training and not self._reaching else 0.0
 
     def extra_repr(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items() if k not in ("dim", "num_heads"))
@@ -556,7 +765,33 @@ class Attention(nn.Module):
         packing.check_document_ids(document_ids, expected)
 
     def _check_inputs(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> None:
+        """Refuse inputs no backend can take, before any backend work (one message per mistake, the same for every
+        backend): non-tensors, mixed dtypes or devices, wrong shapes or heads, empty batch or sequence, a key
+        padding mask that is not a bool ``(batch, kv_len)`` tensor."""
         cfg = self.config
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"attend expects q, k, v as tensors (batch, heads, seq, head_dim); {name} is a "
+                                f"{type(t).__name__}")
+        if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+            raise ValueError(
+                f"q, k and v must share one dtype and one device; got dtypes {q.dtype}, {k.dtype}, {v.dtype} and "
+                f"devices {q.device}, {k.device}, {v.device} (convert them with .to(...) first)"
+            )
+        if not q.is_floating_point():
+            raise ValueError(f"q, k and v must be floating point, got {q.dtype}")
+        if key_padding_mask is not None and not isinstance(key_padding_mask, Tensor):
+            raise TypeError(
+                "key_padding_mask must be a bool tensor of shape (batch, kv_len) with True = real token, got a "
+                f"{type(key_padding_mask).__name__} (e.g. torch.tensor(mask, dtype=torch.bool))"
+            )
+        if key_padding_mask is not None and key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q, k, v on {q.device}")
+        if q.dim() == 4 and k.dim() == 4 and (0 in (q.shape[0], q.shape[-2], k.shape[-2])):
+            raise ValueError(
+                "attend needs a non-empty batch and sequence: got q of shape (batch, heads, q_len, head_dim) = "
+                f"{tuple(q.shape)} and k, v of shape {tuple(k.shape)}"
+            )
         if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[-1] != q.shape[-1]:
             raise ValueError(
                 "attend expects q (batch, heads, q_len, head_dim) and k, v of one shape (batch, kv_heads, kv_len, "
@@ -577,6 +812,24 @@ class Attention(nn.Module):
                     f"key_padding_mask must be bool of shape (batch, kv_len) = {expected} with True = real token, got "
                     f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
                 )
+
+
+def all_finite(*tensors: Tensor) -> bool:
+    """Whether every entry of ``tensors`` is finite: one reading pass each (their sums, which a NaN or an infinity
+    always makes non-finite), nothing allocated but scalars, one host sync. A sum that overflows only sends the call
+    down the non-finite path, which finds nothing to clean: slower, never wrong. True without looking for tensors
+    that hold no data (fake or meta tensors of a memory prediction) and while ``torch.compile`` traces."""
+    first = tensors[0]
+    if first.device.type == "meta" or is_fake(first) or torch.compiler.is_compiling():
+        return True
+    with torch.no_grad():
+        total = sum(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors)
+    return bool(torch.isfinite(total))
+
+
+def _cleaned(t: Tensor) -> Tensor:
+    """``t`` with its NaN and infinities set to 0 (differentiable: the finite entries keep their gradient)."""
+    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
 #: Why a backend without ALiBi cannot add it (for the error message).

@@ -56,10 +56,14 @@ class Cache:
     length: int = 0
     #: Small variant-specific tensors (e.g. MoBA's recent queries and block selection), counted in ``nbytes``.
     extra: dict = field(default_factory=dict)
+    #: Where non-finite keys or values were appended (cleaned to 0 in the cache): positions ``(m,)`` and which
+    #: ``(batch, kv_heads, m)``; None while every token was finite. Set by ``Attention``; see ``_remember_nonfinite``.
+    nonfinite: tuple[Tensor, Tensor] | None = None
 
     def tensors(self) -> list[Tensor]:
         """The tensors the cache holds (what ``nbytes`` counts)."""
-        return [t for t in self.extra.values() if isinstance(t, Tensor)]
+        marks = list(self.nonfinite) if self.nonfinite is not None else []
+        return [t for t in self.extra.values() if isinstance(t, Tensor)] + marks
 
     @property
     def nbytes(self) -> int:

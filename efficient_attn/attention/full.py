@@ -97,6 +97,7 @@ class FullAttention(FusedBackendsMixin, Attention):
         return 4 * batch * self.config.num_heads * self.num_pairs(seq_len) * self.config.head_dim
 
     decode_unsupported_reason = None
+    decode_reaches_all_earlier = True  # causal decoding: every earlier token
 
     def _new_cache(self, common: dict) -> KVCache:
         return KVCache(**common)

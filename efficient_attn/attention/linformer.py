@@ -118,6 +118,10 @@ class LinformerAttention(Attention):
         f = e if self.proj_v is None else self.proj_v[..., :seq_len, :]
         return e, f
 
+    def _nonfinite_reach(self, backend, q, k, bad_q, bad_kv, key_padding_mask, document_ids) -> Tensor:
+        """The projections ``E``, ``F`` mix every real key and value into every row: a bad one reaches all rows."""
+        return self._structural_reach(backend, bad_q, bad_kv, key_padding_mask, document_ids, causal=False)
+
     def _attend_torch(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         n = q.shape[-2]
         e, f = self.projections(k.shape[-2])

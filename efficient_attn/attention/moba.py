@@ -401,6 +401,7 @@ class MobaAttention(Attention):
 
     config: MobaConfig
     decode_unsupported_reason = None
+    decode_reaches_all_earlier = False  # the selection decides (see _decode_reach)
 
     # ------------------------------------------------------------------------------------------------ decoding
     def _new_cache(self, common: dict) -> KVCache:
@@ -484,12 +485,35 @@ class MobaAttention(Attention):
         return dense_attention(q, k, v, allowed)
 
     def _attend_torch(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        return self._attend_selected(q, k, v, key_padding_mask, self.selected_blocks(q, k, key_padding_mask))
+
+    def _nonfinite_reach(self, backend, q, k, bad_q, bad_kv, key_padding_mask, document_ids) -> Tensor:
+        """The selection depends on the data, so the rerun keeps the real one (made from the cleaned q, k, as the
+        output was) and attends with q = k = 0 over it: a bad key or value reaches the rows of the query blocks
+        that selected its block (its own block causally)."""
+        def reach(qq: Tensor, kk: Tensor, indicator: Tensor, mask: Tensor | None) -> Tensor:
+            selected = self.selected_blocks(qq, kk, mask)
+            return self._attend_selected(torch.zeros_like(qq), torch.zeros_like(kk), indicator, mask, selected)
+
+        indicator = bad_kv[..., None].to(q.dtype).expand(k.shape).contiguous()
+        seen = self._dispatch(backend, q, k, indicator, key_padding_mask, document_ids, fn=reach)
+        return bad_q | (seen[..., 0] > 0)
+
+    def _decode_reach(self, cache: KVCache, t: int, positions: Tensor) -> Tensor:
+        """Token ``t`` sees its own block so far and the blocks of the current selection."""
+        bs = self.config.block_size
+        own = (positions >= (t // bs) * bs) & (positions <= t)
+        picked = (cache.extra["selected"][..., None] == (positions // bs)).any(-2)  # (b, h, m)
+        return own | picked
+
+    def _attend_selected(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+                         selected: Tensor) -> Tensor:
+        """The ``torch`` backend over a given ``selected`` ``(batch, heads, query blocks, top_k)``."""
         cfg = self.config
         n = q.shape[-2]
         bs = cfg.block_size
         padded = math.ceil(n / bs) * bs
         self.last_padded_len = padded
-        selected = self.selected_blocks(q, k, key_padding_mask)
         selected = selected[..., : min(cfg.top_k, padded // bs)]  # slots beyond the number of blocks are unused
         real = None
         if key_padding_mask is not None or padded != n:

@@ -197,6 +197,12 @@ class NystromAttention(Attention):
             outs.append(torch.matmul(kernel_1, context))  # (b, h, block, d)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)  # (b, h, n, d)
 
+    def _nonfinite_reach(self, backend, q, k, bad_q, bad_kv, key_padding_mask, document_ids) -> Tensor:
+        """The landmarks mix every real token: a bad key or value reaches all rows of its heads, and a bad real
+        query (through the query landmarks) all rows of its own head."""
+        return self._structural_reach(backend, bad_q, bad_kv, key_padding_mask, document_ids, causal=False,
+                                      queries_mix=True)
+
 
 def _and(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     if a is None:

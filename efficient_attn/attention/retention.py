@@ -251,6 +251,12 @@ class RetentionAttention(Attention):
     def _attend_recurrent(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         return self._sums("recurrent", q, k, v, key_padding_mask)
 
+    def _nonfinite_reach(self, backend, q, k, bad_q, bad_kv, key_padding_mask, document_ids) -> Tensor:
+        """A bad key or value reaches every later row (every row when not causal): the decayed weights of far
+        tokens underflow to 0, so the rerun of the base class would miss them; the pattern itself has no gaps."""
+        return self._structural_reach(backend, bad_q, bad_kv, key_padding_mask, document_ids,
+                                      causal=self.config.causal)
+
     # ----------------------------------------------------------------------------------------- recurrent API
     def initial_state(self, batch: int, *, dtype: torch.dtype, device=None) -> RetentionState:
         """The empty state: zeros ``kv`` ``(batch, heads, head_dim, head_dim + 1)`` and ``weight``

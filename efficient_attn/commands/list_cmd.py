@@ -12,14 +12,25 @@ import argparse
 import torch
 
 from efficient_attn.attention.base import capabilities
+from efficient_attn.errors import did_you_mean
 from efficient_attn.registry import AttentionSpec, get_spec, list_attentions
+from efficient_attn.vocab import DEVICES
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pattern", nargs="?", default=None, help="glob filter on keys, e.g. '*former'")
     parser.add_argument(
-        "--device", default=None, help="device to check backend availability on (default: cuda if present, else cpu)"
+        "--device", default="auto", type=device_name,
+        help=f"device to check backend availability on: {', '.join(DEVICES)} (auto: cuda if present, else cpu)",
     )
+
+
+def device_name(text: str) -> str:
+    """A name of :data:`efficient_attn.vocab.DEVICES` (a typo is a one-line usage error naming the nearest)."""
+    if text not in DEVICES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device{did_you_mean(text, DEVICES)} "
+                                         f"(allowed: {', '.join(DEVICES)})")
+    return text
 
 
 def available_backends(spec: AttentionSpec, device: torch.device) -> tuple[list[str], list[str]]:
@@ -54,7 +65,8 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
     rows, notes = [], []
     for key in list_attentions(args.pattern):
         spec = get_spec(key)
