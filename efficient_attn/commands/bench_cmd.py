@@ -22,6 +22,7 @@ or a busy folder, 130 when interrupted (rerun to resume).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -138,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         suite = suite_from_args(args, args.suite)
         executor = executor_from_args(args)
+        if executor.threads is None and suite.threads is not None:
+            executor = dataclasses.replace(executor, threads=suite.threads)  # the suite's threads; --threads wins
         if args.dry_run:
             plan = dry_run(suite, device=args.device, include_peers=args.peers, budget_gb=args.budget_gb,
                            out_dir=args.out, seed=args.seed)

@@ -37,11 +37,11 @@ from efficient_attn.harness.plan import Cell, PlannedCell
 from efficient_attn.harness.predict import Prediction, predict_cell
 from efficient_attn.harness.runfolder import format_value
 from efficient_attn.harness.schema import ALL_COLUMNS, CONFIG_COLUMNS, MEASURED_COLUMNS, NUMERIC_COLUMNS, RUN_COLUMNS
-from efficient_attn.harness.workloads import build_workload, parse_dtype
+from efficient_attn.harness.workloads import DEFAULT_DECODE_STEPS, build_workload, parse_dtype
 from efficient_attn.measure.memory import measure_call, rss_probe
 from efficient_attn.measure.timing import time_call, time_callable
 from efficient_attn.registry import get_spec
-from efficient_attn.vocab import STATUSES
+from efficient_attn.vocab import CACHE_MODES, GRAD_MODES, STATUSES
 
 __all__ = [
     "UNCOUNTABLE_BACKENDS",
@@ -110,12 +110,21 @@ def classify(error: BaseException) -> tuple[str, str]:
 def static_status(planned: PlannedCell) -> tuple[str, str] | None:
     """``(status, note)`` when the cell must not run, decided without building anything; None when it may run."""
     cell = planned.cell
+    if cell.mode in CACHE_MODES:
+        if cell.level not in ("core", "layer"):
+            return "unsupported", (f"{cell.mode} cells run at level core or layer, not {cell.level!r} (the backbone "
+                                   "generates with model.generate)")
+        if not cell.causal:
+            return "unsupported", (f"{cell.mode} needs causal attention (a non-causal output at t depends on later "
+                                   "tokens, which a decoder has not seen): run it with causal = [true]")
     if cell.is_peer:
         try:
             from efficient_attn.peers import peer_info
         except ImportError as error:
             return "unsupported", f"efficient_attn.peers is not importable: {error}"
         info = peer_info(cell.variant)
+        if cell.mode not in info["modes"]:
+            return "unsupported", f"peer {cell.variant!r} runs modes {', '.join(info['modes'])}, not {cell.mode!r}"
         if cell.level not in info["levels"]:
             return "unsupported", f"peer {cell.variant!r} runs at level {' or '.join(info['levels'])}, not {cell.level!r}"
         if cell.causal and "causal" not in info["params"]:
@@ -124,6 +133,12 @@ def static_status(planned: PlannedCell) -> tuple[str, str] | None:
             return "unsupported", f"peer {cell.variant!r} runs num_heads key/value heads only (no grouped heads)"
     else:
         spec = get_spec(cell.variant)
+        reason = spec.module_cls.decode_unsupported_reason
+        if cell.mode in CACHE_MODES and reason is not None:
+            return "unsupported", f"{cell.variant} cannot decode incrementally: {reason}"
+        if cell.mode == "decode" and cell.backend_requested != "auto":
+            return "unsupported", (f"a decode step runs {cell.variant}'s own single-token step, not a backend: give "
+                                   f"this variant backends = [\"auto\"] (backend {cell.backend_requested!r} asked)")
         if cell.causal and not spec.supports_causal:
             return "unsupported", f"{cell.variant} cannot be causal: {spec.module_cls.causal_unsupported_reason}"
         if cell.kv_heads != cell.num_heads and not spec.module_cls.supports_gqa:
@@ -133,7 +148,7 @@ def static_status(planned: PlannedCell) -> tuple[str, str] | None:
             )
         if cell.backend_requested != "auto":
             reason = spec.module_cls.unavailable_reason(
-                cell.backend_requested, torch.device(cell.device), cell.mode != "fwd", parse_dtype(cell.dtype)
+                cell.backend_requested, torch.device(cell.device), cell.mode in GRAD_MODES, parse_dtype(cell.dtype)
             )
             if reason is not None:
                 return "unsupported", f"backend {cell.backend_requested!r}: {reason}"
@@ -191,6 +206,8 @@ class Timing:
     min_run_time: float = 0.5
     slow_call_s: float = 1.0
     slow_repeats: int = 3
+    #: timed single-token steps of a decode cell (:func:`efficient_attn.harness.decoding.measure_decode`)
+    decode_steps: int = DEFAULT_DECODE_STEPS
 
 
 def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, rss: bool = False) -> dict[str, Any]:
@@ -198,10 +215,12 @@ def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, r
 
     Raises whatever the cell raises (the caller turns it into a status).
     """
-    work = build_workload(cell, seed=seed, depth=depth)
+    work = build_workload(cell, seed=seed, depth=depth, decode_steps=timing.decode_steps)
+    if cell.mode == "decode":
+        return _measure_decode(cell, work, timing)
     if work.attentions:
         backend = work.attentions[0].resolve_backend(
-            torch.device(cell.device), cell.mode != "fwd", seq_len=cell.seq_len, dtype=parse_dtype(cell.dtype)
+            torch.device(cell.device), cell.mode in GRAD_MODES, seq_len=cell.seq_len, dtype=parse_dtype(cell.dtype)
         )
     else:
         backend = "peer"
@@ -256,10 +275,31 @@ def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, r
         "flops_computed": flops_computed,
         "flops_per_s": flops_computed / seconds if flops_computed else None,
         "timed_runs": timed.runs,
+        "cache_bytes": work.cache_bytes() if work.cache_bytes is not None else None,
+        "new_tokens": cell.seq_len * cell.batch_size if cell.mode == "prefill" else None,
         "note": "; ".join(notes),
         "_window_s": timed.window_s,
     }
     del work  # tensors are freed by reference counting; no full collection on the success path
+    free_memory(cell.device, collect=False)
+    return measured
+
+
+def _measure_decode(cell: Cell, work: Any, timing: Timing) -> dict[str, Any]:
+    """The measured columns of a decode cell (see :mod:`efficient_attn.harness.decoding`)."""
+    from efficient_attn.harness.decoding import DECODE_WARMUP, measure_decode
+
+    measured, timed = measure_decode(work.run, cell, steps=timing.decode_steps)
+    step = "peer's own step" if cell.is_peer else "the variant's single-token step"
+    measured.update(
+        backend="peer" if cell.is_peer else "decode",
+        padded_len=cell.seq_len,
+        cache_bytes=work.cache_bytes(),
+        note=(f"decode: {step}, median of {timed.runs} steps after {DECODE_WARMUP} warm-up ones against a cache of "
+              f"{cell.seq_len} random tokens (+1 per step); peak_mem_bytes is one step above the filled cache"),
+        _window_s=timed.window_s,
+    )
+    del work
     free_memory(cell.device, collect=False)
     return measured
 

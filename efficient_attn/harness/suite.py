@@ -111,6 +111,10 @@ class Suite:
     depth: int = 2
     #: key/value heads to run (each a cell dimension); empty = ``heads`` only (the ``num_kv_heads`` column empty)
     kv_heads: tuple[int, ...] = ()
+    #: timed single-token steps of each decode cell (after a fixed warm-up)
+    decode_steps: int = 32
+    #: torch threads the cells run with (None: the process's; ``--threads`` on the command line wins)
+    threads: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -126,7 +130,7 @@ RESERVED_PARAMS = {
 }
 _TOP_KEYS = (
     "description", "device", "level", "modes", "lengths", "batch_sizes", "heads", "head_dim", "dtypes", "causal",
-    "variants", "peers", "min_run_time", "slow_call_s", "slow_repeats", "depth", "kv_heads",
+    "variants", "peers", "min_run_time", "slow_call_s", "slow_repeats", "depth", "kv_heads", "decode_steps", "threads",
 )
 _VARIANT_KEYS = ("key", "backends", "params", "max_len")
 _PEER_KEYS = ("name", "params")
@@ -326,6 +330,9 @@ def parse_suite(data: dict[str, Any], name: str, where: str | None = None) -> Su
         slow_repeats=require_positive_int(f"{where}: slow_repeats", data.get("slow_repeats", 3), error=SuiteError),
         depth=require_positive_int(f"{where}: depth", data.get("depth", 2), error=SuiteError),
         kv_heads=kv_heads,
+        decode_steps=require_positive_int(f"{where}: decode_steps", data.get("decode_steps", 32), error=SuiteError),
+        threads=(None if data.get("threads") is None
+                 else require_positive_int(f"{where}: threads", data["threads"], error=SuiteError)),
     )
 
 

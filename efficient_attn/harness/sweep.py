@@ -67,6 +67,11 @@ def sweep_config(suite: Suite, *, device: str, include_peers: bool, isolate: boo
     )
     if not include_peers:
         config["peers"] = []
+    # keys added after runs were stored: left out at their defaults, so a folder of an older suite still resumes
+    if "decode" not in suite.modes and config.get("decode_steps") == 32:
+        del config["decode_steps"]
+    if config.get("threads") is None:
+        del config["threads"]
     return config
 
 
@@ -110,6 +115,7 @@ def run_sweep(
         RunFolderBusyError: another process is writing ``out_dir``.
     """
     device = resolve_device(device or suite.device)
+    threads = threads if threads is not None else suite.threads
     config = sweep_config(suite, device=device, include_peers=include_peers, isolate=isolate, budget_gb=budget_gb,
                           seed=seed)
     folder = open_run_folder(out_dir, config)
@@ -134,7 +140,7 @@ def _run_in_folder(folder: RunFolder, suite: Suite, device: str, threads: int | 
                    budget_gb: float | None, isolate: bool, seed: int, progress: bool,
                    on_row: Callable[[dict[str, str]], None] | None, include_peers: bool) -> SweepResult:
     budget = budget_bytes(budget_gb, device)
-    timing = Timing(suite.min_run_time, suite.slow_call_s, suite.slow_repeats)
+    timing = Timing(suite.min_run_time, suite.slow_call_s, suite.slow_repeats, suite.decode_steps)
     measure = measure_isolated if isolate else None
     planned = plan_cells(suite, device, include_peers=include_peers)
     oom_at = known_ooms(planned, folder.finished)
