@@ -354,7 +354,7 @@ def _series_names(frame: pd.DataFrame) -> pd.Series:
         if backend[index] and backend[index] not in ("peer", row["variant"]):
             name += f":{backend[index]}"
         if several_params[index]:
-            name += f"[{short_params(row['params_json'])}]"
+            name += f"[{short_params(row['params_json']) or 'defaults'}]"
         if row["is_peer"]:
             name += " (peer)"
         names.append(name)
