@@ -182,7 +182,7 @@ def test_the_decode_suites():
     for p in planned:
         check = static_status(p)
         statuses[check[0] if check else "run"] = statuses.get(check[0] if check else "run", 0) + 1
-    assert statuses == {"run": 5 * 2 * (7 + 3) + 2 * 2 * 7, "skipped_budget": 5 * 2 * 4, "unsupported": 2 * 2 * 7}
+    assert statuses == {"run": 5 * 2 * (7 + 2) + 2 * 2 * 7, "skipped_budget": 5 * 2 * 5, "unsupported": 2 * 2 * 7}
     gpu = load_suite("gpu_decode")
     assert gpu.device == "cuda" and gpu.dtypes == ("bfloat16",) and gpu.lengths[-1] == 524288
 
@@ -192,7 +192,7 @@ def test_suite_defaults_stay_out_of_the_stored_config():
     config = sweep_config(load_suite("quick"), device="cpu", include_peers=False, isolate=False, budget_gb=None, seed=0)
     assert "decode_steps" not in config and "threads" not in config
     config = sweep_config(load_suite("decode"), device="cpu", include_peers=False, isolate=False, budget_gb=None, seed=0)
-    assert config["decode_steps"] == 24 and config["threads"] == 1
+    assert config["decode_steps"] == 16 and config["threads"] == 1
 
 
 # --------------------------------------------------------------------------------------------------- the peer
