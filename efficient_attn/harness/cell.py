@@ -110,6 +110,20 @@ def classify(error: BaseException) -> tuple[str, str]:
 def static_status(planned: PlannedCell) -> tuple[str, str] | None:
     """``(status, note)`` when the cell must not run, decided without building anything; None when it may run."""
     cell = planned.cell
+    if cell.packing is not None:
+        if cell.level not in ("core", "layer") or cell.is_peer:
+            where = "a peer" if cell.is_peer else f"level {cell.level!r}"
+            return "unsupported", f"packed documents run at level core or layer of our variants, not {where}"
+        if cell.mode in CACHE_MODES:
+            return "unsupported", f"packed documents have no {cell.mode} cells (a decode cache holds one sequence)"
+        if cell.packing == "packed" and not cell.is_peer:
+            cls = get_spec(cell.variant).module_cls
+            if not cls.supports_packing:
+                return "unsupported", f"{cell.variant} does not accept document_ids (packing)"
+            allowed = cls.packing_backends
+            if allowed is not None and cell.backend_requested not in ("auto", *allowed):
+                return "unsupported", (f"{cell.variant} packs documents with backend {' or '.join(allowed)}, not "
+                                       f"{cell.backend_requested!r}")
     if cell.mode in CACHE_MODES:
         if cell.level not in ("core", "layer"):
             return "unsupported", (f"{cell.mode} cells run at level core or layer, not {cell.level!r} (the backbone "
@@ -255,6 +269,8 @@ def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, r
     )
     if work.attentions and work.last_backend != backend:
         raise RuntimeError(f"backend resolved to {backend!r} before the run but {work.last_backend!r} ran")
+    if work.note:
+        notes.append(work.note)
     if cell.is_peer and getattr(work.module, "last_note", None):
         notes.append(work.module.last_note)  # e.g. HF BigBird's fallback to full attention, padding it added
     if timed.method == "slow_repeats":

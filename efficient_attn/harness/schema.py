@@ -29,7 +29,15 @@ empty values in the new columns).
 
 Versions: 1 the first; 2 adds where a cell ran (:data:`RUN_COLUMNS`); 3 adds ``num_kv_heads`` (key/value heads of
 grouped-query attention; empty = ``num_heads``, which is what every earlier row ran); 4 adds the inference columns
-``cache_bytes``, ``new_tokens``, ``bandwidth_bytes_per_s`` (empty in every earlier row: no earlier mode had a cache).
+``cache_bytes``, ``new_tokens``, ``bandwidth_bytes_per_s`` (empty in every earlier row: no earlier mode had a cache)
+and the packed-document configuration ``packing`` and ``documents`` (empty = an ordinary cell, which is what every
+earlier row ran).
+
+Packed documents (schema 4): ``documents`` lists the document lengths (``256,1024,...``); ``packing`` says how they
+ran: ``packed`` (one sequence of ``seq_len`` = their sum, ``document_ids`` telling them apart), ``padded`` (a batch
+of one sequence per document, padded to the longest, ``padded_len``, with a key padding mask) or ``alone`` (each
+document on its own, one after the other: the time is the sum). All three rows have ``batch_size`` 1 and
+``seq_len`` = the total tokens, so their times compare directly.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ __all__ = [
     "COLUMNS_BY_VERSION",
     "CONFIG_COLUMNS",
     "CONFIG_COLUMNS_V1",
+    "CONFIG_COLUMNS_V3",
     "MEASURED_COLUMNS",
     "MEASURED_COLUMNS_V3",
     "META_FILE",
@@ -67,9 +76,13 @@ CONFIG_COLUMNS: tuple[str, ...] = (
     "head_dim",
     "is_peer",
     "num_kv_heads",
+    "packing",
+    "documents",
 )
+#: the configuration columns of schema 3 (no packed documents yet)
+CONFIG_COLUMNS_V3: tuple[str, ...] = CONFIG_COLUMNS[: CONFIG_COLUMNS.index("packing")]
 #: the configuration columns before schema 3 (no ``num_kv_heads``: every variant had as many key/value heads as heads)
-CONFIG_COLUMNS_V1: tuple[str, ...] = tuple(c for c in CONFIG_COLUMNS if c != "num_kv_heads")
+CONFIG_COLUMNS_V1: tuple[str, ...] = tuple(c for c in CONFIG_COLUMNS_V3 if c != "num_kv_heads")
 MEASURED_COLUMNS: tuple[str, ...] = (
     "backend",
     "status",
@@ -104,6 +117,6 @@ SCHEMA_VERSION = 4
 COLUMNS_BY_VERSION: dict[int, tuple[str, ...]] = {
     1: CONFIG_COLUMNS_V1 + MEASURED_COLUMNS_V3,
     2: CONFIG_COLUMNS_V1 + MEASURED_COLUMNS_V3 + RUN_COLUMNS,
-    3: CONFIG_COLUMNS + MEASURED_COLUMNS_V3 + RUN_COLUMNS,
+    3: CONFIG_COLUMNS_V3 + MEASURED_COLUMNS_V3 + RUN_COLUMNS,
     4: ALL_COLUMNS,
 }

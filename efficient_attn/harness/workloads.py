@@ -85,6 +85,10 @@ class Workload:
     batch_size: int
     #: the decode cache's exact bytes after the last call (prefill, decode); None for the other modes
     cache_bytes: Callable[[], int | None] | None = None
+    #: the packed documents' lengths (empty for an ordinary cell): useful FLOPs are then each document's own
+    documents: tuple[int, ...] = ()
+    #: what a reader of the row must know about how it ran (e.g. how much a padded batch pads)
+    note: str = ""
 
     @property
     def useful_flops(self) -> int | None:
@@ -93,7 +97,10 @@ class Workload:
         Computed on demand: some patterns count their pairs with real tensors, which fake tensors cannot do."""
         if self.mode == "decode" or not self.attentions or not all(hasattr(a, "useful_flops") for a in self.attentions):
             return None  # a decode step's pairs are the cache's, not a sequence's: FlopCounterMode's count stands
-        forward = sum(int(a.useful_flops(self.batch_size, self.seq_len)) for a in self.attentions)
+        if self.documents:  # each document's own pairs, however the documents ran
+            forward = sum(int(a.useful_flops(1, n)) for a in self.attentions for n in self.documents)
+        else:
+            forward = sum(int(a.useful_flops(self.batch_size, self.seq_len)) for a in self.attentions)
         return useful_flops_for_mode(forward, self.mode)
 
     @property
@@ -222,7 +229,13 @@ def build_workload(
         return _cache_workload(cell, module, attentions, device=device, dtype=dtype, seed=seed, steps=decode_steps)
 
     params = [p for p in module.parameters() if p.requires_grad]
-    if cell.level == "core":
+    note = ""
+    if cell.packing is not None:
+        if cell.level not in ("core", "layer"):
+            raise ValueError(f"packed documents run at level core or layer, not {cell.level!r}")
+        forward, inputs, note = _document_forward(cell, module, device=device, dtype=dtype, grad=grad)
+        leaves = params + (inputs if cell.level == "core" else [])
+    elif cell.level == "core":
         kv = cell.kv_heads
         qkv = [torch.randn(b, heads, n, d, device=device, dtype=dtype, requires_grad=grad) for heads in (h, kv, kv)]
         leaves = params + qkv
@@ -273,7 +286,47 @@ def build_workload(
             optimizer.step()
 
     return Workload(run=run, module=module, attentions=attentions, tokens=b * n, mode=cell.mode, seq_len=n,
-                    batch_size=b)
+                    batch_size=b, documents=cell.document_lengths, note=note)
+
+
+def _document_forward(cell: Cell, module: nn.Module, *, device: torch.device, dtype: torch.dtype,
+                      grad: bool) -> tuple[Callable[[], Tensor], list[Tensor], str]:
+    """``(forward, input leaves, note)`` of a packed-documents cell (see :mod:`efficient_attn.harness.schema`):
+    ``packed`` one sequence with ``document_ids``, ``padded`` one row per document padded to the longest with a key
+    padding mask, ``alone`` each document on its own (the forward returns the sum of their outputs' sums)."""
+    docs = cell.document_lengths
+    total, longest = sum(docs), max(docs)
+    h, kv, d = cell.num_heads, cell.kv_heads, cell.head_dim
+    core = cell.level == "core"
+
+    def make(batch: int, n: int) -> list[Tensor]:
+        if core:
+            return [torch.randn(batch, heads, n, d, device=device, dtype=dtype, requires_grad=grad)
+                    for heads in (h, kv, kv)]
+        return [torch.randn(batch, n, cell.dim, device=device, dtype=dtype, requires_grad=False)]  # as ordinary layer cells
+
+    def call(inputs: list[Tensor], **kwargs: Tensor) -> Tensor:
+        return module.attend(*inputs, **kwargs) if core else module(inputs[0], **kwargs)
+
+    if cell.packing == "packed":
+        inputs = make(1, total)
+        # built from the lengths (static shapes: the memory prediction's fake tensors can follow it)
+        ids = torch.cat([torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(docs)])[None]
+        return (lambda: call(inputs, document_ids=ids)), inputs, ""
+    if cell.packing == "padded":
+        inputs = make(len(docs), longest)
+        mask = torch.arange(longest, device=device)[None] < torch.tensor(docs, device=device)[:, None]
+        note = (f"padded: {len(docs)} rows of {longest} tokens, {len(docs) * longest - total} of "
+                f"{len(docs) * longest} padding")
+        return (lambda: call(inputs, key_padding_mask=mask)), inputs, note
+    if cell.packing == "alone":
+        parts = [make(1, n) for n in docs]
+
+        def alone() -> Tensor:
+            return sum(call(part).sum() for part in parts)  # type: ignore[return-value]
+
+        return alone, [t for part in parts for t in part], f"alone: {len(docs)} calls, one per document"
+    raise ValueError(f"packing must be one of packed, padded, alone; got {cell.packing!r}")
 
 
 

@@ -33,12 +33,13 @@ RESULTS_FILE = schema.RESULTS_FILE
 META_FILE = schema.META_FILE
 REQUIRED_COLUMNS = ("variant", "mode", "seq_len", "status")
 NUMERIC_COLUMNS = ("batch_size", "seq_len", "num_heads", "head_dim", "num_kv_heads") + schema.NUMERIC_COLUMNS
-TEXT_COLUMNS = ("variant", "params_json", "backend_requested", "backend", "level", "mode", "device", "dtype", "note")
+TEXT_COLUMNS = ("variant", "params_json", "backend_requested", "backend", "level", "mode", "device", "dtype", "note",
+                "packing", "documents")
 # Statuses that mean "this length does not fit": the cell is drawn as a marker, and a baseline that failed this
 # way counts as infinitely expensive when deciding where a variant overtakes it.
 FAILED_TO_FIT = ("oom", "skipped_budget", "skipped_after_oom")
 # Columns that, when they vary inside the data, split cells into separate conditions.
-CONDITION_COLUMNS = ("causal", "dtype", "batch_size", "num_heads", "head_dim", "num_kv_heads")
+CONDITION_COLUMNS = ("causal", "dtype", "batch_size", "num_heads", "head_dim", "num_kv_heads", "packing")
 
 _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f", ""}
@@ -251,7 +252,8 @@ def load_run(run_dir: str | Path, label: str | None = None) -> Run:
         meta = loaded
     lines = record_lines(csv_path)
     try:
-        frame = pd.read_csv(csv_path, keep_default_na=True, na_values=[""], dtype={"params_json": str, "note": str})
+        frame = pd.read_csv(csv_path, keep_default_na=True, na_values=[""], dtype={"params_json": str, "note": str,
+                                                                                       "packing": str, "documents": str})
     except pd.errors.EmptyDataError as exc:
         raise ValueError(f"{csv_path} is empty: the benchmark wrote no cells yet") from exc
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
@@ -376,6 +378,7 @@ def _condition_labels(frame: pd.DataFrame) -> pd.Series:
         "num_heads": lambda v: f"{int(v)} heads" if v == v else "heads ?",
         "head_dim": lambda v: f"head_dim {int(v)}" if v == v else "head_dim ?",
         "num_kv_heads": lambda v: f"{int(v)} kv heads" if v == v else "kv heads = heads",
+        "packing": lambda v: f"documents {v}" if v else "not packed",
     }
     labels = [", ".join(fmt[c](frame.at[i, c]) for c in varying) for i in frame.index]
     return pd.Series(labels, index=frame.index, dtype=object)

@@ -11,6 +11,7 @@ from efficient_attn.report.analyses.budget import budget_rows
 from efficient_attn.report.analyses.crossover import crossover_rows
 from efficient_attn.report.analyses.decode import bandwidth_rows, decode_exponent_rows, peer_rows, split_rows
 from efficient_attn.report.analyses.fit import scaling_rows
+from efficient_attn.report.analyses.packing import packing_rows
 from efficient_attn.report.analyses.overview import NOISY_IQR, environment_rows, noise_rows, status_rows
 from efficient_attn.report.analyses.tables import PUBLISHED_NOTE, lra_table, published_table, run_comparison_rows
 from efficient_attn.report.blocks import Block, Bullets, Heading, Image, Para, Table
@@ -107,6 +108,13 @@ def report_blocks(
 
     if (frame["mode"] == "decode").any():
         blocks += decode_blocks(frame, decode_plots or [])
+    if frame["packing"].ne("").any():
+        blocks.append(Heading(2, "Packed documents"))
+        blocks.append(Para("The same documents three ways: *packed* into one sequence (`document_ids`: each document "
+                           "attends only to itself), *padded* to the longest in a batch (a key padding mask), and "
+                           "*alone*, one call per document (the sum of their times: what the documents cost by "
+                           "themselves). Every row is batch 1 with `seq_len` = the total tokens."))
+        blocks.append(Table(*packing_rows(frame)))
 
     blocks.append(Heading(2, "Scaling exponents"))
     blocks.append(
