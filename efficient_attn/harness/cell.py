@@ -34,7 +34,7 @@ import torch
 from efficient_attn.errors import BackendUnavailableError
 from efficient_attn.harness.host import free_memory
 from efficient_attn.harness.plan import Cell, PlannedCell
-from efficient_attn.harness.predict import Prediction, predict_cell
+from efficient_attn.harness.predict import Prediction, Predictor, predict_cell
 from efficient_attn.harness.runfolder import format_value
 from efficient_attn.harness.schema import ALL_COLUMNS, CONFIG_COLUMNS, MEASURED_COLUMNS, NUMERIC_COLUMNS, RUN_COLUMNS
 from efficient_attn.harness.workloads import DEFAULT_DECODE_STEPS, build_workload, parse_dtype
@@ -196,20 +196,33 @@ class Precheck:
         return self.prediction.first_call_bytes if self.prediction is not None else None
 
 
-def precheck(planned: PlannedCell, *, budget_bytes: int | None, seed: int = 0, depth: int = 2) -> Precheck:
-    """Static checks, then the memory prediction against ``budget_bytes`` (None: no budget); builds nothing real."""
+def precheck(planned: PlannedCell, *, budget_bytes: int | None, seed: int = 0, depth: int = 2,
+             predictor: Predictor | None = None) -> Precheck:
+    """Static checks, then the memory prediction against ``budget_bytes`` (None: no budget); builds nothing real.
+
+    ``predictor``: a :class:`efficient_attn.harness.predict.Predictor` shared by the cells of a sweep: a fake run up
+    to its ``fake_max_len``, beyond it the growth fitted to the same configuration's shorter fake runs (which a
+    sweep, lengths ascending, has mostly made already), so a long cell costs no fake run of its own length; None:
+    a fake run at the cell's length."""
     static = static_status(planned)
     if static is not None:
         return Precheck(*static)
+    how = ""
     try:
-        prediction = predict_cell(planned.cell, seed=seed, depth=depth)
+        if predictor is None or planned.cell.packing is not None:  # packed cells' shapes follow their documents
+            prediction = predict_cell(planned.cell, seed=seed, depth=depth)
+        else:
+            estimate = predictor.predict(planned.cell)
+            prediction = estimate.prediction
+            if estimate.growth is not None:
+                how = f"memory extrapolated ({estimate.growth.describe()})"
     except Exception as error:  # noqa: BLE001 - the real run decides the status
         return Precheck(None, f"memory not predicted ({_first_line(error)[:120]})")
     if budget_bytes is not None and prediction.total_bytes > budget_bytes:
         note = (f"predicted {_gib(prediction.total_bytes)} (peak {_gib(prediction.peak_bytes)} + setup "
                 f"{_gib(prediction.setup_bytes)}) > budget {_gib(budget_bytes)}")
-        return Precheck("skipped_budget", note, prediction)
-    return Precheck(None, "", prediction)
+        return Precheck("skipped_budget", "; ".join(n for n in (note, how) if n), prediction)
+    return Precheck(None, how, prediction)
 
 
 # ------------------------------------------------------------------------------------------------- measurement
@@ -334,11 +347,13 @@ def run_cell(
     seed: int = 0,
     depth: int = 2,
     measure: Measure | None = None,
+    predictor: Predictor | None = None,
 ) -> tuple[dict[str, str], float]:
-    """Run one cell through the precheck and ``measure`` (default :func:`measure_cell`); returns its row and its
-    timed window (s). Never raises for a failing cell: the failure is its status."""
+    """Run one cell through the precheck (with ``predictor``, see :func:`precheck`) and ``measure`` (default
+    :func:`measure_cell`); returns its row and its timed window (s). Never raises for a failing cell: the failure is
+    its status."""
     cell = planned.cell
-    check = precheck(planned, budget_bytes=budget_bytes, seed=seed, depth=depth)
+    check = precheck(planned, budget_bytes=budget_bytes, seed=seed, depth=depth, predictor=predictor)
     predicted = check.predicted_bytes
     if check.status is not None:
         return make_row(cell, status=check.status, note=check.note, predicted_mem_bytes=predicted), 0.0

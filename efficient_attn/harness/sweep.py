@@ -27,6 +27,7 @@ import torch
 from efficient_attn.harness.cell import Timing, make_row, precheck, run_cell
 from efficient_attn.harness.host import budget_bytes, device_memory_bytes, resolve_device
 from efficient_attn.harness.plan import PlannedCell, plan_cells
+from efficient_attn.harness.predict import Predictor
 from efficient_attn.harness.runfolder import RunFolder, read_rows
 from efficient_attn.harness.schema import (
     ALL_COLUMNS,
@@ -144,6 +145,7 @@ def _run_in_folder(folder: RunFolder, suite: Suite, device: str, threads: int | 
     measure = measure_isolated if isolate else None
     planned = plan_cells(suite, device, include_peers=include_peers)
     oom_at = known_ooms(planned, folder.finished)
+    predictor = Predictor(seed=seed, depth=suite.depth)  # one per session: fits reuse the shorter cells' fake runs
     t0 = time.perf_counter()
     host = socket.gethostname()
     from tqdm import tqdm
@@ -169,7 +171,7 @@ def _run_in_folder(folder: RunFolder, suite: Suite, device: str, threads: int | 
                     window = 0.0
                 else:
                     row, window = run_cell(p, budget_bytes=budget, timing=timing, seed=seed, depth=suite.depth,
-                                           measure=measure)
+                                           measure=measure, predictor=predictor)
                     if row["status"] == "oom":
                         oom_at[p.group] = p.cell.seq_len
                 row["host"] = host
@@ -207,10 +209,11 @@ def dry_run(
     if out_dir is not None:
         done = {tuple(r[c] for c in CONFIG_COLUMNS) for r in read_rows(Path(out_dir) / RESULTS_FILE)}
     plan = []
+    predictor = Predictor(seed=seed, depth=suite.depth)
     for p in plan_cells(suite, device, include_peers=include_peers):
         if p.cell.key() in done:
             plan.append((p, None, "done", "already in the run folder"))
             continue
-        check = precheck(p, budget_bytes=budget, seed=seed, depth=suite.depth)
+        check = precheck(p, budget_bytes=budget, seed=seed, depth=suite.depth, predictor=predictor)
         plan.append((p, check.predicted_bytes, check.status or "run", check.note))
     return plan
