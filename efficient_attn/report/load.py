@@ -324,14 +324,14 @@ def _resolved_backend(frame: pd.DataFrame) -> pd.Series:
     name = requested.copy()
     auto = requested == "auto"
     if auto.any():
-        keys = ["variant", "params_json", "is_peer"]
+        keys = ["variant", "params_json", "is_peer", "mode"]  # per mode: a decode step has its own "backend"
         common: dict[tuple, str] = {}
         for key, group in frame[auto].groupby(keys, sort=False):
             resolved = [b for b in group["backend"] if b]
             common[key] = Counter(resolved).most_common(1)[0][0] if resolved else "auto"
         for index in frame.index[auto]:
             row = frame.loc[index]
-            name[index] = row["backend"] or common[(row["variant"], row["params_json"], row["is_peer"])]
+            name[index] = row["backend"] or common[(row["variant"], row["params_json"], row["is_peer"], row["mode"])]
     return name
 
 

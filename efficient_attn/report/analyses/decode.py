@@ -20,7 +20,7 @@ import json
 from typing import TYPE_CHECKING
 
 from efficient_attn.report.analyses.fit import fit_power_law
-from efficient_attn.report.format import format_bytes, format_ms, format_si, length_label
+from efficient_attn.report.format import format_bytes, format_ms, length_label
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -53,7 +53,18 @@ def decode_rows(frame: pd.DataFrame, *, ok: bool = True) -> pd.DataFrame:
     return rows[rows["status"] == "ok"] if ok else rows
 
 
+def _bandwidth(value: float) -> str:
+    return f"{value / 1e9:.1f} GB/s"
+
+
+def _rate(value: float) -> str:
+    return f"{value:,.0f}"
+
+
 def _fit(x: object, y: object) -> str:
+    values = [float(v) for v in y]  # type: ignore[attr-defined]
+    if values and min(values) > 0 and max(values) / min(values) < 1.01:
+        return "0.00 (flat)"  # constant: R² is undefined
     try:
         fit = fit_power_law(x, y)  # type: ignore[arg-type]
     except ValueError:
@@ -104,7 +115,7 @@ def split_rows(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         rows.append([
             str(p["run"]), str(p["series"]).split(":")[0], str(int(p["batch_size"])), length_label(p["seq_len"]),
             format_ms(float(p["time_ms"])), format_ms(per_token), format_bytes(float(p["cache_bytes"])),
-            format_ms(float(d["time_ms"])), format_si(float(d["tokens_per_s"]), ""),
+            format_ms(float(d["time_ms"])), _rate(float(d["tokens_per_s"])),
             _ratio(step_per_seq / per_token),
         ])
     return header, rows
@@ -140,7 +151,7 @@ def bandwidth_rows(frame: pd.DataFrame, *, min_context: int = 0) -> tuple[list[s
         bound_ms = 1e3 * read / bandwidth
         rows.append([
             str(row["run"]), str(row["series"]), str(int(row["batch_size"])), length_label(row["seq_len"]),
-            format_bytes(read), format_si(bandwidth, "B/s"), format_ms(bound_ms), format_ms(float(row["time_ms"])),
+            format_bytes(read), _bandwidth(bandwidth), format_ms(bound_ms), format_ms(float(row["time_ms"])),
             _ratio(float(row["time_ms"]) / bound_ms),
         ])
     return header, rows
