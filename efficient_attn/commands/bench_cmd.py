@@ -123,7 +123,9 @@ def summary_table(rows: list[dict[str, str]]) -> str:
         causal = " causal" if r["causal"] == "true" else ""
         # params only where one variant ran with several (the CSV has them all)
         name = r["variant"] + (r["params_json"] if len(params_seen[r["variant"]]) > 1 else "")
-        group = (name, r["backend_requested"], f"{r['level']} {r['mode']}{causal}", f"{r['dtype']} b{r['batch_size']}")
+        packed = f" {r['packing']}" if r.get("packing") else ""  # packed / padded / alone are three rows
+        group = (name, r["backend_requested"], f"{r['level']} {r['mode']}{causal}{packed}",
+                 f"{r['dtype']} b{r['batch_size']}")
         cell = f"{float(r['time_ms']):.1f}" if r["status"] == "ok" else _SHORT.get(r["status"], r["status"])
         groups.setdefault(group, {})[int(r["seq_len"])] = cell
     header = ["variant", "backend", "what", "dtype", *[str(n) for n in lengths]]
