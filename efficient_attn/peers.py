@@ -40,6 +40,13 @@ and this table is its summary (tests/test_peers.py checks the three name the sam
                                                            when our W_v equals W_k
                                  headwise                  only False: lucidrains shares one E (and F) across heads
                                  num_heads, dim            heads=num_heads, dim=dim, dim_head=dim // num_heads
+    hf-llama-decode layer        (full: window_size unset) LlamaAttention of a one-layer build_hf_llama (sdpa,
+                                 (decode only)             random weights from seed) + DynamicCache(config)
+                                 window_size=w             the Mistral twin: sliding_window = w + 1 (w + 1 keys with
+                                                           the query, as our causal window); its DynamicCache keeps
+                                                           the last w keys and values
+                                 causal                    always True (a decoder)
+                                 (positions)               RoPE at the cache's length
 
 Honest notes on the peers (also in ``peer_info(name)["notes"]`` and, per call, in ``module.last_note``):
 
@@ -57,6 +64,8 @@ Honest notes on the peers (also in ``peer_info(name)["notes"]`` and, per call, i
   passes one when it pads, so padded keys are never attended. A query whose window holds no real key gets a uniform
   average (local-attention masks with a finite value), where ours returns zeros.
 * linformer (lucidrains) has no key padding mask and no causal mode: a mask is a ``ValueError``.
+* hf-llama-decode runs ``decode`` cells only. Its ``DynamicCache`` appends by ``torch.cat``, so every step copies the
+  whole cache; its cache bytes are the key and value tensors its layers hold after a step.
 
 Papers: Zaheer et al. 2020 (BigBird, arXiv:2007.14062); Beltagy et al. 2020 (Longformer, arXiv:2004.05150);
 Wang et al. 2020 (Linformer, arXiv:2006.04768); local windowed attention as in Roy et al. 2021 (Routing Transformer,
@@ -106,6 +115,7 @@ class PeerSpec:
         module: the import path checked before building.
         description: one line.
         levels: benchmark levels it can run at (``"layer"`` always; ``"core"`` when it has ``attend``).
+        modes: benchmark modes it can run (see :data:`efficient_attn.vocab.MODES`).
         params: allowed parameters and their defaults (``None`` = derived at build time, see ``mapping``).
         mapping: rows of (our parameter, their parameter / behaviour).
         builder: the wrapper class, called with ``dim, num_heads, seq_len, params`` (resolved).
@@ -124,6 +134,8 @@ class PeerSpec:
     builder: Callable[..., "PeerAttention"] = field(repr=False, compare=False)
     notes: tuple[str, ...] = ()
     check: Callable[[dict[str, Any], int], None] | None = field(default=None, repr=False, compare=False)
+    #: benchmark modes it can run (a decode peer: ``decode`` only)
+    modes: tuple[str, ...] = ("fwd", "fwd_bwd", "train_step")
 
 
 # ---------------------------------------------------------------------------------------------------- the base
@@ -424,6 +436,75 @@ def _check_linformer_params(params: dict[str, Any], seq_len: int) -> None:
         )
 
 
+# ------------------------------------------------------------------------------------------- hf-llama-decode
+class HFLlamaDecodePeer(PeerAttention):
+    """transformers' own decode of one Llama attention layer: ``LlamaAttention`` of a one-layer decoder from
+    :func:`efficient_attn.integrations.hf_models.build_hf_llama` (random weights, ``attn_implementation="sdpa"``),
+    its rotary embedding, and a ``DynamicCache`` made from the model's config. With ``window_size=w`` the builder
+    makes the Mistral twin (``sliding_window = w + 1``: w + 1 keys, the query included, as our ``window``), whose
+    ``DynamicCache`` keeps sliding-window layers (the last ``sliding_window - 1`` keys and values).
+
+    The decode protocol of :mod:`efficient_attn.harness.decoding`: :meth:`new_cache`, :meth:`fill_cache` (random
+    keys and values through the cache's own ``update``), ``forward(x, cache=cache)`` (one step: projections, RoPE at
+    the cache's length, ``cache.update``, SDPA, output projection) and :meth:`cache_nbytes`: the bytes of the key and
+    value tensors every cache layer holds after the last update (a ``DynamicLayer`` concatenates each step, so what
+    it holds is exactly the context's keys and values; the step's temporary concatenation is not counted).
+    """
+
+    peer_name = "hf-llama-decode"
+
+    def __init__(self, *, dim: int, num_heads: int, seq_len: int, params: dict[str, Any]) -> None:
+        super().__init__(dim=dim, num_heads=num_heads, seq_len=seq_len, params=params)
+        from efficient_attn.integrations.hf_models import build_hf_llama
+
+        if params["causal"] is not True:
+            raise ValueError("peer 'hf-llama-decode' is a decoder: causal must be True")
+        window = params["window_size"]
+        self.model = build_hf_llama(
+            layers=1, hidden=dim, heads=num_heads, intermediate=4 * dim, attn_implementation="sdpa",
+            max_positions=max(2 * seq_len, 4096), sliding_window=None if window is None else window + 1,
+            seed=params["seed"],
+        )
+        self.attn = self.model.layers[0].self_attn
+        self.last_padded_len = None
+
+    def new_cache(self, batch: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                  max_len: int | None = None) -> Any:
+        """An empty ``DynamicCache`` for this model's config (``batch``, ``device``, ``dtype``, ``max_len``: taken
+        when the first keys arrive; the cache grows as transformers' does)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def fill_cache(self, cache: Any, q: Tensor, k: Tensor, v: Tensor) -> None:
+        """Put ``k``, ``v`` ``(batch, heads, n, head_dim)`` into the empty ``cache`` (``q`` unused)."""
+        cache.update(k, v, 0)
+
+    @staticmethod
+    def cache_nbytes(cache: Any) -> int:
+        """Bytes of the key and value tensors the cache's layers hold (see the class docstring)."""
+        total = 0
+        for layer in cache.layers:
+            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(tensor, Tensor):
+                    total += tensor.numel() * tensor.element_size()
+        return total
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, *, cache: Any = None) -> Tensor:
+        self._check_x(x, key_padding_mask)
+        if cache is None or key_padding_mask is not None:
+            raise ValueError("peer 'hf-llama-decode' runs decode steps only: forward(x, cache=cache) with x "
+                             "(batch, 1, dim) and no key_padding_mask")
+        if x.shape[1] != 1:
+            raise ValueError(f"peer 'hf-llama-decode' steps one token at a time; got {x.shape[1]} tokens")
+        start = cache.get_seq_length()
+        positions = torch.full((x.shape[0], 1), start, dtype=torch.long, device=x.device)
+        embeddings = self.model.rotary_emb(x, positions)
+        out, _ = self.attn(x, position_embeddings=embeddings, attention_mask=None, cache=cache)
+        self.last_padded_len = x.shape[1]
+        return out
+
+
 # ------------------------------------------------------------------------------------------------ the table
 PEERS: dict[str, PeerSpec] = {
     "local-attention": PeerSpec(
@@ -507,6 +588,30 @@ PEERS: dict[str, PeerSpec] = {
         builder=LinformerPeer,
         check=_check_linformer_params,
     ),
+    "hf-llama-decode": PeerSpec(
+        name="hf-llama-decode",
+        distribution="transformers",
+        module="transformers",
+        description="HF transformers' decode: LlamaAttention (sdpa) + DynamicCache of a one-layer random Llama; "
+                    "window_size gives the Mistral sliding_window twin (our `full` / `window` decode)",
+        levels=("layer",),
+        params={"window_size": None, "causal": True, "seed": 0},
+        mapping=(
+            ("(full)", "LlamaConfig(hidden=dim, heads=num_heads, 1 layer), attn_implementation='sdpa', DynamicCache"),
+            ("window_size=w", "MistralConfig(sliding_window=w + 1): w + 1 keys with the query; the DynamicCache "
+             "keeps the last w keys and values"),
+            ("seed", "build_hf_llama(seed=...): the random weights"),
+            ("causal=True", "always (a decoder); causal=False is refused"),
+            ("(positions)", "RoPE at the cache's length (ours: no positions unless rope=true; one token's rotation)"),
+            ("(cache bytes)", "keys + values every cache layer holds after the step"),
+        ),
+        notes=(
+            "decode only: one token per sequence against a DynamicCache filled with random keys and values",
+            "DynamicCache appends by torch.cat: every step copies the whole cache (ours writes one slot)",
+        ),
+        builder=HFLlamaDecodePeer,
+        modes=("decode",),
+    ),
 }
 
 
@@ -564,6 +669,7 @@ def peer_info(name: str) -> dict[str, Any]:
         "version": _installed_version(spec.distribution),
         "description": spec.description,
         "levels": list(spec.levels),
+        "modes": list(spec.modes),
         "params": dict(spec.params),
         "mapping": [{"ours": ours, "theirs": theirs} for ours, theirs in spec.mapping],
         "notes": list(spec.notes),
@@ -577,6 +683,8 @@ def _resolve_params(spec: PeerSpec, seq_len: int, params: dict[str, Any]) -> dic
     if "max_len" in resolved and resolved["max_len"] is None:
         resolved["max_len"] = seq_len
     for key, value in resolved.items():
+        if value is None and spec.params.get(key, 0) is None:
+            continue  # an optional parameter left unset (hf-llama-decode's window_size)
         if key in ("causal", "share_kv", "headwise"):
             if not isinstance(value, bool):
                 raise ValueError(f"peer {spec.name!r}: {key} must be a bool, got {value!r}")

@@ -6,10 +6,16 @@ can use it. Order matters where it is used for display: :data:`MODES` is also th
 
 from __future__ import annotations
 
-__all__ = ["DEVICES", "DTYPE_NAMES", "LEVELS", "MODES", "STATUSES"]
+__all__ = ["CACHE_MODES", "DEVICES", "DTYPE_NAMES", "GRAD_MODES", "LEVELS", "MODES", "STATUSES"]
 
-#: what a benchmark cell measures: forward only, forward+backward, one optimiser step (in display order)
-MODES: tuple[str, ...] = ("fwd", "fwd_bwd", "train_step")
+#: what a benchmark cell measures: forward only, forward+backward, one optimiser step; then inference with a decode
+#: cache: ``prefill`` (one call over the prompt that fills a fresh cache) and ``decode`` (one new token per sequence
+#: against a cache holding ``seq_len`` tokens). In display order.
+MODES: tuple[str, ...] = ("fwd", "fwd_bwd", "train_step", "prefill", "decode")
+#: the modes that run with a decode cache (causal only; no gradients)
+CACHE_MODES: tuple[str, ...] = ("prefill", "decode")
+#: the modes that run a backward pass
+GRAD_MODES: tuple[str, ...] = ("fwd_bwd", "train_step")
 #: what a cell runs: ``attend`` on q, k, v; the attention module with its projections; the whole backbone
 LEVELS: tuple[str, ...] = ("core", "layer", "model")
 #: the status of a result row (benchmark and quality); numbers are empty unless ``ok``

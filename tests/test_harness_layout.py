@@ -10,7 +10,8 @@ import efficient_attn
 
 PACKAGE = Path(efficient_attn.__file__).parent
 # each harness module may import only those before it in this order
-HARNESS_ORDER = ["schema", "host", "runfolder", "suite", "overrides", "plan", "hf_workload", "workloads", "predict", "cell", "worker",
+HARNESS_ORDER = ["schema", "host", "runfolder", "suite", "overrides", "plan", "hf_workload", "decoding", "workloads",
+                 "predict", "cell", "worker",
                  "sweep"]
 
 

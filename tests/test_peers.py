@@ -34,7 +34,7 @@ def _rows_with_keys(allowed: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ registry-ish
 def test_list_peers_and_info():
-    assert list_peers() == ["hf-bigbird", "hf-longformer", "linformer", "local-attention"]
+    assert list_peers() == ["hf-bigbird", "hf-llama-decode", "hf-longformer", "linformer", "local-attention"]
     for name in list_peers():
         info = peer_info(name)
         assert info["name"] == name

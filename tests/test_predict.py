@@ -88,3 +88,21 @@ def test_prediction_does_not_touch_the_global_rng_stream_of_real_tensors():
     # predict seeds its own build (like every cell): only the seed is shared, by design
     torch.manual_seed(3)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_precheck_with_a_predictor_extrapolates_long_cells():
+    """The sweep's precheck (one Predictor per session) fits the shorter fake runs instead of a fake run at the
+    long length; the extrapolated figure is the fake run's, and the note says how it was obtained."""
+    from efficient_attn.harness.cell import precheck
+    from efficient_attn.harness.plan import Cell, PlannedCell
+    from efficient_attn.harness.predict import Predictor, predict_cell
+
+    cell = Cell("window", "{\"window_size\":32}", "torch", "core", "fwd", False, "cpu", "float32", 1, 16384, 2, 8)
+    predictor = Predictor(fake_max_len=4096, fit_start=1024, multiple=64)
+    check = precheck(PlannedCell(cell), budget_bytes=None, predictor=predictor)
+    assert check.status is None and check.note.startswith("memory extrapolated (linear through")
+    fake = predict_cell(cell)
+    assert abs(check.prediction.total_bytes - fake.total_bytes) <= 0.01 * fake.total_bytes
+    short = precheck(PlannedCell(Cell(**{**cell.to_dict(), "seq_len": 512})), budget_bytes=None,
+                     predictor=predictor)
+    assert short.note == "" and short.prediction == predict_cell(Cell(**{**cell.to_dict(), "seq_len": 512}))

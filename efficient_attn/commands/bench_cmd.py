@@ -22,6 +22,7 @@ or a busy folder, 130 when interrupted (rerun to resume).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -122,7 +123,9 @@ def summary_table(rows: list[dict[str, str]]) -> str:
         causal = " causal" if r["causal"] == "true" else ""
         # params only where one variant ran with several (the CSV has them all)
         name = r["variant"] + (r["params_json"] if len(params_seen[r["variant"]]) > 1 else "")
-        group = (name, r["backend_requested"], f"{r['level']} {r['mode']}{causal}", f"{r['dtype']} b{r['batch_size']}")
+        packed = f" {r['packing']}" if r.get("packing") else ""  # packed / padded / alone are three rows
+        group = (name, r["backend_requested"], f"{r['level']} {r['mode']}{causal}{packed}",
+                 f"{r['dtype']} b{r['batch_size']}")
         cell = f"{float(r['time_ms']):.1f}" if r["status"] == "ok" else _SHORT.get(r["status"], r["status"])
         groups.setdefault(group, {})[int(r["seq_len"])] = cell
     header = ["variant", "backend", "what", "dtype", *[str(n) for n in lengths]]
@@ -138,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         suite = suite_from_args(args, args.suite)
         executor = executor_from_args(args)
+        if executor.threads is None and suite.threads is not None:
+            executor = dataclasses.replace(executor, threads=suite.threads)  # the suite's threads; --threads wins
         if args.dry_run:
             plan = dry_run(suite, device=args.device, include_peers=args.peers, budget_gb=args.budget_gb,
                            out_dir=args.out, seed=args.seed)

@@ -7,6 +7,7 @@ Modules, each importing only those above it:
 * ``runfolder``: ``results.csv`` + ``meta.json`` of any tidy table (the benchmark's and the quality suite's);
 * ``suite``: the TOML schema of ``bench/*.toml`` and its validation; ``overrides``: command-line changes to a suite;
 * ``plan``: what a cell is and the cells of a suite, in run order;
+* ``decoding``: the prefill and decode cells (a cache filled to the context, single-token steps);
 * ``workloads``: the callable a cell times (level x mode); ``predict``: its peak memory on fake tensors;
 * ``cell``: one cell: precheck (static status, prediction, budget), measurement, row;
 * ``worker``: one cell measured in a fresh process (``--isolate``);

@@ -34,14 +34,14 @@ import torch
 from efficient_attn.errors import BackendUnavailableError
 from efficient_attn.harness.host import free_memory
 from efficient_attn.harness.plan import Cell, PlannedCell
-from efficient_attn.harness.predict import Prediction, predict_cell
+from efficient_attn.harness.predict import Prediction, Predictor, predict_cell
 from efficient_attn.harness.runfolder import format_value
 from efficient_attn.harness.schema import ALL_COLUMNS, CONFIG_COLUMNS, MEASURED_COLUMNS, NUMERIC_COLUMNS, RUN_COLUMNS
-from efficient_attn.harness.workloads import build_workload, parse_dtype
+from efficient_attn.harness.workloads import DEFAULT_DECODE_STEPS, build_workload, parse_dtype
 from efficient_attn.measure.memory import measure_call, rss_probe
 from efficient_attn.measure.timing import time_call, time_callable
 from efficient_attn.registry import get_spec
-from efficient_attn.vocab import STATUSES
+from efficient_attn.vocab import CACHE_MODES, GRAD_MODES, STATUSES
 
 __all__ = [
     "UNCOUNTABLE_BACKENDS",
@@ -110,12 +110,35 @@ def classify(error: BaseException) -> tuple[str, str]:
 def static_status(planned: PlannedCell) -> tuple[str, str] | None:
     """``(status, note)`` when the cell must not run, decided without building anything; None when it may run."""
     cell = planned.cell
+    if cell.packing is not None:
+        if cell.level not in ("core", "layer") or cell.is_peer:
+            where = "a peer" if cell.is_peer else f"level {cell.level!r}"
+            return "unsupported", f"packed documents run at level core or layer of our variants, not {where}"
+        if cell.mode in CACHE_MODES:
+            return "unsupported", f"packed documents have no {cell.mode} cells (a decode cache holds one sequence)"
+        if cell.packing == "packed" and not cell.is_peer:
+            cls = get_spec(cell.variant).module_cls
+            if not cls.supports_packing:
+                return "unsupported", f"{cell.variant} does not accept document_ids (packing)"
+            allowed = cls.packing_backends
+            if allowed is not None and cell.backend_requested not in ("auto", *allowed):
+                return "unsupported", (f"{cell.variant} packs documents with backend {' or '.join(allowed)}, not "
+                                       f"{cell.backend_requested!r}")
+    if cell.mode in CACHE_MODES:
+        if cell.level not in ("core", "layer"):
+            return "unsupported", (f"{cell.mode} cells run at level core or layer, not {cell.level!r} (the backbone "
+                                   "generates with model.generate)")
+        if not cell.causal:
+            return "unsupported", (f"{cell.mode} needs causal attention (a non-causal output at t depends on later "
+                                   "tokens, which a decoder has not seen): run it with causal = [true]")
     if cell.is_peer:
         try:
             from efficient_attn.peers import peer_info
         except ImportError as error:
             return "unsupported", f"efficient_attn.peers is not importable: {error}"
         info = peer_info(cell.variant)
+        if cell.mode not in info["modes"]:
+            return "unsupported", f"peer {cell.variant!r} runs modes {', '.join(info['modes'])}, not {cell.mode!r}"
         if cell.level not in info["levels"]:
             return "unsupported", f"peer {cell.variant!r} runs at level {' or '.join(info['levels'])}, not {cell.level!r}"
         if cell.causal and "causal" not in info["params"]:
@@ -124,6 +147,12 @@ def static_status(planned: PlannedCell) -> tuple[str, str] | None:
             return "unsupported", f"peer {cell.variant!r} runs num_heads key/value heads only (no grouped heads)"
     else:
         spec = get_spec(cell.variant)
+        reason = spec.module_cls.decode_unsupported_reason
+        if cell.mode in CACHE_MODES and reason is not None:
+            return "unsupported", f"{cell.variant} cannot decode incrementally: {reason}"
+        if cell.mode == "decode" and cell.backend_requested != "auto":
+            return "unsupported", (f"a decode step runs {cell.variant}'s own single-token step, not a backend: give "
+                                   f"this variant backends = [\"auto\"] (backend {cell.backend_requested!r} asked)")
         if cell.causal and not spec.supports_causal:
             return "unsupported", f"{cell.variant} cannot be causal: {spec.module_cls.causal_unsupported_reason}"
         if cell.kv_heads != cell.num_heads and not spec.module_cls.supports_gqa:
@@ -133,7 +162,7 @@ def static_status(planned: PlannedCell) -> tuple[str, str] | None:
             )
         if cell.backend_requested != "auto":
             reason = spec.module_cls.unavailable_reason(
-                cell.backend_requested, torch.device(cell.device), cell.mode != "fwd", parse_dtype(cell.dtype)
+                cell.backend_requested, torch.device(cell.device), cell.mode in GRAD_MODES, parse_dtype(cell.dtype)
             )
             if reason is not None:
                 return "unsupported", f"backend {cell.backend_requested!r}: {reason}"
@@ -167,20 +196,33 @@ class Precheck:
         return self.prediction.first_call_bytes if self.prediction is not None else None
 
 
-def precheck(planned: PlannedCell, *, budget_bytes: int | None, seed: int = 0, depth: int = 2) -> Precheck:
-    """Static checks, then the memory prediction against ``budget_bytes`` (None: no budget); builds nothing real."""
+def precheck(planned: PlannedCell, *, budget_bytes: int | None, seed: int = 0, depth: int = 2,
+             predictor: Predictor | None = None) -> Precheck:
+    """Static checks, then the memory prediction against ``budget_bytes`` (None: no budget); builds nothing real.
+
+    ``predictor``: a :class:`efficient_attn.harness.predict.Predictor` shared by the cells of a sweep: a fake run up
+    to its ``fake_max_len``, beyond it the growth fitted to the same configuration's shorter fake runs (which a
+    sweep, lengths ascending, has mostly made already), so a long cell costs no fake run of its own length; None:
+    a fake run at the cell's length."""
     static = static_status(planned)
     if static is not None:
         return Precheck(*static)
+    how = ""
     try:
-        prediction = predict_cell(planned.cell, seed=seed, depth=depth)
+        if predictor is None or planned.cell.packing is not None:  # packed cells' shapes follow their documents
+            prediction = predict_cell(planned.cell, seed=seed, depth=depth)
+        else:
+            estimate = predictor.predict(planned.cell)
+            prediction = estimate.prediction
+            if estimate.growth is not None:
+                how = f"memory extrapolated ({estimate.growth.describe()})"
     except Exception as error:  # noqa: BLE001 - the real run decides the status
         return Precheck(None, f"memory not predicted ({_first_line(error)[:120]})")
     if budget_bytes is not None and prediction.total_bytes > budget_bytes:
         note = (f"predicted {_gib(prediction.total_bytes)} (peak {_gib(prediction.peak_bytes)} + setup "
                 f"{_gib(prediction.setup_bytes)}) > budget {_gib(budget_bytes)}")
-        return Precheck("skipped_budget", note, prediction)
-    return Precheck(None, "", prediction)
+        return Precheck("skipped_budget", "; ".join(n for n in (note, how) if n), prediction)
+    return Precheck(None, how, prediction)
 
 
 # ------------------------------------------------------------------------------------------------- measurement
@@ -191,6 +233,8 @@ class Timing:
     min_run_time: float = 0.5
     slow_call_s: float = 1.0
     slow_repeats: int = 3
+    #: timed single-token steps of a decode cell (:func:`efficient_attn.harness.decoding.measure_decode`)
+    decode_steps: int = DEFAULT_DECODE_STEPS
 
 
 def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, rss: bool = False) -> dict[str, Any]:
@@ -198,10 +242,12 @@ def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, r
 
     Raises whatever the cell raises (the caller turns it into a status).
     """
-    work = build_workload(cell, seed=seed, depth=depth)
+    work = build_workload(cell, seed=seed, depth=depth, decode_steps=timing.decode_steps)
+    if cell.mode == "decode":
+        return _measure_decode(cell, work, timing)
     if work.attentions:
         backend = work.attentions[0].resolve_backend(
-            torch.device(cell.device), cell.mode != "fwd", seq_len=cell.seq_len, dtype=parse_dtype(cell.dtype)
+            torch.device(cell.device), cell.mode in GRAD_MODES, seq_len=cell.seq_len, dtype=parse_dtype(cell.dtype)
         )
     else:
         backend = "peer"
@@ -236,6 +282,8 @@ def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, r
     )
     if work.attentions and work.last_backend != backend:
         raise RuntimeError(f"backend resolved to {backend!r} before the run but {work.last_backend!r} ran")
+    if work.note:
+        notes.append(work.note)
     if cell.is_peer and getattr(work.module, "last_note", None):
         notes.append(work.module.last_note)  # e.g. HF BigBird's fallback to full attention, padding it added
     if timed.method == "slow_repeats":
@@ -256,10 +304,31 @@ def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, r
         "flops_computed": flops_computed,
         "flops_per_s": flops_computed / seconds if flops_computed else None,
         "timed_runs": timed.runs,
+        "cache_bytes": work.cache_bytes() if work.cache_bytes is not None else None,
+        "new_tokens": cell.seq_len * cell.batch_size if cell.mode == "prefill" else None,
         "note": "; ".join(notes),
         "_window_s": timed.window_s,
     }
     del work  # tensors are freed by reference counting; no full collection on the success path
+    free_memory(cell.device, collect=False)
+    return measured
+
+
+def _measure_decode(cell: Cell, work: Any, timing: Timing) -> dict[str, Any]:
+    """The measured columns of a decode cell (see :mod:`efficient_attn.harness.decoding`)."""
+    from efficient_attn.harness.decoding import DECODE_WARMUP, measure_decode
+
+    measured, timed = measure_decode(work.run, cell, steps=timing.decode_steps)
+    step = "peer's own step" if cell.is_peer else "the variant's single-token step"
+    measured.update(
+        backend="peer" if cell.is_peer else "decode",
+        padded_len=cell.seq_len,
+        cache_bytes=work.cache_bytes(),
+        note=(f"decode: {step}, median of {timed.runs} steps after {DECODE_WARMUP} warm-up ones against a cache of "
+              f"{cell.seq_len} random tokens (+1 per step); peak_mem_bytes is one step above the filled cache"),
+        _window_s=timed.window_s,
+    )
+    del work
     free_memory(cell.device, collect=False)
     return measured
 
@@ -278,11 +347,13 @@ def run_cell(
     seed: int = 0,
     depth: int = 2,
     measure: Measure | None = None,
+    predictor: Predictor | None = None,
 ) -> tuple[dict[str, str], float]:
-    """Run one cell through the precheck and ``measure`` (default :func:`measure_cell`); returns its row and its
-    timed window (s). Never raises for a failing cell: the failure is its status."""
+    """Run one cell through the precheck (with ``predictor``, see :func:`precheck`) and ``measure`` (default
+    :func:`measure_cell`); returns its row and its timed window (s). Never raises for a failing cell: the failure is
+    its status."""
     cell = planned.cell
-    check = precheck(planned, budget_bytes=budget_bytes, seed=seed, depth=depth)
+    check = precheck(planned, budget_bytes=budget_bytes, seed=seed, depth=depth, predictor=predictor)
     predicted = check.predicted_bytes
     if check.status is not None:
         return make_row(cell, status=check.status, note=check.note, predicted_mem_bytes=predicted), 0.0

@@ -1,7 +1,9 @@
 """Cells from a suite: what one benchmark measurement is (:class:`Cell`) and the order a sweep runs them in.
 
 Cells are ``variants x backends x key/value heads x modes x causal x dtypes x batch sizes x lengths`` (lengths
-innermost, ascending), then ``peers x modes x ...`` when peers are included, every one at the suite's level.
+innermost, ascending), then ``peers x modes x ...`` when peers are included, every one at the suite's level. A suite
+with ``documents`` has no lengths: its cells are ``... x dtypes x packings`` (``packed``, ``padded``, ``alone``), each
+of batch 1 and ``seq_len`` = the documents' total.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ from efficient_attn.harness.runfolder import format_value
 from efficient_attn.harness.schema import CONFIG_COLUMNS
 from efficient_attn.harness.suite import Suite
 
-__all__ = ["Cell", "PlannedCell", "params_to_json", "plan_cells"]
+__all__ = ["PACKINGS", "Cell", "PlannedCell", "params_to_json", "plan_cells"]
+
+#: how a suite's documents run (see :mod:`efficient_attn.harness.schema`): one packed sequence, a padded batch, each
+#: document alone
+PACKINGS: tuple[str, ...] = ("packed", "padded", "alone")
 
 
 def params_to_json(params: dict[str, Any]) -> str:
@@ -47,6 +53,14 @@ class Cell:
     head_dim: int
     is_peer: bool = False
     num_kv_heads: int | None = None
+    #: packed documents (schema 4): ``packed`` | ``padded`` | ``alone``, and the comma-separated document lengths
+    packing: str | None = None
+    documents: str | None = None
+
+    @property
+    def document_lengths(self) -> tuple[int, ...]:
+        """The lengths of the packed documents (empty for an ordinary cell)."""
+        return tuple(int(n) for n in self.documents.split(",")) if self.documents else ()
 
     @property
     def kv_heads(self) -> int:
@@ -69,9 +83,10 @@ class Cell:
         """Short human description, for progress bars and messages."""
         causal = " causal" if self.causal else ""
         kv = "" if self.num_kv_heads is None else f" kv={self.num_kv_heads}"
+        packed = "" if self.packing is None else f" {self.packing} ({len(self.document_lengths)} documents)"
         return (
             f"{self.variant}/{self.backend_requested} {self.level} {self.mode}{causal} n={self.seq_len} "
-            f"b={self.batch_size} {self.dtype}{kv}"
+            f"b={self.batch_size} {self.dtype}{kv}{packed}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,6 +119,15 @@ def plan_cells(suite: Suite, device: str, *, include_peers: bool = False) -> lis
     planned = []
     for name, params, backend, is_peer, caps in sources:
         params_json = params_to_json(params)
+        if suite.documents:
+            documents = ",".join(str(n) for n in suite.documents)
+            for kv, mode, causal, dtype, packing in itertools.product(
+                kv_heads, suite.modes, suite.causal, suite.dtypes, PACKINGS
+            ):
+                cell = Cell(name, params_json, backend, suite.level, mode, causal, device, dtype, 1,
+                            sum(suite.documents), suite.heads, suite.head_dim, is_peer, kv, packing, documents)
+                planned.append(PlannedCell(cell, caps.get(mode)))
+            continue
         for kv, mode, causal, dtype, batch, length in itertools.product(
             kv_heads, suite.modes, suite.causal, suite.dtypes, suite.batch_sizes, suite.lengths
         ):

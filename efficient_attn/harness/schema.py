@@ -15,12 +15,29 @@ call (forward+backward for ``fwd_bwd``; see :mod:`efficient_attn.measure.flops`)
 ``flops_computed / time``; ``tokens_per_s`` = ``batch_size * seq_len / time``; ``timed_runs`` = calls in the timed
 window.
 
+Inference modes (schema 4): a ``prefill`` row is one call over ``seq_len`` prompt tokens that fills a fresh decode
+cache (``cache_bytes`` = the cache's exact bytes after it, ``new_tokens`` = ``seq_len``). A ``decode`` row is one new
+token per sequence against a cache that holds ``seq_len`` tokens (the context): ``time_ms`` is the median of one
+step, ``tokens_per_s`` = ``batch_size / time`` (new tokens per second), ``new_tokens`` = ``batch_size``,
+``cache_bytes`` the cache at that context, ``bandwidth_bytes_per_s`` the bytes read plus written per second by a large
+tensor copy with the same threads, measured in the same process (:mod:`efficient_attn.measure.bandwidth`), so a
+report can put decode against the memory-bandwidth bound.
+
 The schema only grows: a new column comes with a new :data:`SCHEMA_VERSION`, and readers fill the columns an older
 run lacks with empty values (a resumed folder of an older version is rewritten with the new header, its rows keeping
 empty values in the new columns).
 
-Versions: 1 the first; 2 adds ``num_kv_heads`` (key/value heads of grouped-query attention; empty = ``num_heads``,
-which is what every version-1 row ran).
+Versions: 1 the first; 2 adds where a cell ran (:data:`RUN_COLUMNS`); 3 adds ``num_kv_heads`` (key/value heads of
+grouped-query attention; empty = ``num_heads``, which is what every earlier row ran); 4 adds the inference columns
+``cache_bytes``, ``new_tokens``, ``bandwidth_bytes_per_s`` (empty in every earlier row: no earlier mode had a cache)
+and the packed-document configuration ``packing`` and ``documents`` (empty = an ordinary cell, which is what every
+earlier row ran).
+
+Packed documents (schema 4): ``documents`` lists the document lengths (``256,1024,...``); ``packing`` says how they
+ran: ``packed`` (one sequence of ``seq_len`` = their sum, ``document_ids`` telling them apart), ``padded`` (a batch
+of one sequence per document, padded to the longest, ``padded_len``, with a key padding mask) or ``alone`` (each
+document on its own, one after the other: the time is the sum). All three rows have ``batch_size`` 1 and
+``seq_len`` = the total tokens, so their times compare directly.
 """
 
 from __future__ import annotations
@@ -30,7 +47,9 @@ __all__ = [
     "COLUMNS_BY_VERSION",
     "CONFIG_COLUMNS",
     "CONFIG_COLUMNS_V1",
+    "CONFIG_COLUMNS_V3",
     "MEASURED_COLUMNS",
+    "MEASURED_COLUMNS_V3",
     "META_FILE",
     "NUMERIC_COLUMNS",
     "RESULTS_FILE",
@@ -57,9 +76,13 @@ CONFIG_COLUMNS: tuple[str, ...] = (
     "head_dim",
     "is_peer",
     "num_kv_heads",
+    "packing",
+    "documents",
 )
+#: the configuration columns of schema 3 (no packed documents yet)
+CONFIG_COLUMNS_V3: tuple[str, ...] = CONFIG_COLUMNS[: CONFIG_COLUMNS.index("packing")]
 #: the configuration columns before schema 3 (no ``num_kv_heads``: every variant had as many key/value heads as heads)
-CONFIG_COLUMNS_V1: tuple[str, ...] = tuple(c for c in CONFIG_COLUMNS if c != "num_kv_heads")
+CONFIG_COLUMNS_V1: tuple[str, ...] = tuple(c for c in CONFIG_COLUMNS_V3 if c != "num_kv_heads")
 MEASURED_COLUMNS: tuple[str, ...] = (
     "backend",
     "status",
@@ -76,17 +99,24 @@ MEASURED_COLUMNS: tuple[str, ...] = (
     "flops_computed",
     "flops_per_s",
     "timed_runs",
+    "cache_bytes",
+    "new_tokens",
+    "bandwidth_bytes_per_s",
 )
+#: the measured columns before schema 4 (no inference columns)
+MEASURED_COLUMNS_V3: tuple[str, ...] = MEASURED_COLUMNS[: MEASURED_COLUMNS.index("cache_bytes")]
 #: where the cell ran (schema 2): the host, and for a cell run by a scheduler its job id and array index (empty inline)
 RUN_COLUMNS: tuple[str, ...] = ("host", "job_id", "array_index")
 ALL_COLUMNS: tuple[str, ...] = CONFIG_COLUMNS + MEASURED_COLUMNS + RUN_COLUMNS
 #: measured columns that are numbers (left empty unless status is ok)
 NUMERIC_COLUMNS: tuple[str, ...] = tuple(c for c in MEASURED_COLUMNS if c not in ("backend", "status", "note"))
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: the columns of each schema version (a run folder of an earlier one is upgraded when it is resumed; its rows get
-#: the new columns empty). 2 added where a cell ran (:data:`RUN_COLUMNS`), 3 the grouped-query ``num_kv_heads``.
+#: the new columns empty). 2 added where a cell ran (:data:`RUN_COLUMNS`), 3 the grouped-query ``num_kv_heads``, 4 the
+#: inference columns.
 COLUMNS_BY_VERSION: dict[int, tuple[str, ...]] = {
-    1: CONFIG_COLUMNS_V1 + MEASURED_COLUMNS,
-    2: CONFIG_COLUMNS_V1 + MEASURED_COLUMNS + RUN_COLUMNS,
-    3: ALL_COLUMNS,
+    1: CONFIG_COLUMNS_V1 + MEASURED_COLUMNS_V3,
+    2: CONFIG_COLUMNS_V1 + MEASURED_COLUMNS_V3 + RUN_COLUMNS,
+    3: CONFIG_COLUMNS_V3 + MEASURED_COLUMNS_V3 + RUN_COLUMNS,
+    4: ALL_COLUMNS,
 }

@@ -17,6 +17,9 @@ Example (``bench/quick.toml``)::
     slow_repeats = 3           # optional
     depth = 2                  # optional: blocks of the backbone at level "model"
     kv_heads = [4, 2, 1]       # optional: key/value heads (grouped-query attention), each dividing heads
+    decode_steps = 32          # optional: timed single-token steps of a decode cell
+    threads = 1                # optional: torch threads of the cells (--threads wins)
+    documents = [256, 1024]    # optional, instead of lengths: packed documents (or { count, min, max, seed })
     [[variants]]
     key = "full"
     backends = ["naive", "sdpa"]   # optional: default every backend of the variant
@@ -55,6 +58,7 @@ __all__ = [
     "check_keys",
     "check_unique",
     "choice_list",
+    "document_lengths",
     "load_suite",
     "parse_suite",
     "positive_float",
@@ -111,6 +115,12 @@ class Suite:
     depth: int = 2
     #: key/value heads to run (each a cell dimension); empty = ``heads`` only (the ``num_kv_heads`` column empty)
     kv_heads: tuple[int, ...] = ()
+    #: timed single-token steps of each decode cell (after a fixed warm-up)
+    decode_steps: int = 32
+    #: torch threads the cells run with (None: the process's; ``--threads`` on the command line wins)
+    threads: int | None = None
+    #: packed documents: their lengths (empty: an ordinary suite); see :func:`document_lengths`
+    documents: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -126,7 +136,8 @@ RESERVED_PARAMS = {
 }
 _TOP_KEYS = (
     "description", "device", "level", "modes", "lengths", "batch_sizes", "heads", "head_dim", "dtypes", "causal",
-    "variants", "peers", "min_run_time", "slow_call_s", "slow_repeats", "depth", "kv_heads",
+    "variants", "peers", "min_run_time", "slow_call_s", "slow_repeats", "depth", "kv_heads", "decode_steps", "threads",
+    "documents",
 )
 _VARIANT_KEYS = ("key", "backends", "params", "max_len")
 _PEER_KEYS = ("name", "params")
@@ -252,6 +263,12 @@ def parse_suite(data: dict[str, Any], name: str, where: str | None = None) -> Su
     """Validate a parsed TOML table and build the :class:`Suite`."""
     where = where or name
     check_keys(data, _TOP_KEYS, where)
+    documents = document_lengths(data["documents"], f"{where}: documents") if data.get("documents") else ()
+    if documents:
+        for key, instead in (("lengths", "the documents' total"), ("batch_sizes", "1 (padded: one row per document)")):
+            if key in data:
+                raise SuiteError(f"{where}: a suite with documents has no {key!r}: every cell's is {instead}")
+        data = {**data, "lengths": [sum(documents)], "batch_sizes": [1]}
     for required in ("lengths",):
         if required not in data:
             raise SuiteError(f"{where}: missing required key {required!r}")
@@ -326,7 +343,43 @@ def parse_suite(data: dict[str, Any], name: str, where: str | None = None) -> Su
         slow_repeats=require_positive_int(f"{where}: slow_repeats", data.get("slow_repeats", 3), error=SuiteError),
         depth=require_positive_int(f"{where}: depth", data.get("depth", 2), error=SuiteError),
         kv_heads=kv_heads,
+        decode_steps=require_positive_int(f"{where}: decode_steps", data.get("decode_steps", 32), error=SuiteError),
+        threads=(None if data.get("threads") is None
+                 else require_positive_int(f"{where}: threads", data["threads"], error=SuiteError)),
+        documents=documents,
     )
+
+
+_DOCUMENT_KEYS = ("count", "min", "max", "seed", "multiple")
+
+
+def document_lengths(value: Any, where: str) -> tuple[int, ...]:
+    """The ``documents`` key: a list of positive lengths, or a seeded draw ``{ count = 16, min = 256, max = 4096,
+    seed = 0, multiple = 1 }``: ``count`` lengths log-uniform between ``min`` and ``max``, each rounded to a
+    ``multiple`` (the same lengths for the same table, on every machine: Python's own generator)."""
+    import random
+
+    if isinstance(value, dict):
+        check_keys(value, _DOCUMENT_KEYS, where)
+        missing = [k for k in ("count", "min", "max") if k not in value]
+        if missing:
+            raise SuiteError(f"{where}: a drawn document set needs {', '.join(missing)} (keys: count, min, max, seed, "
+                             "multiple)")
+        count, low, high = (require_positive_int(f"{where}.{k}", value[k], error=SuiteError) for k in ("count", "min",
+                                                                                                    "max"))
+        multiple = require_positive_int(f"{where}.multiple", value.get("multiple", 1), error=SuiteError)
+        seed = value.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise SuiteError(f"{where}.seed: expected an integer; got {seed!r}")
+        if low > high:
+            raise SuiteError(f"{where}: min={low} is above max={high}")
+        rng = random.Random(seed)
+        lengths = []
+        for _ in range(count):
+            n = math.exp(rng.uniform(math.log(low), math.log(high)))
+            lengths.append(max(multiple, min(high, round(n / multiple) * multiple)))
+        return tuple(lengths)
+    return positive_int_list(value, where)
 
 
 def _check_peer_name(name: str, where: str) -> None:

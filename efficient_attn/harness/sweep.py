@@ -27,6 +27,7 @@ import torch
 from efficient_attn.harness.cell import Timing, make_row, precheck, run_cell
 from efficient_attn.harness.host import budget_bytes, device_memory_bytes, resolve_device
 from efficient_attn.harness.plan import PlannedCell, plan_cells
+from efficient_attn.harness.predict import Predictor
 from efficient_attn.harness.runfolder import RunFolder, read_rows
 from efficient_attn.harness.schema import (
     ALL_COLUMNS,
@@ -67,6 +68,11 @@ def sweep_config(suite: Suite, *, device: str, include_peers: bool, isolate: boo
     )
     if not include_peers:
         config["peers"] = []
+    # keys added after runs were stored: left out at their defaults, so a folder of an older suite still resumes
+    if "decode" not in suite.modes and config.get("decode_steps") == 32:
+        del config["decode_steps"]
+    if config.get("threads") is None:
+        del config["threads"]
     return config
 
 
@@ -110,6 +116,7 @@ def run_sweep(
         RunFolderBusyError: another process is writing ``out_dir``.
     """
     device = resolve_device(device or suite.device)
+    threads = threads if threads is not None else suite.threads
     config = sweep_config(suite, device=device, include_peers=include_peers, isolate=isolate, budget_gb=budget_gb,
                           seed=seed)
     folder = open_run_folder(out_dir, config)
@@ -134,10 +141,11 @@ def _run_in_folder(folder: RunFolder, suite: Suite, device: str, threads: int | 
                    budget_gb: float | None, isolate: bool, seed: int, progress: bool,
                    on_row: Callable[[dict[str, str]], None] | None, include_peers: bool) -> SweepResult:
     budget = budget_bytes(budget_gb, device)
-    timing = Timing(suite.min_run_time, suite.slow_call_s, suite.slow_repeats)
+    timing = Timing(suite.min_run_time, suite.slow_call_s, suite.slow_repeats, suite.decode_steps)
     measure = measure_isolated if isolate else None
     planned = plan_cells(suite, device, include_peers=include_peers)
     oom_at = known_ooms(planned, folder.finished)
+    predictor = Predictor(seed=seed, depth=suite.depth)  # one per session: fits reuse the shorter cells' fake runs
     t0 = time.perf_counter()
     host = socket.gethostname()
     from tqdm import tqdm
@@ -163,7 +171,7 @@ def _run_in_folder(folder: RunFolder, suite: Suite, device: str, threads: int | 
                     window = 0.0
                 else:
                     row, window = run_cell(p, budget_bytes=budget, timing=timing, seed=seed, depth=suite.depth,
-                                           measure=measure)
+                                           measure=measure, predictor=predictor)
                     if row["status"] == "oom":
                         oom_at[p.group] = p.cell.seq_len
                 row["host"] = host
@@ -201,10 +209,11 @@ def dry_run(
     if out_dir is not None:
         done = {tuple(r[c] for c in CONFIG_COLUMNS) for r in read_rows(Path(out_dir) / RESULTS_FILE)}
     plan = []
+    predictor = Predictor(seed=seed, depth=suite.depth)
     for p in plan_cells(suite, device, include_peers=include_peers):
         if p.cell.key() in done:
             plan.append((p, None, "done", "already in the run folder"))
             continue
-        check = precheck(p, budget_bytes=budget, seed=seed, depth=suite.depth)
+        check = precheck(p, budget_bytes=budget, seed=seed, depth=suite.depth, predictor=predictor)
         plan.append((p, check.predicted_bytes, check.status or "run", check.note))
     return plan

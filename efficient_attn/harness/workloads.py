@@ -15,6 +15,9 @@ Modes:
   Gradients are cleared (set to None) at the start of every call, so calls do not accumulate.
 * ``train_step``: ``fwd_bwd`` plus an AdamW step. At core level the optimised tensors are the module's parameters (if
   any) and q, k, v themselves. AdamW's state is created by the first (warm-up) call.
+* ``prefill``, ``decode`` (core and layer level, causal): a call over the prompt that fills a fresh decode cache, and
+  one single-token step against a cache filled to ``seq_len`` (:mod:`efficient_attn.harness.decoding`; the decode
+  cache is made and filled when the workload is built, so it is setup, like the parameters).
 
 Modules run in train mode (dropout is 0 unless a cell's params set it): HF BigBird uses no random blocks in eval
 mode, so peers are timed in train mode, and our variants likewise for a like-for-like comparison.
@@ -34,7 +37,7 @@ from efficient_attn.harness.plan import Cell
 from efficient_attn.measure.flops import useful_flops_for_mode
 from efficient_attn.model import build_model
 from efficient_attn.registry import build_attention, get_spec
-from efficient_attn.vocab import DTYPE_NAMES, LEVELS, MODES
+from efficient_attn.vocab import CACHE_MODES, DTYPE_NAMES, GRAD_MODES, LEVELS, MODES
 
 __all__ = [
     "DTYPES",
@@ -44,6 +47,9 @@ __all__ = [
     "build_workload",
     "parse_dtype",
 ]
+
+#: timed single-token steps of a decode cell when a suite does not say (``decode_steps``)
+DEFAULT_DECODE_STEPS = 32
 
 #: the torch dtype of each name in :data:`efficient_attn.vocab.DTYPE_NAMES` (the names are torch's own)
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -77,15 +83,24 @@ class Workload:
     mode: str
     seq_len: int
     batch_size: int
+    #: the decode cache's exact bytes after the last call (prefill, decode); None for the other modes
+    cache_bytes: Callable[[], int | None] | None = None
+    #: the packed documents' lengths (empty for an ordinary cell): useful FLOPs are then each document's own
+    documents: tuple[int, ...] = ()
+    #: what a reader of the row must know about how it ran (e.g. how much a padded batch pads)
+    note: str = ""
 
     @property
     def useful_flops(self) -> int | None:
         """Useful FLOPs of one ``run()``: the attention cores' ``useful_flops`` (summed over the model's layers),
         times 3 with a backward (see :mod:`efficient_attn.measure.flops`); None when a module cannot say (peers).
         Computed on demand: some patterns count their pairs with real tensors, which fake tensors cannot do."""
-        if not self.attentions or not all(hasattr(a, "useful_flops") for a in self.attentions):
-            return None
-        forward = sum(int(a.useful_flops(self.batch_size, self.seq_len)) for a in self.attentions)
+        if self.mode == "decode" or not self.attentions or not all(hasattr(a, "useful_flops") for a in self.attentions):
+            return None  # a decode step's pairs are the cache's, not a sequence's: FlopCounterMode's count stands
+        if self.documents:  # each document's own pairs, however the documents ran
+            forward = sum(int(a.useful_flops(1, n)) for a in self.attentions for n in self.documents)
+        else:
+            forward = sum(int(a.useful_flops(self.batch_size, self.seq_len)) for a in self.attentions)
         return useful_flops_for_mode(forward, self.mode)
 
     @property
@@ -181,6 +196,7 @@ def build_workload(
     depth: int = 2,
     vocab_size: int = 256,
     built: tuple[nn.Module, list[nn.Module]] | None = None,
+    decode_steps: int = DEFAULT_DECODE_STEPS,
 ) -> Workload:
     """Build the module and inputs of ``cell`` and the callable to time.
 
@@ -190,23 +206,36 @@ def build_workload(
         seed: seeds parameter init and inputs.
         depth, vocab_size: backbone size at ``model`` level.
         built: a module already built by :func:`build_cell_module` (the predictor converts one to fake tensors).
+        decode_steps: timed steps a decode cell will make (its cache is made with room for them).
 
     Raises:
-        ValueError: unknown level or mode; or what the registry / peers raise for bad params.
+        ValueError: unknown level or mode, a cache mode at model level; or what the registry / peers raise for bad
+            params.
     """
     if cell.mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {cell.mode!r}")
+    if cell.mode in CACHE_MODES and cell.level == "model":
+        raise ValueError(f"{cell.mode} cells run at level core or layer (the backbone generates with "
+                         "model.generate); got level 'model'")
     device = torch.device(device if device is not None else cell.device)
     dtype = parse_dtype(cell.dtype)
     torch.manual_seed(seed)
     b, n, h, d = cell.batch_size, cell.seq_len, cell.num_heads, cell.head_dim
-    grad = cell.mode != "fwd"
+    grad = cell.mode in GRAD_MODES
     module, attentions = built if built is not None else build_cell_module(cell, depth=depth, vocab_size=vocab_size)
     _move(module, device, dtype)  # at model level: embeddings and norms too; tokens stay long
     module.train()
+    if cell.mode in CACHE_MODES:
+        return _cache_workload(cell, module, attentions, device=device, dtype=dtype, seed=seed, steps=decode_steps)
 
     params = [p for p in module.parameters() if p.requires_grad]
-    if cell.level == "core":
+    note = ""
+    if cell.packing is not None:
+        if cell.level not in ("core", "layer"):
+            raise ValueError(f"packed documents run at level core or layer, not {cell.level!r}")
+        forward, inputs, note = _document_forward(cell, module, device=device, dtype=dtype, grad=grad)
+        leaves = params + (inputs if cell.level == "core" else [])
+    elif cell.level == "core":
         kv = cell.kv_heads
         qkv = [torch.randn(b, heads, n, d, device=device, dtype=dtype, requires_grad=grad) for heads in (h, kv, kv)]
         leaves = params + qkv
@@ -257,5 +286,67 @@ def build_workload(
             optimizer.step()
 
     return Workload(run=run, module=module, attentions=attentions, tokens=b * n, mode=cell.mode, seq_len=n,
-                    batch_size=b)
+                    batch_size=b, documents=cell.document_lengths, note=note)
 
+
+def _document_forward(cell: Cell, module: nn.Module, *, device: torch.device, dtype: torch.dtype,
+                      grad: bool) -> tuple[Callable[[], Tensor], list[Tensor], str]:
+    """``(forward, input leaves, note)`` of a packed-documents cell (see :mod:`efficient_attn.harness.schema`):
+    ``packed`` one sequence with ``document_ids``, ``padded`` one row per document padded to the longest with a key
+    padding mask, ``alone`` each document on its own (the forward returns the sum of their outputs' sums)."""
+    docs = cell.document_lengths
+    total, longest = sum(docs), max(docs)
+    h, kv, d = cell.num_heads, cell.kv_heads, cell.head_dim
+    core = cell.level == "core"
+
+    def make(batch: int, n: int) -> list[Tensor]:
+        if core:
+            return [torch.randn(batch, heads, n, d, device=device, dtype=dtype, requires_grad=grad)
+                    for heads in (h, kv, kv)]
+        return [torch.randn(batch, n, cell.dim, device=device, dtype=dtype, requires_grad=False)]  # as ordinary layer cells
+
+    def call(inputs: list[Tensor], **kwargs: Tensor) -> Tensor:
+        return module.attend(*inputs, **kwargs) if core else module(inputs[0], **kwargs)
+
+    if cell.packing == "packed":
+        inputs = make(1, total)
+        # built from the lengths (static shapes: the memory prediction's fake tensors can follow it)
+        ids = torch.cat([torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(docs)])[None]
+        return (lambda: call(inputs, document_ids=ids)), inputs, ""
+    if cell.packing == "padded":
+        inputs = make(len(docs), longest)
+        mask = torch.arange(longest, device=device)[None] < torch.tensor(docs, device=device)[:, None]
+        note = (f"padded: {len(docs)} rows of {longest} tokens, {len(docs) * longest - total} of "
+                f"{len(docs) * longest} padding")
+        return (lambda: call(inputs, key_padding_mask=mask)), inputs, note
+    if cell.packing == "alone":
+        parts = [make(1, n) for n in docs]
+
+        def alone() -> Tensor:
+            return sum(call(part).sum() for part in parts)  # type: ignore[return-value]
+
+        return alone, [t for part in parts for t in part], f"alone: {len(docs)} calls, one per document"
+    raise ValueError(f"packing must be one of packed, padded, alone; got {cell.packing!r}")
+
+
+
+def _cache_workload(cell: Cell, module: nn.Module, attentions: list[nn.Module], *, device: torch.device,
+                    dtype: torch.dtype, seed: int, steps: int) -> Workload:
+    """A prefill or decode workload (see :mod:`efficient_attn.harness.decoding`); the module runs in eval mode."""
+    from efficient_attn.harness import decoding
+
+    module.eval()
+    b, n = cell.batch_size, cell.seq_len
+    if cell.mode == "decode":
+        run, cache_bytes = decoding.build_decode_run(cell, module, steps=steps, seed=seed, device=device, dtype=dtype)
+        tokens = b
+    else:
+        if cell.level == "core":
+            inputs = [torch.randn(b, heads, n, cell.head_dim, device=device, dtype=dtype)
+                      for heads in (cell.num_heads, cell.kv_heads, cell.kv_heads)]
+        else:
+            inputs = [torch.randn(b, n, cell.dim, device=device, dtype=dtype)]
+        run, cache_bytes = decoding.build_prefill_run(cell, module, inputs, device=device, dtype=dtype)
+        tokens = b * n
+    return Workload(run=run, module=module, attentions=attentions, tokens=tokens, mode=cell.mode, seq_len=n,
+                    batch_size=b, cache_bytes=cache_bytes)

@@ -81,9 +81,10 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 def useful_flops_for_mode(forward_flops: int, mode: str) -> int:
-    """Useful FLOPs of one call in ``mode``: the forward count, times :data:`BACKWARD_FACTOR` with a backward."""
-    if mode == "fwd":
+    """Useful FLOPs of one call in ``mode``: the forward count (``prefill`` is a forward over the prompt), times
+    :data:`BACKWARD_FACTOR` with a backward. ``decode`` has no sequence count (a step's pairs are its cache's)."""
+    if mode in ("fwd", "prefill"):
         return forward_flops
     if mode in ("fwd_bwd", "train_step"):
         return BACKWARD_FACTOR * forward_flops
-    raise ValueError(f"mode must be one of fwd, fwd_bwd, train_step; got {mode!r}")
+    raise ValueError(f"mode must be one of fwd, fwd_bwd, train_step, prefill; got {mode!r}")

@@ -13,6 +13,8 @@ Rules (DESIGN.md, "Measuring honestly"):
   times (``slow_repeats``), each timed on its own. Calls too long for ``blocked_autorange`` to repeat ``min_runs``
   times within ``min_run_time`` (but not slow) are timed one by one too, ``max(min_runs, min_run_time / first)``
   times, so the IQR is over several calls. ``runs`` always says how many calls the median is over.
+* Steps that change state (a decode step appends to its cache): :func:`time_steps` times a fixed number of calls one
+  by one after a fixed warm-up, so the state moves by a known amount (``blocked_autorange`` would choose the count).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Callable
 import torch
 from torch.utils import benchmark
 
-__all__ = ["TimingResult", "synchronize", "time_call", "time_callable"]
+__all__ = ["TimingResult", "synchronize", "time_call", "time_callable", "time_steps"]
 
 
 @dataclass(frozen=True)
@@ -126,3 +128,25 @@ def time_callable(
     runs = measurement.number_per_run * len(per_call)
     window = sum(measurement.raw_times)
     return TimingResult(median * 1e3, (q3 - q1) * 1e3, runs, first * 1e3, window, "blocked_autorange")
+
+
+def time_steps(fn: Callable[[], object], *, device: torch.device | str, steps: int, warmup: int = 3,
+               first_call_s: float | None = None) -> TimingResult:
+    """Time exactly ``steps`` calls of ``fn`` one by one after ``warmup`` untimed ones (median and IQR).
+
+    For calls that change state (each decode step appends one token to its cache): the count is fixed so the state
+    moves by exactly ``warmup + steps`` calls. ``first_call_s``: the caller already made the first warm-up call
+    (counted in ``warmup``) and measured it.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps!r}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup!r}")
+    first = first_call_s
+    for i in range(warmup - (1 if first_call_s is not None else 0)):
+        elapsed = time_call(fn, device)
+        first = elapsed if first is None else first
+    times = [time_call(fn, device) for _ in range(steps)]
+    q1, median, q3 = _quartiles(times)
+    first = times[0] if first is None else first
+    return TimingResult(median * 1e3, (q3 - q1) * 1e3, steps, first * 1e3, sum(times), "steps")

@@ -33,12 +33,13 @@ RESULTS_FILE = schema.RESULTS_FILE
 META_FILE = schema.META_FILE
 REQUIRED_COLUMNS = ("variant", "mode", "seq_len", "status")
 NUMERIC_COLUMNS = ("batch_size", "seq_len", "num_heads", "head_dim", "num_kv_heads") + schema.NUMERIC_COLUMNS
-TEXT_COLUMNS = ("variant", "params_json", "backend_requested", "backend", "level", "mode", "device", "dtype", "note")
+TEXT_COLUMNS = ("variant", "params_json", "backend_requested", "backend", "level", "mode", "device", "dtype", "note",
+                "packing", "documents")
 # Statuses that mean "this length does not fit": the cell is drawn as a marker, and a baseline that failed this
 # way counts as infinitely expensive when deciding where a variant overtakes it.
 FAILED_TO_FIT = ("oom", "skipped_budget", "skipped_after_oom")
 # Columns that, when they vary inside the data, split cells into separate conditions.
-CONDITION_COLUMNS = ("causal", "dtype", "batch_size", "num_heads", "head_dim", "num_kv_heads")
+CONDITION_COLUMNS = ("causal", "dtype", "batch_size", "num_heads", "head_dim", "num_kv_heads", "packing")
 
 _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f", ""}
@@ -251,7 +252,8 @@ def load_run(run_dir: str | Path, label: str | None = None) -> Run:
         meta = loaded
     lines = record_lines(csv_path)
     try:
-        frame = pd.read_csv(csv_path, keep_default_na=True, na_values=[""], dtype={"params_json": str, "note": str})
+        frame = pd.read_csv(csv_path, keep_default_na=True, na_values=[""], dtype={"params_json": str, "note": str,
+                                                                                       "packing": str, "documents": str})
     except pd.errors.EmptyDataError as exc:
         raise ValueError(f"{csv_path} is empty: the benchmark wrote no cells yet") from exc
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
@@ -322,14 +324,14 @@ def _resolved_backend(frame: pd.DataFrame) -> pd.Series:
     name = requested.copy()
     auto = requested == "auto"
     if auto.any():
-        keys = ["variant", "params_json", "is_peer"]
+        keys = ["variant", "params_json", "is_peer", "mode"]  # per mode: a decode step has its own "backend"
         common: dict[tuple, str] = {}
         for key, group in frame[auto].groupby(keys, sort=False):
             resolved = [b for b in group["backend"] if b]
             common[key] = Counter(resolved).most_common(1)[0][0] if resolved else "auto"
         for index in frame.index[auto]:
             row = frame.loc[index]
-            name[index] = row["backend"] or common[(row["variant"], row["params_json"], row["is_peer"])]
+            name[index] = row["backend"] or common[(row["variant"], row["params_json"], row["is_peer"], row["mode"])]
     return name
 
 
@@ -354,7 +356,7 @@ def _series_names(frame: pd.DataFrame) -> pd.Series:
         if backend[index] and backend[index] not in ("peer", row["variant"]):
             name += f":{backend[index]}"
         if several_params[index]:
-            name += f"[{short_params(row['params_json'])}]"
+            name += f"[{short_params(row['params_json']) or 'defaults'}]"
         if row["is_peer"]:
             name += " (peer)"
         names.append(name)
@@ -376,6 +378,7 @@ def _condition_labels(frame: pd.DataFrame) -> pd.Series:
         "num_heads": lambda v: f"{int(v)} heads" if v == v else "heads ?",
         "head_dim": lambda v: f"head_dim {int(v)}" if v == v else "head_dim ?",
         "num_kv_heads": lambda v: f"{int(v)} kv heads" if v == v else "kv heads = heads",
+        "packing": lambda v: f"documents {v}" if v else "not packed",
     }
     labels = [", ".join(fmt[c](frame.at[i, c]) for c in varying) for i in frame.index]
     return pd.Series(labels, index=frame.index, dtype=object)

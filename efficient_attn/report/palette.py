@@ -58,6 +58,7 @@ PEER_VARIANTS: dict[str, str] = {
     "hf-longformer": "longformer",
     "hf-bigbird": "bigbird",
     "linformer": "linformer",
+    "hf-llama-decode": "full",  # its window_size twin is told apart by its parameters in the series name
 }
 #: colours for keys without an entry above: distinct from the fixed hues, picked by a hash of the key
 SPARE_COLOURS: tuple[str, ...] = (

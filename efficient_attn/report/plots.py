@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
     from efficient_attn.report.load import Run
 
-MODE_TITLE = {"fwd": "forward", "fwd_bwd": "forward + backward", "train_step": "training step"}
+MODE_TITLE = {"fwd": "forward", "fwd_bwd": "forward + backward", "train_step": "training step",
+              "prefill": "prompt into a fresh cache", "decode": "one token per sequence; length = context"}
 STATUS_MARKERS = {
     "oom": ("X", "oom"),
     "skipped_budget": ("v", "over budget"),

@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING
 
 from efficient_attn.report.analyses.budget import budget_rows
 from efficient_attn.report.analyses.crossover import crossover_rows
+from efficient_attn.report.analyses.decode import bandwidth_rows, decode_exponent_rows, peer_rows, split_rows
 from efficient_attn.report.analyses.fit import scaling_rows
+from efficient_attn.report.analyses.packing import packing_rows
 from efficient_attn.report.analyses.overview import NOISY_IQR, environment_rows, noise_rows, status_rows
 from efficient_attn.report.analyses.tables import PUBLISHED_NOTE, lra_table, published_table, run_comparison_rows
 from efficient_attn.report.blocks import Block, Bullets, Heading, Image, Para, Table
@@ -21,13 +23,58 @@ if TYPE_CHECKING:
     from efficient_attn.report.load import Run
     from efficient_attn.report.plots import PlotFile
 
-__all__ = ["report_blocks"]
+__all__ = ["decode_blocks", "report_blocks"]
+
+#: the context from which full decode is compared with the bandwidth bound (shorter steps are overhead-bound)
+BOUND_FROM = 16384
+
+
+def decode_blocks(frame: pd.DataFrame, plots: list[PlotFile]) -> list[Block]:
+    """The decode section (issue 13): plots, exponents, the prefill/decode split, the bandwidth bound, the peer."""
+    blocks: list[Block] = [
+        Heading(2, "Decode"),
+        Para("A decode row is one new token per sequence against a cache holding `seq_len` tokens (the context), "
+             "filled with random keys and values; its time is the median of single-token steps, tokens/s is the "
+             "batch over that time, and its cache bytes are exact (capacity included). A prefill row is one call "
+             "over the prompt into a fresh cache."),
+    ]
+    for plot in plots:
+        blocks.append(Image(plot.path, plot.title, plot.caption))
+    blocks.append(Heading(3, "Decode scaling with the context"))
+    blocks.append(Para("Log-log slope of the step time and of the cache bytes against the context: a window or a "
+                       "recurrent state should be near 0 (constant per token), full attention near 1 (each step "
+                       "reads the whole cache). At short contexts fixed per-step overheads flatten every slope."))
+    blocks.append(Table(*decode_exponent_rows(frame)))
+    blocks.append(Heading(3, "Prefill / decode split"))
+    header, rows = split_rows(frame)
+    blocks.append(Para("At each prompt length where both ran: the prefill call, its cost per prompt token, the cache "
+                       "it leaves, and one decode step at that context. The last column is how many prefill tokens "
+                       "one decode step (per sequence) costs: decode pays per token what prefill amortises."))
+    blocks.append(Table(header, rows) if rows else Para("No prompt length has both a prefill and a decode row."))
+    blocks.append(Heading(3, "Full decode against the memory-bandwidth bound"))
+    header, rows = bandwidth_rows(frame, min_context=BOUND_FROM)
+    blocks.append(Para(f"From {BOUND_FROM // 1024}K tokens: the bound is the keys and values a step must read (2 x "
+                       "batch x key/value heads x context x head_dim x bytes) over the copy bandwidth recorded in the "
+                       "same run (bytes read plus written by a large tensor copy with the same threads)."))
+    blocks.append(Table(header, rows) if rows else Para(f"No full decode row at {BOUND_FROM // 1024}K or more "
+                                                        "with a recorded bandwidth."))
+    header, rows = peer_rows(frame)
+    if rows:
+        blocks.append(Heading(3, "Ours against the transformers decode peer"))
+        blocks.append(Para("`hf-llama-decode` (transformers' LlamaAttention, DynamicCache, sdpa) against our `full`; "
+                           "its Mistral sliding-window twin against our `window` of the same window. Above 1x the "
+                           "peer is slower. The peer's cache bytes are the key and value tensors its cache layers "
+                           "hold."))
+        blocks.append(Table(header, rows))
+    return blocks
 
 
 def report_blocks(
-    frame: pd.DataFrame, runs: list[Run], plots: list[PlotFile], baseline: str, baseline_explicit: bool
+    frame: pd.DataFrame, runs: list[Run], plots: list[PlotFile], baseline: str, baseline_explicit: bool,
+    *, decode_plots: list[PlotFile] | None = None,
 ) -> list[Block]:
-    """Every section of the report as blocks (rendered to Markdown and HTML alike)."""
+    """Every section of the report as blocks (rendered to Markdown and HTML alike); a decode section when the runs
+    hold decode rows."""
     base_variant, base_backend = parse_series_spec(baseline)
     labels = ", ".join(run.label for run in runs)
     blocks: list[Block] = [
@@ -58,6 +105,16 @@ def report_blocks(
         )
         header, rows = run_comparison_rows(frame, runs)
         blocks.append(Table(header, rows) if rows else Para("The runs share no series, mode and length."))
+
+    if (frame["mode"] == "decode").any():
+        blocks += decode_blocks(frame, decode_plots or [])
+    if frame["packing"].ne("").any():
+        blocks.append(Heading(2, "Packed documents"))
+        blocks.append(Para("The same documents three ways: *packed* into one sequence (`document_ids`: each document "
+                           "attends only to itself), *padded* to the longest in a batch (a key padding mask), and "
+                           "*alone*, one call per document (the sum of their times: what the documents cost by "
+                           "themselves). Every row is batch 1 with `seq_len` = the total tokens."))
+        blocks.append(Table(*packing_rows(frame)))
 
     blocks.append(Heading(2, "Scaling exponents"))
     blocks.append(

@@ -349,7 +349,7 @@ def run_sweep_parallel(
             session.device_memory_bytes = device_memory_bytes(device)
             session.cells_run, look = run_cells(
                 folder, planned, executor, budget_gb=budget_gb,
-                timing=Timing(suite.min_run_time, suite.slow_call_s, suite.slow_repeats), seed=seed,
+                timing=Timing(suite.min_run_time, suite.slow_call_s, suite.slow_repeats, suite.decode_steps), seed=seed,
                 depth=suite.depth, isolate=isolate, skip_row=skip_row, progress=progress, on_row=on_row,
             )
         return sweep_result(folder, session.cells_run, resumed, time.perf_counter() - t0, 0.0, len(planned),
