@@ -28,8 +28,8 @@ from efficient_attn.registry import register_attention
 class WindowConfig(AttentionConfig):
     """Attributes:
         window_size: w >= 1; query i sees keys j with ``|i - j| <= w`` (one-sided reach).
-        block_size: query/key block of the ``torch`` backend (None = ``window_size``); inputs are padded to a
-            multiple of it. It changes cost, never the result.
+        block_size: query/key block of the ``torch`` backend (None = ``window_size``), capped at the sequence
+            length; inputs are padded to a multiple of it. It changes cost, never the result.
     """
 
     window_size: int = 256
