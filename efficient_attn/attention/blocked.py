@@ -4,8 +4,12 @@ The pattern's :class:`~efficient_attn.attention.patterns.BlockStructure` says wh
 Query blocks are processed in groups; for a group we gather its key tokens with one flattened ``index_select``
 (``(groups * heads * keys_per_block)`` rows of ``head_dim``), build the small ``(group, block, keys)`` mask from the
 pattern's ``mask_mod`` and the key padding mask, and run one fused attention call with the groups folded into the
-batch dimension. Dense global rows (BigBird's global blocks, Longformer's global tokens) are further calls over all
-keys, O(g * n).
+batch dimension. Where every query block of a group reads consecutive keys one block after the previous block's
+(a sliding window away from the sequence's edges, batch 1: ``Pattern.contiguous_rows``), the keys are instead one
+overlapping strided view of k and v: nothing is copied, and such calls take more rows. Gathered calls are bounded in
+key rows (:data:`GATHERED_ROWS_PER_CALL`), which bounds the forward's peak beyond its output; a short input is one
+call (the fewest calls where per-call overhead matters most). Dense global rows (BigBird's global blocks,
+Longformer's global tokens) are further calls over all keys, O(g * n).
 
 Two executions share those calls:
 

@@ -259,6 +259,10 @@ def global_rows_mask(pattern: Pattern, mod: MaskMod, rows: Tensor, keys: Tensor)
 class WindowPattern(Pattern):
     """Sliding window: query i sees key j iff ``|i - j| <= window_size`` (causal: ``0 <= i - j <= window_size``).
 
+    With ``sink_tokens = s > 0`` (attention sinks, StreamingLLM: Xiao et al. 2023, arXiv:2309.17453) query i also
+    sees keys ``j < s`` (causal: and ``j <= i``): the sinks are keys only, they do not attend to everything (unlike
+    Longformer's global tokens). A sequence shorter than s simply has all its tokens as sinks (clamped per row).
+
     Block cover: query block ``r`` gathers key blocks ``r - R .. r + R`` (causal: ``r - R .. r``) with
     ``R = ceil(window_size / block_size)``, the fewest blocks that contain every allowed key of the block.
     Capped at the sequence (issue 19): the block is at most ``seq_len`` tokens (so a sequence shorter than the
@@ -266,9 +270,12 @@ class WindowPattern(Pattern):
     a window far larger than the sequence costs what full attention costs, and the pattern is unchanged.
     """
 
-    def __init__(self, *, window_size: int, block_size: int, causal: bool, num_heads: int) -> None:
+    def __init__(
+        self, *, window_size: int, block_size: int, causal: bool, num_heads: int, sink_tokens: int = 0
+    ) -> None:
         super().__init__(block_size=block_size, causal=causal, num_heads=num_heads)
         self.window_size = window_size
+        self.sink_tokens = sink_tokens
         self._bands: dict[tuple[int, str], Tensor] = {}
 
     def _local(self, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -278,10 +285,16 @@ class WindowPattern(Pattern):
         return diff.abs() <= self.window_size
 
     def mask_mod(self, seq_len: int, device: torch.device | str | None = None) -> MaskMod:
+        sinks = self.sink_tokens
+
         def window_mask(b: Tensor | int, h: Tensor | int, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             return self._local(q_idx, kv_idx) & _in_range(q_idx, kv_idx, seq_len)
 
-        return window_mask
+        def window_sink_mask(b: Tensor | int, h: Tensor | int, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            sink = (kv_idx < sinks) & (kv_idx <= q_idx) if self.causal else kv_idx < sinks
+            return (self._local(q_idx, kv_idx) | sink) & _in_range(q_idx, kv_idx, seq_len)
+
+        return window_sink_mask if sinks else window_mask
 
     def block_size_for(self, seq_len: int) -> int:
         return max(1, min(self.block_size, seq_len))
@@ -334,6 +347,14 @@ class WindowPattern(Pattern):
         self, structure: BlockStructure, mod: MaskMod, is_global: Tensor, start: int, stop: int
     ) -> tuple[Tensor, Tensor]:
         tokens = structure.key_tokens(start, stop)  # (1, g, kt)
+        if self.sink_tokens:
+            # the band over the window's slots, or a sink key anywhere (inside a gathered block or appended)
+            q_idx = _chunk_queries(structure, start, stop)
+            band = F.pad(self._band(structure), (0, structure.extra_keys.numel()))  # (1, 1, b, kt)
+            sink = ((tokens >= 0) & (tokens < self.sink_tokens))[:, :, None, :]
+            if self.causal:
+                sink = sink & (tokens[:, :, None, :] <= q_idx[None, :, :, None])
+            return tokens, (band | sink) & _valid(structure, q_idx, tokens)
         if self._interior(structure, start, stop):
             return tokens, self._band(structure)
         q_idx = _chunk_queries(structure, start, stop)
@@ -343,7 +364,8 @@ class WindowPattern(Pattern):
         bs = self.block_size_for(seq_len)
         nb = math.ceil(seq_len / bs)
         empty = torch.zeros(0, dtype=torch.long, device=device)
-        return BlockStructure(seq_len, bs, 0, self._window_blocks(nb, bs, device), empty, empty)
+        sinks = torch.arange(min(self.sink_tokens, seq_len), device=device)  # appended to every block's keys
+        return BlockStructure(seq_len, bs, 0, self._window_blocks(nb, bs, device), sinks, empty)
 
 
 # --------------------------------------------------------------------------------------------------- longformer

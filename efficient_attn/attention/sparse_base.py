@@ -165,9 +165,10 @@ class PatternAttention(FusedBackendsMixin, Attention):
     pattern_is_translation_invariant: bool = False
 
     def _attend_xformers(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
-        if type(self.pattern) is not WindowPattern:
+        if type(self.pattern) is not WindowPattern or self.pattern.sink_tokens:
             raise ValueError(
-                f"backend 'xformers' has a bias for a plain sliding window only, not for {type(self.pattern).__name__}"
+                "backend 'xformers' has a bias for a plain sliding window only, not for "
+                f"{type(self.pattern).__name__}{' with sink tokens' if type(self.pattern) is WindowPattern else ''}"
             )
         self._before_attend()
         return xformers_attention(
