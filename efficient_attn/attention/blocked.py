@@ -250,7 +250,8 @@ def _block_groups(
 
     A short input whose gathered keys fit :data:`KEY_ROWS_PER_CALL` rows is one call. Otherwise a call's keys are
     either one strided view of k (a window away from the edges, batch 1: nothing is copied; up to
-    :data:`STRIDED_ROWS_PER_CALL` query rows) or gathered (up to ``rows_per_call`` query rows and at most
+    :data:`STRIDED_ROWS_PER_CALL` query rows and :data:`KEY_ROWS_PER_CALL` key rows, which bounds the backward's
+    per-call key gradients) or gathered (up to ``rows_per_call`` query rows and at most
     :data:`GATHERED_ROWS_PER_CALL` key rows: the forward's peak beyond its output). With ALiBi the call's bias
     (``batch * heads * rows * keys``) is bounded by :data:`BIAS_ELEMENTS_PER_CALL`.
     """
@@ -262,7 +263,8 @@ def _block_groups(
             st.num_query_blocks * st.block_size <= plan.rows_per_call):
         yield 0, st.num_query_blocks  # few calls matter most at short lengths (the crossover with SDPA)
         return
-    group = max(1, STRIDED_ROWS_PER_CALL // st.block_size)
+    # a strided call copies nothing forward, but its backward returns key and value gradients of the gathered size
+    group = max(1, min(STRIDED_ROWS_PER_CALL // st.block_size, KEY_ROWS_PER_CALL // per_block))
     gathered = max(1, min(plan.rows_per_call // st.block_size, GATHERED_ROWS_PER_CALL // per_block))
     if slopes is not None:
         group = gathered = max(1, min(gathered, BIAS_ELEMENTS_PER_CALL // max(
