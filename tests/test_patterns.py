@@ -18,6 +18,8 @@ CASES = [
     ("window", {"window_size": 5, "block_size": 4}),
     ("window", {"window_size": 3, "block_size": 8}),
     ("window", {"window_size": 6}),
+    ("window", {"window_size": 3, "block_size": 4, "sink_tokens": 2}),
+    ("window", {"window_size": 2, "block_size": 3, "sink_tokens": 7}),
     ("bigbird", {"block_size": 4, "num_random_blocks": 2, "num_global_blocks": 1, "num_window_blocks": 3}),
     ("bigbird", {"block_size": 3, "num_random_blocks": 1, "num_global_blocks": 2, "num_window_blocks": 5}),
     ("longformer", {"window_size": 4, "global_tokens": 2}),

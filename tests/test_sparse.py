@@ -177,7 +177,8 @@ def test_small_call_limits_split_work_without_changing_results(key, fused, monke
     """Global rows' backward in key slices and few query blocks per call (the limits used at long lengths)."""
     monkeypatch.setattr(blocked, "GLOBAL_KEYS_PER_BACKWARD", 8)
     monkeypatch.setattr(blocked, "GLOBAL_ROWS_PER_CALL", 3)
-    monkeypatch.setattr(blocked, "KEY_ROWS_PER_CALL", 64)
+    monkeypatch.setattr(blocked, "GATHERED_ROWS_PER_CALL", 64)
+    monkeypatch.setattr(blocked, "KEY_ROWS_PER_CALL", 64)  # no single call for the short input
     if not fused:
         monkeypatch.setattr(blocked, "_use_cpu_flash", lambda q: False)
     attn = build_for_test(key, dim=32, num_heads=4, causal=True, **SMALL[key]).double()

@@ -4,8 +4,12 @@ The pattern's :class:`~efficient_attn.attention.patterns.BlockStructure` says wh
 Query blocks are processed in groups; for a group we gather its key tokens with one flattened ``index_select``
 (``(groups * heads * keys_per_block)`` rows of ``head_dim``), build the small ``(group, block, keys)`` mask from the
 pattern's ``mask_mod`` and the key padding mask, and run one fused attention call with the groups folded into the
-batch dimension. Dense global rows (BigBird's global blocks, Longformer's global tokens) are further calls over all
-keys, O(g * n).
+batch dimension. Where every query block of a group reads consecutive keys one block after the previous block's
+(a sliding window away from the sequence's edges, batch 1: ``Pattern.contiguous_rows``), the keys are instead one
+overlapping strided view of k and v: nothing is copied, and such calls take more rows. Gathered calls are bounded in
+key rows (:data:`GATHERED_ROWS_PER_CALL`), which bounds the forward's peak beyond its output; a short input is one
+call (the fewest calls where per-call overhead matters most). Dense global rows (BigBird's global blocks,
+Longformer's global tokens) are further calls over all keys, O(g * n).
 
 Two executions share those calls:
 
@@ -57,8 +61,16 @@ __all__ = ["BlockedPlan", "dense_chunked_attention", "sparse_attention", "sparse
 
 #: Query rows per fused call in the block-wise part (several query blocks are folded into one call).
 DEFAULT_ROWS_PER_CALL = 1024
-#: Gathered key rows (groups * heads * keys per block) per call: bounds the gathered k and v of one call.
+#: Gathered key rows (groups * heads * keys per block) per call of the MoBA kernel (:mod:`.moba` imports it), and
+#: of a short input's single blocked call.
 KEY_ROWS_PER_CALL = 16384
+#: The same bound for the blocked calls that really copy their keys (those whose keys are not one strided view of
+#: k, see :class:`_Call`): at 16K tokens, 4 heads of 64, float32, 4096 rows are 1 MiB each for k and v, which keeps
+#: the forward peak within 1.5x of full SDPA's (its output plus row statistics).
+GATHERED_ROWS_PER_CALL = 4096
+#: Query rows per block-wise call whose keys are a strided view of k (nothing gathered): only the call's output
+#: chunk and row statistics are held, so it takes more rows than a gathered call (fewer, larger fused calls).
+STRIDED_ROWS_PER_CALL = 2048
 #: Dense global query rows per call (bounds the ``(rows, n)`` mask).
 GLOBAL_ROWS_PER_CALL = 64
 #: Keys per backward call of the dense global rows: their key gradients are computed in slices of this many keys.
@@ -79,6 +91,9 @@ class BlockedPlan:
     #: per query-block group: (tokens, flat key index, allowed, {dtype: bias}) when ``allowed`` is small enough to
     #: keep (broadcast over the group or the query rows); filled lazily by the first call.
     group_cache: dict = field(default_factory=dict)
+    #: id(mask from ``chunk_mask``) -> (that mask, {dtype: bias}): groups given the same mask tensor (a window's
+    #: interior band) share one bias instead of holding a copy each (at 1M tokens, ~800 copies of 0.8 MB)
+    shared_biases: dict = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -104,6 +119,10 @@ class _Call:
     biases: dict | None = None  # dtype -> additive bias of ``allowed``, shared across calls when cached
     additive: Tensor | None = None  # float ALiBi bias broadcastable like ``allowed``; None = no bias
     key_heads: int = 1  # heads of the gathered keys: kv_heads (shared pattern) or heads (per-head pattern)
+    #: blocks only: when query block i of the call reads the consecutive keys ``key_start + i * block_size + (0 ..
+    #: kt - 1)`` (a sliding window away from the edges), its keys are one overlapping strided view of k: no copy
+    key_start: int | None = None
+    key_step: int = 0  # with key_start: tokens between consecutive query blocks' first keys (the block size)
 
     def bias(self, dtype: torch.dtype) -> Tensor | None:
         if self.additive is not None:
@@ -124,7 +143,7 @@ class _Call:
         """This global call restricted to keys ``k0:k1`` (the backward's key slices)."""
         allowed = None if self.allowed is None else self.allowed[..., k0:k1]
         additive = None if self.additive is None else self.additive[..., k0:k1]
-        return _Call(self.kind, self.start, self.stop, None, allowed, None, additive, self.key_heads)
+        return _Call(self.kind, self.start, self.stop, None, allowed, None, additive, self.key_heads)  # global only
 
 
 def _calls(
@@ -141,31 +160,17 @@ def _calls(
     group_size = heads // kv_heads
     # a shared pattern gathers per key/value head; a per-head one per query head (from its shared kv head)
     key_heads = kv_heads if plan.pattern.mask_heads == 1 else heads
-    # query blocks per call: up to rows_per_call query rows, and at most KEY_ROWS_PER_CALL gathered key rows
-    group = max(1, min(plan.rows_per_call // st.block_size, KEY_ROWS_PER_CALL // max(1, key_heads * st.keys_per_block)))
-    if slopes is not None:
-        group = max(1, min(group, BIAS_ELEMENTS_PER_CALL // max(1, batch * heads * st.block_size * st.keys_per_block)))
-    for start in range(0, st.num_query_blocks, group):
-        stop = min(start + group, st.num_query_blocks)
+    for start, stop in _block_groups(plan, batch, heads, key_heads, slopes):
         g = stop - start
         cache_key = (start, stop, heads, kv_heads)
         cached = plan.group_cache.get(cache_key)
         if cached is None:
-            with unset_fake_temporarily():  # index arithmetic only: real even when predicting with fake tensors
-                tokens, allowed = plan.pattern.chunk_mask(st, plan.mask_mod, plan.is_global, start, stop)
-                # tokens (hp, g, kt); allowed (hp, g or 1, b or 1, kt): size-1 dims broadcast in the fused kernel
-                safe = tokens.clamp_min(0)
-                kv_of_head = torch.arange(key_heads, device=safe.device)
-                if key_heads == heads:
-                    kv_of_head = kv_of_head // group_size  # query head i reads key/value head i // group_size
-                head_offsets = kv_of_head[None, :, None] * n_pad  # (1, kh, 1)
-                flat = (safe.transpose(0, 1) + head_offsets).reshape(-1)  # (g * kh * kt,) hp broadcast to kh
-                allowed = allowed.transpose(0, 1)  # (g or 1, hp, b or 1, kt)
-            small = allowed.shape[0] == 1 or allowed.shape[2] == 1
-            cached = (safe, flat, allowed, {} if small else None)
-            if small:
+            cached = _group_indices(plan, start, stop, heads, key_heads, group_size)
+            if cached[3] is not None:  # small masks (and their biases) are kept with the plan
                 plan.group_cache[cache_key] = cached
-        safe, flat, allowed, biases = cached
+        safe, flat, allowed, biases, key_start = cached
+        if batch > 1:
+            key_start = None  # the (batch, group) rows of a strided view would not fold into one dimension
         additive = None
         if slopes is not None:
             q_idx = _block_queries(st, start, stop, safe.device)  # (g, b)
@@ -181,7 +186,7 @@ def _calls(
         elif batch > 1:
             allowed = allowed[None].expand(batch, g, *allowed.shape[1:]).flatten(0, 1)
             biases = None
-        yield _Call("blocks", start, stop, flat, allowed, biases, additive, key_heads)
+        yield _Call("blocks", start, stop, flat, allowed, biases, additive, key_heads, key_start, st.block_size)
     num_global = st.global_queries.numel()
     for start in range(0, num_global, GLOBAL_ROWS_PER_CALL):
         stop = min(start + GLOBAL_ROWS_PER_CALL, num_global)
@@ -205,6 +210,80 @@ def _calls(
             keys = torch.arange(n_pad, device=rows.device)
             additive = alibi_bias(slopes, rows[:, None], keys[None, :])[None]  # (1, h, rows, n)
         yield _Call("global", start, stop, None, allowed, None, additive, kv_heads)
+
+
+def _contiguous_start(tokens: Tensor, block_size: int) -> int | None:
+    """``tokens[0, 0, 0]`` when every row of ``tokens`` ``(hp, g, kt)`` is one head's run of consecutive key indices
+    starting ``block_size`` after the previous row's (a window away from the edges), else None."""
+    if tokens.shape[0] != 1 or bool((tokens < 0).any()):
+        return None
+    g, kt = tokens.shape[1:]
+    first = int(tokens[0, 0, 0])
+    expected = first + block_size * torch.arange(g, device=tokens.device)[:, None] + torch.arange(
+        kt, device=tokens.device)
+    return first if bool((tokens[0] == expected).all()) else None
+
+
+def _group_indices(
+    plan: BlockedPlan, start: int, stop: int, heads: int, key_heads: int, group_size: int
+) -> tuple[Tensor, Tensor, Tensor, dict | None, int | None]:
+    """``(safe tokens (hp, g, kt), flat key index, allowed (g or 1, hp, b or 1, kt), biases or None, key_start)`` of
+    the query-block rows ``start:stop``; ``biases`` is a dict (to fill) only when ``allowed`` is small enough to keep.
+    """
+    st = plan.structure
+    with unset_fake_temporarily():  # index arithmetic only: real even when predicting with fake tensors
+        tokens, allowed = plan.pattern.chunk_mask(st, plan.mask_mod, plan.is_global, start, stop)
+        # tokens (hp, g, kt); allowed (hp, g or 1, b or 1, kt): size-1 dims broadcast in the fused kernel
+        raw = allowed
+        safe = tokens.clamp_min(0)
+        kv_of_head = torch.arange(key_heads, device=safe.device)
+        if key_heads == heads:
+            kv_of_head = kv_of_head // group_size  # query head i reads key/value head i // group_size
+        head_offsets = kv_of_head[None, :, None] * st.padded_len  # (1, kh, 1)
+        flat = (safe.transpose(0, 1) + head_offsets).reshape(-1)  # (g * kh * kt,) hp broadcast to kh
+        allowed = allowed.transpose(0, 1)  # (g or 1, hp, b or 1, kt)
+        key_start = _contiguous_start(tokens, st.block_size) if plan.pattern.mask_heads == 1 else None
+    small = allowed.shape[0] == 1 or allowed.shape[2] == 1
+    if not small:
+        return safe, flat, allowed, None, key_start
+    shared = plan.shared_biases.get(id(raw))
+    if shared is None or shared[0] is not raw:  # the entry keeps ``raw`` alive, so its id is not reused
+        shared = plan.shared_biases[id(raw)] = (raw, {})
+    return safe, flat, allowed, shared[1], key_start
+
+
+def _block_groups(
+    plan: BlockedPlan, batch: int, heads: int, key_heads: int, slopes: Tensor | None
+) -> Iterator[tuple[int, int]]:
+    """Query-block ranges ``(start, stop)`` of the block-wise calls.
+
+    A short input whose gathered keys fit :data:`KEY_ROWS_PER_CALL` rows is one call. Otherwise a call's keys are
+    either one strided view of k (a window away from the edges, batch 1: nothing is copied; up to
+    :data:`STRIDED_ROWS_PER_CALL` query rows and :data:`KEY_ROWS_PER_CALL` key rows, which bounds the backward's
+    per-call key gradients) or gathered (up to ``rows_per_call`` query rows and at most
+    :data:`GATHERED_ROWS_PER_CALL` key rows: the forward's peak beyond its output). With ALiBi the call's bias
+    (``batch * heads * rows * keys``) is bounded by :data:`BIAS_ELEMENTS_PER_CALL`.
+    """
+    st = plan.structure
+    per_block = max(1, key_heads * st.keys_per_block)
+    if st.num_query_blocks == 0:
+        return
+    if slopes is None and st.num_query_blocks * per_block <= KEY_ROWS_PER_CALL and (
+            st.num_query_blocks * st.block_size <= plan.rows_per_call):
+        yield 0, st.num_query_blocks  # few calls matter most at short lengths (the crossover with SDPA)
+        return
+    # a strided call copies nothing forward, but its backward returns key and value gradients of the gathered size
+    group = max(1, min(STRIDED_ROWS_PER_CALL // st.block_size, KEY_ROWS_PER_CALL // per_block))
+    gathered = max(1, min(plan.rows_per_call // st.block_size, GATHERED_ROWS_PER_CALL // per_block))
+    if slopes is not None:
+        group = gathered = max(1, min(gathered, BIAS_ELEMENTS_PER_CALL // max(
+            1, batch * heads * st.block_size * st.keys_per_block)))
+    lo = hi = 0  # query blocks lo .. hi - 1 read strided views (when the pattern has such a range)
+    if batch == 1 and plan.pattern.mask_heads == 1 and st.extra_keys.numel() == 0:
+        lo, hi = plan.pattern.contiguous_rows(st)
+    for first, last, step in ((0, lo, gathered), (lo, hi, group), (hi, st.num_query_blocks, gathered)):
+        for start in range(first, last, step):
+            yield start, min(start + step, last)
 
 
 def _block_queries(st: BlockStructure, start: int, stop: int, device: torch.device) -> Tensor:
@@ -251,8 +330,13 @@ def _key_rows(x: Tensor, call: _Call) -> Tensor:
     if call.kind == "global":
         return x
     batch, _, _, d = x.shape
+    g = call.stop - call.start
+    keys_per_block = call.key_index.numel() // (call.key_heads * g)
+    if call.key_start is not None and batch == 1 and x.shape[1] == call.key_heads and x.is_contiguous():
+        # block i reads keys key_start + i * b ..: overlapping rows of one view, (g, kh, kt, d)
+        return x.as_strided((g, call.key_heads, keys_per_block, d),
+                            (call.key_step * d, x.stride(1), d, 1), x.storage_offset() + call.key_start * d)
     rows = x.reshape(batch, -1, d).index_select(1, call.key_index)  # (batch, g * kh * kt, d)
-    keys_per_block = call.key_index.numel() // (call.key_heads * (call.stop - call.start))
     return rows.view(-1, call.key_heads, keys_per_block, d)
 
 
@@ -337,9 +421,9 @@ def _chunk_backward(
 def _rows_buffer(like: Tensor, plan: BlockedPlan, dtype: torch.dtype) -> Tensor:
     """A ``like``-shaped buffer: rows of the block-wise part left uninitialised (each is written exactly once, by
     copy; global rows inside it are written as zeros there), rows before it zeroed (global calls add into them)."""
-    batch, heads, seq, d = like.shape
-    # (batch, seq, heads, d) in memory: the layout the fused CPU kernel writes its outputs in, so rows copy as blocks
-    buffer = torch.empty(batch, seq, heads, d, dtype=dtype, device=like.device).transpose(1, 2)
+    # (batch, heads, seq, d) in memory, as the fused CPU kernel writes each call's (rows, heads, block, d) output:
+    # every block's rows copy as one contiguous run
+    buffer = torch.empty(like.shape, dtype=dtype, device=like.device)
     buffer[:, :, : plan.structure.first_query_block * plan.structure.block_size].zero_()
     return buffer
 

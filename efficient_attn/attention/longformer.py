@@ -31,7 +31,8 @@ from efficient_attn.registry import register_attention
 class LongformerConfig(AttentionConfig):
     """Attributes:
         window_size: w >= 1; one-sided reach of the window, as in ``window`` (HF ``attention_window`` = 2w).
-            Also the block size of the ``torch`` backend.
+        block_size: query/key block of the ``torch`` backend (None = ``window_size``), capped at the sequence
+            length; it changes cost, never the result.
         global_tokens: an int count of leading global tokens (>= 0; a shorter sequence is all global), or a tuple of
             distinct indices >= 0. Indices are checked against the sequence length at call time. Packed documents
             (``document_ids``) each have their own leading global tokens.
@@ -39,10 +40,13 @@ class LongformerConfig(AttentionConfig):
 
     window_size: int = 256
     global_tokens: int | tuple[int, ...] = 1
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require_positive_int("window_size", self.window_size)
+        if self.block_size is not None:
+            require_positive_int("block_size", self.block_size)
         glob = self.global_tokens
         if isinstance(glob, list):
             glob = self.global_tokens = tuple(glob)
@@ -71,7 +75,8 @@ class LongformerConfig(AttentionConfig):
     length_multiple=256,
 )
 class LongformerAttention(PatternAttention):
-    """Window + global attention. Shapes: ``(batch, heads, seq, head_dim)``; block size = ``window_size``."""
+    """Window + global attention. Shapes: ``(batch, heads, seq, head_dim)``; block size = ``block_size`` (default
+    ``window_size``), capped at the sequence length."""
 
     config: LongformerConfig
     #: Packed documents run each document alone (its own leading global tokens); flex's document
@@ -107,5 +112,6 @@ class LongformerAttention(PatternAttention):
     def _make_pattern(self) -> Pattern:
         cfg = self.config
         return LongformerPattern(
-            window_size=cfg.window_size, global_tokens=cfg.global_tokens, causal=cfg.causal, num_heads=cfg.num_heads
+            window_size=cfg.window_size, global_tokens=cfg.global_tokens, causal=cfg.causal, num_heads=cfg.num_heads,
+            block_size=cfg.block_size if cfg.block_size is not None else cfg.window_size,
         )

@@ -155,6 +155,18 @@ class Pattern(ABC):
         """
         return chunk_mask(structure, mod, is_global, start, stop)
 
+    def block_size_for(self, seq_len: int) -> int:
+        """The block size the blocked backend uses at ``seq_len`` (inputs are padded to a multiple of it); the
+        pattern's ``block_size`` unless a subclass caps it (it changes cost only, never the pairs)."""
+        return self.block_size
+
+    def contiguous_rows(self, structure: BlockStructure) -> tuple[int, int]:
+        """Query-block rows ``(lo, hi)`` (relative to ``first_query_block``) in which every row ``r`` reads one run
+        of consecutive keys that starts one block after row ``r - 1``'s: the blocked backend reads those as one
+        strided view of k, copying nothing. It checks the key tokens before relying on it; ``(0, 0)`` is always
+        safe."""
+        return 0, 0
+
     def dense_mask(self, seq_len: int, device: torch.device | str | None = None) -> Tensor:
         """Bool ``(seq, seq)``, or ``(heads, seq, seq)`` when per-head; True = query i may attend to key j.
 
@@ -247,13 +259,23 @@ def global_rows_mask(pattern: Pattern, mod: MaskMod, rows: Tensor, keys: Tensor)
 class WindowPattern(Pattern):
     """Sliding window: query i sees key j iff ``|i - j| <= window_size`` (causal: ``0 <= i - j <= window_size``).
 
+    With ``sink_tokens = s > 0`` (attention sinks, StreamingLLM: Xiao et al. 2023, arXiv:2309.17453) query i also
+    sees keys ``j < s`` (causal: and ``j <= i``): the sinks are keys only, they do not attend to everything (unlike
+    Longformer's global tokens). A sequence shorter than s simply has all its tokens as sinks (clamped per row).
+
     Block cover: query block ``r`` gathers key blocks ``r - R .. r + R`` (causal: ``r - R .. r``) with
     ``R = ceil(window_size / block_size)``, the fewest blocks that contain every allowed key of the block.
+    Capped at the sequence (issue 19): the block is at most ``seq_len`` tokens (so a sequence shorter than the
+    block is one unpadded block) and ``R`` at most ``num_blocks - 1`` (no slot that could only ever be empty):
+    a window far larger than the sequence costs what full attention costs, and the pattern is unchanged.
     """
 
-    def __init__(self, *, window_size: int, block_size: int, causal: bool, num_heads: int) -> None:
+    def __init__(
+        self, *, window_size: int, block_size: int, causal: bool, num_heads: int, sink_tokens: int = 0
+    ) -> None:
         super().__init__(block_size=block_size, causal=causal, num_heads=num_heads)
         self.window_size = window_size
+        self.sink_tokens = sink_tokens
         self._bands: dict[tuple[int, str], Tensor] = {}
 
     def _local(self, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -263,13 +285,26 @@ class WindowPattern(Pattern):
         return diff.abs() <= self.window_size
 
     def mask_mod(self, seq_len: int, device: torch.device | str | None = None) -> MaskMod:
+        sinks = self.sink_tokens
+
         def window_mask(b: Tensor | int, h: Tensor | int, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             return self._local(q_idx, kv_idx) & _in_range(q_idx, kv_idx, seq_len)
 
-        return window_mask
+        def window_sink_mask(b: Tensor | int, h: Tensor | int, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            sink = (kv_idx < sinks) & (kv_idx <= q_idx) if self.causal else kv_idx < sinks
+            return (self._local(q_idx, kv_idx) | sink) & _in_range(q_idx, kv_idx, seq_len)
 
-    def _window_blocks(self, num_blocks: int, device: torch.device | str | None) -> Tensor:
-        reach = math.ceil(self.window_size / self.block_size)
+        return window_sink_mask if sinks else window_mask
+
+    def block_size_for(self, seq_len: int) -> int:
+        return max(1, min(self.block_size, seq_len))
+
+    def _reach(self, block_size: int, num_blocks: int) -> int:
+        """Key blocks gathered on each side of a query block: ``ceil(w / b)``, at most ``num_blocks - 1``."""
+        return max(0, min(math.ceil(self.window_size / block_size), num_blocks - 1))
+
+    def _window_blocks(self, num_blocks: int, block_size: int, device: torch.device | str | None) -> Tensor:
+        reach = self._reach(block_size, num_blocks)
         offsets = torch.arange(-reach, 1 if self.causal else reach + 1, device=device)
         blocks = torch.arange(num_blocks, device=device)[:, None] + offsets  # (nb, slots)
         blocks = torch.where((blocks >= 0) & (blocks < num_blocks), blocks, EMPTY)
@@ -279,12 +314,12 @@ class WindowPattern(Pattern):
         """Bool ``(1, 1, b, slots * b)``: the window rule between a query block and its slot tokens. Because query
         block r gathers blocks ``r + offset``, ``i - j`` inside a chunk does not depend on r: one table serves every
         block (cached, and returned as the same tensor so the backend can cache what it derives from it)."""
-        bs = self.block_size
+        bs = structure.block_size
         slots = structure.key_blocks.shape[-1]
         device = structure.key_blocks.device
-        key = (slots, str(device))
+        key = (bs, slots, str(device))
         if key not in self._bands:
-            reach = math.ceil(self.window_size / bs)
+            reach = self._reach(bs, structure.num_blocks)
             q_rel = torch.arange(bs, device=device)[:, None]
             kv_rel = (torch.arange(slots, device=device) - reach)[:, None] * bs + torch.arange(bs, device=device)
             self._bands[key] = self._local(q_rel, kv_rel.flatten()[None, :])[None, None]
@@ -292,24 +327,45 @@ class WindowPattern(Pattern):
 
     def _interior(self, structure: BlockStructure, start: int, stop: int) -> bool:
         """Whether every slot of query-block rows ``start:stop`` is used and every query and key is < seq_len."""
-        reach = math.ceil(self.window_size / self.block_size)
+        bs = structure.block_size
+        reach = self._reach(bs, structure.num_blocks)
         first_key_block = structure.first_query_block + start - reach
         last_key_block = structure.first_query_block + stop - 1 + (0 if self.causal else reach)
-        return first_key_block >= 0 and (last_key_block + 1) * self.block_size <= structure.seq_len
+        return first_key_block >= 0 and (last_key_block + 1) * bs <= structure.seq_len
+
+    def contiguous_rows(self, structure: BlockStructure) -> tuple[int, int]:
+        # the rows whose slots are all used and whose keys are all < seq_len (see _interior)
+        if structure.extra_keys.numel():
+            return 0, 0
+        bs = structure.block_size
+        reach = self._reach(bs, structure.num_blocks)
+        lo = reach
+        hi = structure.seq_len // bs - (0 if self.causal else reach)
+        return (lo, hi) if hi > lo else (0, 0)
 
     def chunk_mask(
         self, structure: BlockStructure, mod: MaskMod, is_global: Tensor, start: int, stop: int
     ) -> tuple[Tensor, Tensor]:
         tokens = structure.key_tokens(start, stop)  # (1, g, kt)
+        if self.sink_tokens:
+            # the band over the window's slots, or a sink key anywhere (inside a gathered block or appended)
+            q_idx = _chunk_queries(structure, start, stop)
+            band = F.pad(self._band(structure), (0, structure.extra_keys.numel()))  # (1, 1, b, kt)
+            sink = ((tokens >= 0) & (tokens < self.sink_tokens))[:, :, None, :]
+            if self.causal:
+                sink = sink & (tokens[:, :, None, :] <= q_idx[None, :, :, None])
+            return tokens, (band | sink) & _valid(structure, q_idx, tokens)
         if self._interior(structure, start, stop):
             return tokens, self._band(structure)
         q_idx = _chunk_queries(structure, start, stop)
         return tokens, self._band(structure) & _valid(structure, q_idx, tokens)
 
     def structure(self, seq_len: int, device: torch.device | str | None = None) -> BlockStructure:
-        nb = math.ceil(seq_len / self.block_size)
+        bs = self.block_size_for(seq_len)
+        nb = math.ceil(seq_len / bs)
         empty = torch.zeros(0, dtype=torch.long, device=device)
-        return BlockStructure(seq_len, self.block_size, 0, self._window_blocks(nb, device), empty, empty)
+        sinks = torch.arange(min(self.sink_tokens, seq_len), device=device)  # appended to every block's keys
+        return BlockStructure(seq_len, bs, 0, self._window_blocks(nb, bs, device), sinks, empty)
 
 
 # --------------------------------------------------------------------------------------------------- longformer
@@ -322,9 +378,11 @@ class LongformerPattern(WindowPattern):
     """
 
     def __init__(
-        self, *, window_size: int, global_tokens: int | tuple[int, ...], causal: bool, num_heads: int
+        self, *, window_size: int, global_tokens: int | tuple[int, ...], causal: bool, num_heads: int,
+        block_size: int | None = None,
     ) -> None:
-        super().__init__(window_size=window_size, block_size=window_size, causal=causal, num_heads=num_heads)
+        block = window_size if block_size is None else block_size
+        super().__init__(window_size=window_size, block_size=block, causal=causal, num_heads=num_heads)
         self.global_tokens = global_tokens
 
     def global_indices(self, seq_len: int, device: torch.device | str | None = None) -> Tensor:
@@ -363,7 +421,7 @@ class LongformerPattern(WindowPattern):
     ) -> tuple[Tensor, Tensor]:
         tokens = structure.key_tokens(start, stop)  # (1, g, slots * b + e)
         q_idx = _chunk_queries(structure, start, stop)  # (g, b)
-        window_keys = structure.key_blocks.shape[-1] * self.block_size
+        window_keys = structure.key_blocks.shape[-1] * structure.block_size
         # window part: the band, or a global key inside the gathered blocks; extra part: uncovered global keys
         key_global = torch.ones_like(tokens, dtype=torch.bool)
         key_global[..., :window_keys] = is_global[tokens[..., :window_keys].clamp_min(0)]
@@ -377,9 +435,10 @@ class LongformerPattern(WindowPattern):
         return tokens, allowed
 
     def structure(self, seq_len: int, device: torch.device | str | None = None) -> BlockStructure:
-        nb = math.ceil(seq_len / self.block_size)
+        bs = self.block_size_for(seq_len)
+        nb = math.ceil(seq_len / bs)
         glob = self.global_indices(seq_len, device)
-        return BlockStructure(seq_len, self.block_size, 0, self._window_blocks(nb, device), glob, glob)
+        return BlockStructure(seq_len, bs, 0, self._window_blocks(nb, bs, device), glob, glob)
 
 
 # ------------------------------------------------------------------------------------------------------ bigbird

@@ -69,7 +69,8 @@ class PatternAttention(FusedBackendsMixin, Attention):
     # ------------------------------------------------------------------------------------------------ pattern API
     @property
     def block_size(self) -> int:
-        """Internal block size; inputs are padded to a multiple of it by the ``torch`` backend."""
+        """Internal block size; the ``torch`` backend pads inputs to a multiple of it (of
+        ``pattern.block_size_for(seq_len)``, which window and longformer cap at the sequence length)."""
         return self.pattern.block_size
 
     def dense_mask(self, seq_len: int, device: torch.device | str | None = None) -> Tensor:
@@ -123,7 +124,8 @@ class PatternAttention(FusedBackendsMixin, Attention):
     def _attend_torch(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         self._before_attend()
         seq_len = q.shape[-2]
-        padded = math.ceil(seq_len / self.block_size) * self.block_size
+        block = self.pattern.block_size_for(seq_len)  # window/longformer: capped at the sequence
+        padded = math.ceil(seq_len / block) * block
         self.last_padded_len = padded
         if padded != seq_len:
             q, k, v = (F.pad(t, (0, 0, 0, padded - seq_len)) for t in (q, k, v))
@@ -163,9 +165,10 @@ class PatternAttention(FusedBackendsMixin, Attention):
     pattern_is_translation_invariant: bool = False
 
     def _attend_xformers(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
-        if type(self.pattern) is not WindowPattern:
+        if type(self.pattern) is not WindowPattern or self.pattern.sink_tokens:
             raise ValueError(
-                f"backend 'xformers' has a bias for a plain sliding window only, not for {type(self.pattern).__name__}"
+                "backend 'xformers' has a bias for a plain sliding window only, not for "
+                f"{type(self.pattern).__name__}{' with sink tokens' if type(self.pattern) is WindowPattern else ''}"
             )
         self._before_attend()
         return xformers_attention(

@@ -1,0 +1,140 @@
+"""The blocked backend's cover: capped at the sequence (issue 19 item 1b) and read without copies (issue 18).
+
+* A window (or Longformer window) larger than the sequence must cost what full attention costs: the effective block
+  and the padding are capped at the sequence length, and no slot that can only be empty is gathered. Checked with
+  the exact storage tracker, against full attention's bytes on the same input, and on a fake-tensor prediction.
+* Away from the edges a window's query blocks read consecutive keys: the backend reads them as one strided view of
+  k (no gather). That path must give the float64 dense reference, outputs and gradients, and equal the gathered
+  path; block sizes apart from the window (64-key blocks for a 256 window, here scaled down) too.
+"""
+
+import json
+
+import pytest
+import torch
+
+from efficient_attn.attention import blocked
+from efficient_attn.harness.plan import Cell
+from efficient_attn.harness.predict import predict_cell
+from efficient_attn.measure.storage import StorageTracker
+from helpers import build_for_test, random_padding, random_qkv
+from test_sparse import check_against_reference
+
+HEADS, HEAD_DIM, SEQ = 4, 64, 128
+
+
+def _peak(attn, mode: str, seq: int = SEQ) -> int:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, seq, HEAD_DIM, generator=gen, requires_grad=mode == "fwd_bwd")
+               for _ in range(3))
+    attn.attend(q, k, v)  # plan built and cached outside the measurement
+    with StorageTracker() as tracker:
+        if mode == "fwd":
+            with torch.no_grad():
+                attn.attend(q, k, v)
+        else:
+            attn.attend(q, k, v).sum().backward()
+    return tracker.peak_bytes
+
+
+@pytest.mark.parametrize("key", ["window", "longformer"])
+@pytest.mark.parametrize("window_size", [2048, 10**6])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+def test_window_larger_than_sequence_costs_what_full_attention_costs(key, window_size, causal, mode):
+    attn = build_for_test(key, dim=HEADS * HEAD_DIM, num_heads=HEADS, causal=causal, backend="torch",
+                          window_size=window_size)
+    full = build_for_test("full", dim=HEADS * HEAD_DIM, num_heads=HEADS, causal=causal, backend="sdpa")
+    st = attn.structure(SEQ)
+    assert st.block_size == SEQ and st.padded_len == SEQ and st.key_blocks.shape[-1] == 1
+    peak, full_peak = _peak(attn, mode), _peak(full, mode)
+    qkv_bytes = 3 * HEADS * SEQ * HEAD_DIM * 4
+    # one 128 x 128 call: near full attention (before the cap: 215 MB for w=2048, terabytes for w=10**6)
+    assert peak <= 2 * full_peak + qkv_bytes, (peak, full_peak)
+    assert attn.last_padded_len == SEQ
+
+
+@pytest.mark.parametrize("key", ["window", "longformer"])
+@pytest.mark.parametrize("seq", [5, 100, 300])
+def test_capped_cover_keeps_the_pattern(key, seq):
+    attn = build_for_test(key, dim=32, num_heads=4, backend="torch", window_size=256).double()
+    q, k, v = random_qkv(2, 4, seq, 8, seed=seq)
+    check_against_reference(attn, q, k, v, random_padding(2, seq, seed=seq))
+    assert attn.last_padded_len == (seq if seq <= 256 else 512)
+
+
+@pytest.mark.parametrize("key", ["window", "longformer"])
+def test_dry_run_prediction_of_a_short_cell_is_small(key):
+    params = {"window_size": 10**6} if key == "window" else {"window_size": 10**6, "global_tokens": 1}
+    for mode in ("fwd", "fwd_bwd"):
+        cell = Cell(variant=key, params_json=json.dumps(params), backend_requested="torch", level="core", mode=mode,
+                    causal=False, device="cpu", dtype="float32", batch_size=1, seq_len=256, num_heads=HEADS,
+                    head_dim=HEAD_DIM)
+        prediction = predict_cell(cell)
+        assert prediction.total_bytes < 8 * 2**20, prediction  # was 13 GB before the cap
+
+
+def _strided_calls(attn, seq: int) -> int:
+    plan = attn._plan(seq, torch.device("cpu"))
+    return sum(call.key_start is not None for call in blocked._calls(plan, 1, attn.config.num_heads, None,
+                                                                       attn.config.num_kv_heads or 4))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block_size", [4, 6, 16])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_strided_key_view_matches_reference_and_gather(causal, block_size, kv_heads, monkeypatch):
+    seq = 150
+    monkeypatch.setattr(blocked, "KEY_ROWS_PER_CALL", 0)  # no single call for the short input
+    attn = build_for_test("window", dim=32, num_heads=4, num_kv_heads=kv_heads, causal=causal, backend="torch",
+                          window_size=16, block_size=block_size).double()
+    assert _strided_calls(attn, seq) > 0  # the view path really runs
+    q, k, v = random_qkv(1, 4, seq, 8, seed=block_size)
+    k, v = (t.detach()[:, :kv_heads].clone().requires_grad_() for t in (k, v))
+    gen = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(1, 4, seq, 8, generator=gen, dtype=torch.float64)
+
+    def run():
+        out = attn.attend(q, k, v)
+        return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+    viewed = run()
+    group = 4 // kv_heads
+    ref_attn = build_for_test("window", dim=32, num_heads=4, causal=causal, backend="naive", window_size=16).double()
+    ref = (lambda o: o)(ref_attn.attend(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)))
+    torch.testing.assert_close(viewed[0], ref, atol=1e-10, rtol=1e-9)
+    monkeypatch.setattr(blocked, "_contiguous_start", lambda tokens, block_size: None)
+    attn._plans.clear()
+    assert _strided_calls(attn, seq) == 0
+    gathered = run()
+    for a, b in zip(viewed, gathered):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("key", ["window", "longformer"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_apart_from_window_matches_reference(key, causal):
+    params = {"window_size": 16, "block_size": 4}
+    if key == "longformer":
+        params["global_tokens"] = 2
+    attn = build_for_test(key, dim=32, num_heads=4, causal=causal, backend="torch", **params).double()
+    assert attn.structure(96).block_size == 4
+    q, k, v = random_qkv(1, 4, 93, 8, seed=3)
+    check_against_reference(attn, q, k, v, None)
+    q, k, v = random_qkv(2, 4, 93, 8, seed=4)
+    check_against_reference(attn, q, k, v, random_padding(2, 93, seed=5, empty_row=True))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("window", "block", "seq"), [(16, 4, 150), (16, 16, 64), (5, 3, 40), (300, 64, 1000)])
+def test_contiguous_rows_claim_holds(causal, window, block, seq):
+    attn = build_for_test("window", dim=32, num_heads=4, causal=causal, window_size=window, block_size=block)
+    st = attn.structure(seq)
+    lo, hi = attn.pattern.contiguous_rows(st)
+    for r in range(st.num_query_blocks):
+        tokens = st.key_tokens(r, r + 1)
+        start = blocked._contiguous_start(tokens, st.block_size)
+        if lo <= r < hi:
+            assert start is not None and int(tokens.max()) < seq
+    if lo < hi:
+        assert blocked._contiguous_start(st.key_tokens(lo, hi), st.block_size) is not None
