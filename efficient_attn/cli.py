@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from efficient_attn.commands.options import CommandParser, UsageError
@@ -49,7 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    try:
+        status = int(args._run(args) or 0)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away (`effattn list | head`): not an error of ours; silence the interpreter's final flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # the shell's status for SIGPIPE
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover
