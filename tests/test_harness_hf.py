@@ -180,3 +180,10 @@ def test_a_workload_holds_the_attention_modules_of_its_own_cell_only():
     assert len(work.attentions) == 2 and work.last_backend is not None
     assert work.useful_flops == 2 * int(work.attentions[0].useful_flops(1, 16))
     assert build_workload(hf_cell("transformers-sdpa"), depth=2).attentions == []
+
+
+def test_the_predictor_refuses_an_hf_cell_clearly():
+    from efficient_attn.harness.predict import predict_cell
+
+    with pytest.raises(ValueError, match="level 'hf' is measured, not predicted"):
+        predict_cell(hf_cell())

@@ -100,8 +100,8 @@ def predict_cell(cell: Cell, *, seed: int = 0, depth: int = 2, vocab_size: int =
         whatever building or running the workload raises (e.g. a data-dependent op fake tensors cannot run).
     """
     if cell.level == "hf":
-        raise ValueError(f"cell {cell.label()}: level 'hf' builds a transformers model, which the fake-tensor "
-                         "predictor cannot build; its memory is measured only")
+        raise ValueError("level 'hf' is measured, not predicted (the fake-tensor predictor cannot build a "
+                         "transformers model)")
     cpu_cell = replace(cell, device="cpu")
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
