@@ -3,11 +3,14 @@
 1. **Static checks** (:func:`static_status`): a variant that cannot be causal, a backend that cannot run on the
    device or cannot do backward (the module's ``unavailable_reason``), a peer at a level it cannot run at
    (``peer_info(name)["levels"]``) or causal without a causal mode -> ``unsupported`` with the reason; a length above
-   the suite's per-mode ``max_len`` -> ``skipped_budget``.
+   the suite's per-mode ``max_len`` -> ``skipped_budget``. At level ``hf`` (a transformers model,
+   :mod:`efficient_attn.harness.hf_workload`) ``hf_unsupported_reason`` decides first, and its peers are transformers'
+   own implementations, checked there.
 2. **Prediction** (:func:`efficient_attn.harness.predict.predict_cell`, CPU fake tensors, nothing allocated): a cell
    whose predicted total (setup + peak) exceeds the memory budget -> ``skipped_budget``, predicted bytes in the note
-   (see :func:`efficient_attn.harness.host.budget_bytes`). Steps 1 and 2 are :func:`precheck`, the one check the
-   sweep, ``effattn bench --dry-run`` and ``effattn predict`` share.
+   (see :func:`efficient_attn.harness.host.budget_bytes`); an ``hf`` cell is not predicted (fake tensors cannot build
+   a transformers model), it is measured with the reason in its note. Steps 1 and 2 are :func:`precheck`, the one
+   check the sweep, ``effattn bench --dry-run`` and ``effattn predict`` share.
 3. **Measurement** (:func:`measure_cell`), in this process or in a fresh one (:mod:`efficient_attn.harness.worker`):
    build, then one instrumented call that is also the warm-up, measuring the first call's peak memory and FLOPs
    together (:mod:`efficient_attn.measure.memory`; in a fresh process the peak RSS change around it is
@@ -160,9 +163,7 @@ def static_status(planned: PlannedCell) -> tuple[str, str] | None:
         reason = hf_workload.hf_unsupported_reason(cell)
         if reason is not None:
             return "unsupported", reason
-    if cell.is_peer and cell.level == "hf":
-        pass  # a transformers implementation: hf_unsupported_reason above is its whole check
-    elif cell.is_peer:
+    if cell.is_peer and cell.level != "hf":  # at level hf a peer is transformers' own: checked above
         try:
             from efficient_attn.peers import peer_info
         except ImportError as error:
@@ -176,7 +177,7 @@ def static_status(planned: PlannedCell) -> tuple[str, str] | None:
             return "unsupported", f"peer {cell.variant!r} has no causal mode"
         if cell.kv_heads != cell.num_heads:
             return "unsupported", f"peer {cell.variant!r} runs num_heads key/value heads only (no grouped heads)"
-    else:
+    elif not cell.is_peer:
         spec = get_spec(cell.variant)
         reason = spec.module_cls.decode_unsupported_reason
         if cell.mode in CACHE_MODES and reason is not None:
