@@ -85,6 +85,7 @@ def test_rows_of_other_levels_leave_the_hf_columns_empty():
         (hf_cell("transformers-flex_attention", mode="fwd_bwd"), "no backward on CPU"),
         (hf_cell("hf-bigbird", is_peer=True, backend_requested="peer"), "does not run at level 'hf'"),
         (hf_cell("linformer"), "cannot be causal"),
+        (hf_cell("transformers-sdpa", level="layer"), "runs at level 'hf' only, not 'layer'"),  # e.g. --level layer
     ],
 )
 def test_what_level_hf_cannot_run_is_unsupported_with_the_reason(cell, expected):

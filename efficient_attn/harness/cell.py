@@ -165,9 +165,12 @@ def static_status(planned: PlannedCell) -> tuple[str, str] | None:
             return "unsupported", reason
     if cell.is_peer and cell.level != "hf":  # at level hf a peer is transformers' own: checked above
         try:
-            from efficient_attn.peers import peer_info
+            from efficient_attn.peers import TRANSFORMERS_PEERS, peer_info
         except ImportError as error:
             return "unsupported", f"efficient_attn.peers is not importable: {error}"
+        if cell.variant in TRANSFORMERS_PEERS:  # e.g. a suite of level hf run with --level layer
+            return "unsupported", (f"peer {cell.variant!r} (transformers' own attention implementation) runs at "
+                                   f"level 'hf' only, not {cell.level!r}")
         info = peer_info(cell.variant)
         if cell.mode not in info["modes"]:
             return "unsupported", f"peer {cell.variant!r} runs modes {', '.join(info['modes'])}, not {cell.mode!r}"
