@@ -92,6 +92,8 @@ __all__ = [
     "PeerAttention",
     "PeerSpec",
     "PeerUnavailableError",
+    "TRANSFORMERS_IMPLEMENTATIONS",
+    "TRANSFORMERS_PEERS",
     "build_peer",
     "list_peers",
     "mapping_table",
@@ -506,6 +508,13 @@ class HFLlamaDecodePeer(PeerAttention):
 
 
 # ------------------------------------------------------------------------------------------------ the table
+#: transformers' own attention implementations, the peers of benchmark level ``hf``: a whole ``LlamaModel`` built
+#: with ``attn_implementation=<impl>`` (:mod:`efficient_attn.harness.hf_workload`), so they are not layer peers of
+#: :data:`PEERS` and run at level ``hf`` only
+TRANSFORMERS_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "eager", "flex_attention")
+#: how a suite names them (``[[peers]] name = "transformers-sdpa"``): peer name -> ``attn_implementation``
+TRANSFORMERS_PEERS: dict[str, str] = {f"transformers-{impl}": impl for impl in TRANSFORMERS_IMPLEMENTATIONS}
+
 PEERS: dict[str, PeerSpec] = {
     "local-attention": PeerSpec(
         name="local-attention",

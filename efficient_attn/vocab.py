@@ -16,8 +16,9 @@ MODES: tuple[str, ...] = ("fwd", "fwd_bwd", "train_step", "prefill", "decode")
 CACHE_MODES: tuple[str, ...] = ("prefill", "decode")
 #: the modes that run a backward pass
 GRAD_MODES: tuple[str, ...] = ("fwd_bwd", "train_step")
-#: what a cell runs: ``attend`` on q, k, v; the attention module with its projections; the whole backbone
-LEVELS: tuple[str, ...] = ("core", "layer", "model")
+#: what a cell runs: ``attend`` on q, k, v; the attention module with its projections; the whole backbone; a Hugging
+#: Face transformers Llama-shaped decoder with our attention or its own (:mod:`efficient_attn.harness.hf_workload`)
+LEVELS: tuple[str, ...] = ("core", "layer", "model", "hf")
 #: the status of a result row (benchmark and quality); numbers are empty unless ``ok``
 STATUSES: tuple[str, ...] = ("ok", "oom", "skipped_budget", "skipped_after_oom", "unsupported", "error")
 #: dtype names accepted by suites and the CLI

@@ -20,8 +20,7 @@ transformers = pytest.importorskip("transformers")
 from efficient_attn.integrations.hf_models import build_hf_llama  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-#: bench/pending/ until the harness knows level "hf" and the transformers-* peers (every bench/*.toml must load)
-SUITE = next(p for p in (BENCH / "hf_llama.toml", BENCH / "pending" / "hf_llama.toml") if p.exists())
+SUITE = BENCH / "hf_llama.toml"
 
 
 def cell(variant: str, params: str = "{}", *, mode: str = "fwd_bwd", causal: bool = True, kv: int | None = 2,

@@ -46,7 +46,7 @@ def add_cell_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", help="e.g. 1024,2048 or 1k:16k (a range LOW:HIGH doubles from LOW and must end at HIGH: 1k,2k,...,16k); suffixes k and m")
     parser.add_argument("--modes", help=f"comma-separated: {', '.join(MODES)}")
     parser.add_argument("--level", choices=LEVELS, help="core: attend(q,k,v); layer: with "
-                        "projections; model: the backbone")
+                        "projections; model: the backbone; hf: a transformers LlamaModel")
     parser.add_argument("--causal", action="store_true", default=None, help="causal cells only")
     parser.add_argument("--device", choices=DEVICES, help="default: the suite's (auto = cuda if "
                         "available)")

@@ -3,6 +3,10 @@
 Beyond causal masking and key padding the table shows the capabilities of :func:`efficient_attn.attention.base.capabilities`:
 grouped key/value heads (``gqa``), ALiBi (the backends that add it), packed documents (``packing``: yes, or the
 backends that accept ``document_ids``) and cross-attention (``cross``: query length != key length).
+
+A second table lists the peers a suite's ``[[peers]]`` can name (other libraries' implementations,
+:mod:`efficient_attn.peers`, and at level ``hf`` transformers' own attention implementations), with the levels and
+modes they run at.
 """
 
 from __future__ import annotations
@@ -64,6 +68,29 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def peer_rows() -> list[list[str]]:
+    """One row per peer: name, levels, modes, package (installed version or ``missing``), description."""
+    import importlib.metadata
+
+    from efficient_attn.peers import TRANSFORMERS_PEERS, list_peers, peer_info
+
+    rows = []
+    for name in list_peers():
+        info = peer_info(name)
+        rows.append([name, ",".join(info["levels"]), ",".join(info["modes"]),
+                     f"{info['package']} {info['version'] or 'missing'}", info["description"]])
+    try:
+        version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        version = "missing"
+    for name, implementation in TRANSFORMERS_PEERS.items():
+        modes = "fwd" if implementation == "flex_attention" else "fwd,fwd_bwd,train_step"
+        rows.append([name, "hf", modes + (" (cuda: all)" if implementation == "flex_attention" else ""),
+                     f"transformers {version}",
+                     f"transformers' own attn_implementation={implementation!r} in a LlamaModel (level hf)"])
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -90,4 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if notes:
         print(f"\nbackends not available on {device.type}:")
         print("\n".join(notes))
+    if args.pattern is None:
+        print("\npeers (a suite's [[peers]], run with --peers):")
+        print(format_table(peer_rows(), ["peer", "levels", "modes", "package", "description"]))
     return 0

@@ -3,11 +3,14 @@
 1. **Static checks** (:func:`static_status`): a variant that cannot be causal, a backend that cannot run on the
    device or cannot do backward (the module's ``unavailable_reason``), a peer at a level it cannot run at
    (``peer_info(name)["levels"]``) or causal without a causal mode -> ``unsupported`` with the reason; a length above
-   the suite's per-mode ``max_len`` -> ``skipped_budget``.
+   the suite's per-mode ``max_len`` -> ``skipped_budget``. At level ``hf`` (a transformers model,
+   :mod:`efficient_attn.harness.hf_workload`) ``hf_unsupported_reason`` decides first, and its peers are transformers'
+   own implementations, checked there.
 2. **Prediction** (:func:`efficient_attn.harness.predict.predict_cell`, CPU fake tensors, nothing allocated): a cell
    whose predicted total (setup + peak) exceeds the memory budget -> ``skipped_budget``, predicted bytes in the note
-   (see :func:`efficient_attn.harness.host.budget_bytes`). Steps 1 and 2 are :func:`precheck`, the one check the
-   sweep, ``effattn bench --dry-run`` and ``effattn predict`` share.
+   (see :func:`efficient_attn.harness.host.budget_bytes`); an ``hf`` cell is not predicted (fake tensors cannot build
+   a transformers model), it is measured with the reason in its note. Steps 1 and 2 are :func:`precheck`, the one
+   check the sweep, ``effattn bench --dry-run`` and ``effattn predict`` share.
 3. **Measurement** (:func:`measure_cell`), in this process or in a fresh one (:mod:`efficient_attn.harness.worker`):
    build, then one instrumented call that is also the warm-up, measuring the first call's peak memory and FLOPs
    together (:mod:`efficient_attn.measure.memory`; in a fresh process the peak RSS change around it is
@@ -59,6 +62,8 @@ __all__ = [
 #: first call compiles (``compile_ms``), ``flops_computed`` falls back to the analytic useful count and
 #: ``peak_mem_bytes`` is measured on CUDA only
 UNCOUNTABLE_BACKENDS = frozenset({"flex"})
+#: the note of an ``hf`` cell's empty ``predicted_mem_bytes``: the cell is measured, never refused for it
+HF_NOT_PREDICTED = "memory not predicted: a transformers model (level 'hf') is measured only"
 
 
 # ----------------------------------------------------------------------------------------------------- the row
@@ -79,6 +84,9 @@ def make_row(cell: Cell, *, status: str, note: str = "", **measured: Any) -> dic
     values: dict[str, Any] = {c: getattr(cell, c) for c in CONFIG_COLUMNS}
     for column in MEASURED_COLUMNS + RUN_COLUMNS:
         values[column] = measured.get(column)
+    if cell.level == "hf":  # what ran, whatever the status: the transformers version and the implementation
+        for column, value in _hf_row_info(cell).items():
+            values[column] = values[column] if values[column] is not None else value
     values["status"] = status
     values["note"] = " ".join(str(note).split())  # one line
     if status != "ok":
@@ -86,6 +94,24 @@ def make_row(cell: Cell, *, status: str, note: str = "", **measured: Any) -> dic
             if column != "predicted_mem_bytes":
                 values[column] = None
     return {c: format_value(values[c]) for c in ALL_COLUMNS}
+
+
+def _hf_row_info(cell: Cell) -> dict[str, str | None]:
+    """``transformers_version`` and ``attn_implementation`` of an ``hf`` cell; a value that cannot be known (no
+    transformers installed, a peer that does not run at level hf) is left empty, the status says why."""
+    import importlib.metadata
+
+    from efficient_attn.harness import hf_workload  # lazy: it imports nothing of transformers itself
+
+    try:
+        version: str | None = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    try:
+        implementation: str | None = hf_workload.implementation_name(cell)
+    except ValueError:
+        implementation = None
+    return {"transformers_version": version, "attn_implementation": implementation}
 
 
 def _gib(nbytes: float) -> str:
@@ -131,11 +157,20 @@ def static_status(planned: PlannedCell) -> tuple[str, str] | None:
         if not cell.causal:
             return "unsupported", (f"{cell.mode} needs causal attention (a non-causal output at t depends on later "
                                    "tokens, which a decoder has not seen): run it with causal = [true]")
-    if cell.is_peer:
+    if cell.level == "hf":
+        from efficient_attn.harness import hf_workload
+
+        reason = hf_workload.hf_unsupported_reason(cell)
+        if reason is not None:
+            return "unsupported", reason
+    if cell.is_peer and cell.level != "hf":  # at level hf a peer is transformers' own: checked above
         try:
-            from efficient_attn.peers import peer_info
+            from efficient_attn.peers import TRANSFORMERS_PEERS, peer_info
         except ImportError as error:
             return "unsupported", f"efficient_attn.peers is not importable: {error}"
+        if cell.variant in TRANSFORMERS_PEERS:  # e.g. a suite of level hf run with --level layer
+            return "unsupported", (f"peer {cell.variant!r} (transformers' own attention implementation) runs at "
+                                   f"level 'hf' only, not {cell.level!r}")
         info = peer_info(cell.variant)
         if cell.mode not in info["modes"]:
             return "unsupported", f"peer {cell.variant!r} runs modes {', '.join(info['modes'])}, not {cell.mode!r}"
@@ -145,7 +180,7 @@ def static_status(planned: PlannedCell) -> tuple[str, str] | None:
             return "unsupported", f"peer {cell.variant!r} has no causal mode"
         if cell.kv_heads != cell.num_heads:
             return "unsupported", f"peer {cell.variant!r} runs num_heads key/value heads only (no grouped heads)"
-    else:
+    elif not cell.is_peer:
         spec = get_spec(cell.variant)
         reason = spec.module_cls.decode_unsupported_reason
         if cell.mode in CACHE_MODES and reason is not None:
@@ -207,6 +242,8 @@ def precheck(planned: PlannedCell, *, budget_bytes: int | None, seed: int = 0, d
     static = static_status(planned)
     if static is not None:
         return Precheck(*static)
+    if planned.cell.level == "hf":
+        return Precheck(None, HF_NOT_PREDICTED)
     how = ""
     try:
         if predictor is None or planned.cell.packing is not None:  # packed cells' shapes follow their documents
@@ -245,7 +282,11 @@ def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, r
     work = build_workload(cell, seed=seed, depth=depth, decode_steps=timing.decode_steps)
     if cell.mode == "decode":
         return _measure_decode(cell, work, timing)
-    if work.attentions:
+    hf = cell.level == "hf"
+    if hf:
+        # our modules are built by the model's first call: the backend is read after it (an explicit one is known)
+        backend = cell.backend_requested if not cell.is_peer else "peer"
+    elif work.attentions:
         backend = work.attentions[0].resolve_backend(
             torch.device(cell.device), cell.mode in GRAD_MODES, seq_len=cell.seq_len, dtype=parse_dtype(cell.dtype)
         )
@@ -254,7 +295,9 @@ def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, r
     notes: list[str] = []
     probe = contextlib.nullcontext() if not rss else rss_probe()
     compile_s = None
-    if backend in UNCOUNTABLE_BACKENDS:
+    # transformers' flex_attention is torch's flex too: a higher-order op the dispatch modes refuse
+    uncountable = backend in UNCOUNTABLE_BACKENDS or (hf and cell.variant == "transformers-flex_attention")
+    if uncountable:
         # compiled kernels refuse to run under a dispatch mode (tracker, FLOP counter): the first call compiles,
         # the second is the warm-up (and, on CUDA, the allocator's peak)
         with probe as rss_result:
@@ -265,9 +308,11 @@ def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, r
             time_call(work.run, cell.device)
         first_s = time.perf_counter() - start
         flops_computed = work.useful_flops
-        notes.append(f"flops_computed is the pattern's count: FlopCounterMode cannot see {backend}")
+        what = "transformers' flex_attention" if cell.is_peer else backend
+        notes.append(f"flops_computed is the pattern's count: FlopCounterMode cannot see {what}" if flops_computed
+                     else f"flops_computed not counted: FlopCounterMode cannot see {what}")
         if peak_bytes is None:
-            notes.append(f"peak_mem_bytes not measured: {backend} cannot run under the storage tracker "
+            notes.append(f"peak_mem_bytes not measured: {what} cannot run under the storage tracker "
                          "(--isolate gives peak_rss_bytes)")
     else:
         # one instrumented call is the warm-up: peak memory and FLOPs of the first call, outside the timed runs
@@ -280,7 +325,12 @@ def measure_cell(cell: Cell, *, timing: Timing, seed: int = 0, depth: int = 2, r
         work.run, device=cell.device, min_run_time=timing.min_run_time, slow_call_s=timing.slow_call_s,
         slow_repeats=timing.slow_repeats, first_call_s=first_s,
     )
-    if work.attentions and work.last_backend != backend:
+    if hf and not cell.is_peer:
+        ran = sorted({a.last_backend for a in work.attentions})
+        if len(ran) != 1 or backend not in ("auto", ran[0]):
+            raise RuntimeError(f"backend {backend!r} asked, the model's attention layers ran {ran or 'none of ours'}")
+        backend = ran[0]
+    elif work.attentions and work.last_backend != backend:
         raise RuntimeError(f"backend resolved to {backend!r} before the run but {work.last_backend!r} ran")
     if work.note:
         notes.append(work.note)

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from efficient_attn.harness.plan import Cell
+# transformers' own implementations the level compares against, and their peer names (defined with the other peers)
+from efficient_attn.peers import TRANSFORMERS_IMPLEMENTATIONS, TRANSFORMERS_PEERS
 
 __all__ = [
     "HF_LEVEL",
@@ -42,10 +44,6 @@ __all__ = [
 
 #: The level name this module serves (``cell.level``).
 HF_LEVEL = "hf"
-#: transformers' own attention implementations the level compares against.
-TRANSFORMERS_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "eager", "flex_attention")
-#: How a suite names them (``[[peers]] name = "transformers-sdpa"``): peer name -> ``attn_implementation``.
-TRANSFORMERS_PEERS: dict[str, str] = {f"transformers-{impl}": impl for impl in TRANSFORMERS_IMPLEMENTATIONS}
 #: The model's vocabulary (token ids are drawn from it).
 VOCAB_SIZE = 256
 

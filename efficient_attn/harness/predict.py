@@ -96,8 +96,12 @@ def predict_cell(cell: Cell, *, seed: int = 0, depth: int = 2, vocab_size: int =
     """Predicted peak memory of ``cell`` (bytes), computed on CPU fake tensors; nothing of its size is allocated.
 
     Raises:
+        ValueError: an ``hf`` cell (a transformers model is measured, not predicted).
         whatever building or running the workload raises (e.g. a data-dependent op fake tensors cannot run).
     """
+    if cell.level == "hf":
+        raise ValueError("level 'hf' is measured, not predicted (the fake-tensor predictor cannot build a "
+                         "transformers model)")
     cpu_cell = replace(cell, device="cpu")
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:

@@ -4,7 +4,7 @@ Example (``bench/quick.toml``)::
 
     description = "what this suite answers"
     device = "auto"            # auto | cpu | cuda
-    level = "core"             # core | layer | model
+    level = "core"             # core | layer | model | hf
     modes = ["fwd", "fwd_bwd"] # fwd | fwd_bwd | train_step
     lengths = [128, 256]
     batch_sizes = [1]
@@ -15,7 +15,7 @@ Example (``bench/quick.toml``)::
     min_run_time = 0.5         # optional: seconds blocked_autorange measures each fast cell
     slow_call_s = 1.0          # optional: a warm-up call slower than this -> slow_repeats timed calls
     slow_repeats = 3           # optional
-    depth = 2                  # optional: blocks of the backbone at level "model"
+    depth = 2                  # optional: blocks of the backbone at level "model" (decoder layers at "hf")
     kv_heads = [4, 2, 1]       # optional: key/value heads (grouped-query attention), each dividing heads
     decode_steps = 32          # optional: timed single-token steps of a decode cell
     threads = 1                # optional: torch threads of the cells (--threads wins)
@@ -28,6 +28,9 @@ Example (``bench/quick.toml``)::
     [[peers]]                      # optional; only run with --peers
     name = "hf-bigbird"
     params = { block_size = 64 }
+
+At level ``hf`` the peers are transformers' own implementations (``transformers-sdpa``, ``transformers-eager``,
+``transformers-flex_attention``), which run at that level only.
 
 Every key is checked when the suite loads: an unknown key names the nearest valid one; an unregistered variant key,
 a backend the variant does not have, or a parameter its config rejects is an error naming the table it is in.
@@ -313,7 +316,7 @@ def parse_suite(data: dict[str, Any], name: str, where: str | None = None) -> Su
             raise SuiteError(f"{at}: missing 'name' (a peer of efficient_attn.peers)")
         if not isinstance(entry.get("params", {}), dict):
             raise SuiteError(f"{at}.params: expected a table")
-        _check_peer_name(entry["name"], f"{at}.name")
+        _check_peer_name(entry["name"], f"{at}.name", level)
         peers.append(PeerEntry(name=entry["name"], params=dict(entry.get("params", {}))))
     check_unique(variants, where)
     kv_heads: tuple[int, ...] = ()
@@ -382,10 +385,22 @@ def document_lengths(value: Any, where: str) -> tuple[int, ...]:
     return positive_int_list(value, where)
 
 
-def _check_peer_name(name: str, where: str) -> None:
-    """An unknown peer is an error when the suite loads (not a traceback when its first cell runs)."""
-    from efficient_attn.peers import list_peers  # lazy: the peers' own imports stay out of suite loading
+def _check_peer_name(name: str, where: str, level: str) -> None:
+    """An unknown peer, or one of another level, is an error when the suite loads (not a traceback when its first
+    cell runs). At level ``hf`` the peers are transformers' own implementations
+    (:data:`efficient_attn.peers.TRANSFORMERS_PEERS`), and they run at that level only."""
+    from efficient_attn.peers import TRANSFORMERS_PEERS, list_peers  # lazy: the peers' imports stay out of loading
 
+    hf_peers = list(TRANSFORMERS_PEERS)
+    if level == "hf":
+        if name not in hf_peers:
+            known = unknown_name_error("peer", name, hf_peers, "peers").args[0]
+            raise SuiteError(f"{where}: at level 'hf' the peers are transformers' own implementations "
+                             f"({', '.join(hf_peers)}); {known}")
+        return
+    if name in hf_peers:
+        raise SuiteError(f"{where}: peer {name!r} (transformers' own attention implementation) runs at level 'hf' "
+                         f"only, not at this suite's level {level!r}")
     if name not in list_peers():
         raise SuiteError(f"{where}: {unknown_name_error('peer', name, list_peers(), 'peers').args[0]}")
 

@@ -7,6 +7,10 @@ Levels:
   peers (other libraries' implementations, :mod:`efficient_attn.peers`) are compared at.
 * ``model``: the shared backbone of :func:`efficient_attn.build_model` (``depth`` blocks) on tokens ``(batch, seq)``:
   a causal LM when the cell is causal, an encoder classifier otherwise.
+* ``hf``: a Hugging Face transformers ``LlamaModel`` (``depth`` layers, random weights) on tokens ``(batch, seq)``,
+  its attention ours (registered through transformers' ``AttentionInterface``) or one of its own implementations
+  (the ``transformers-*`` peers): :mod:`efficient_attn.harness.hf_workload`. Its output is the last hidden state,
+  whose sum is the loss. No cache modes (the harness's prefill/decode protocol is ours, not transformers').
 
 Modes:
 
@@ -157,6 +161,9 @@ def build_cell_module(cell: Cell, *, depth: int = 2, vocab_size: int = 256) -> t
     """
     if cell.level not in LEVELS:
         raise ValueError(f"level must be one of {', '.join(LEVELS)}; got {cell.level!r}")
+    if cell.level == "hf":
+        raise ValueError("an 'hf' cell's transformers model is built with its device, dtype and seed by "
+                         "build_workload (hf_workload.build_hf_parts), not as a CPU module to convert")
     h, n = cell.num_heads, cell.seq_len
     if cell.is_peer:
         from efficient_attn.peers import build_peer, peer_info  # lazy: optional packages behind it
@@ -214,14 +221,19 @@ def build_workload(
     """
     if cell.mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {cell.mode!r}")
-    if cell.mode in CACHE_MODES and cell.level == "model":
-        raise ValueError(f"{cell.mode} cells run at level core or layer (the backbone generates with "
-                         "model.generate); got level 'model'")
+    if cell.mode in CACHE_MODES and cell.level in ("model", "hf"):
+        raise ValueError(f"{cell.mode} cells run at level core or layer (a whole model generates with "
+                         f"model.generate); got level {cell.level!r}")
     device = torch.device(device if device is not None else cell.device)
     dtype = parse_dtype(cell.dtype)
     torch.manual_seed(seed)
     b, n, h, d = cell.batch_size, cell.seq_len, cell.num_heads, cell.head_dim
     grad = cell.mode in GRAD_MODES
+    note = ""
+    if cell.level == "hf":
+        module, forward, leaves, attentions = _hf_parts(cell, device=device, dtype=dtype, seed=seed, depth=depth,
+                                                        vocab_size=vocab_size)
+        return _workload(cell, forward, leaves, module=module, attentions=attentions, note=note)
     module, attentions = built if built is not None else build_cell_module(cell, depth=depth, vocab_size=vocab_size)
     _move(module, device, dtype)  # at model level: embeddings and norms too; tokens stay long
     module.train()
@@ -229,7 +241,6 @@ def build_workload(
         return _cache_workload(cell, module, attentions, device=device, dtype=dtype, seed=seed, steps=decode_steps)
 
     params = [p for p in module.parameters() if p.requires_grad]
-    note = ""
     if cell.packing is not None:
         if cell.level not in ("core", "layer"):
             raise ValueError(f"packed documents run at level core or layer, not {cell.level!r}")
@@ -259,6 +270,14 @@ def build_workload(
             logits = module(tokens)
             return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten())
 
+    return _workload(cell, forward, leaves, module=module, attentions=attentions, note=note)
+
+
+def _workload(cell: Cell, forward: Callable[[], Tensor], leaves: list[Tensor], *, module: nn.Module,
+              attentions: list[nn.Module], note: str) -> Workload:
+    """The :class:`Workload` that runs ``forward`` in ``cell``'s mode (``fwd``, ``fwd_bwd``, ``train_step`` on
+    ``leaves``)."""
+
     def clear_grads() -> None:
         for leaf in leaves:
             leaf.grad = None
@@ -285,8 +304,37 @@ def build_workload(
             _loss(forward()).backward()
             optimizer.step()
 
+    b, n = cell.batch_size, cell.seq_len
     return Workload(run=run, module=module, attentions=attentions, tokens=b * n, mode=cell.mode, seq_len=n,
                     batch_size=b, documents=cell.document_lengths, note=note)
+
+
+def _hf_parts(cell: Cell, *, device: torch.device, dtype: torch.dtype, seed: int, depth: int,
+              vocab_size: int) -> tuple[nn.Module, Callable[[], Tensor], list[Tensor], list[nn.Module]]:
+    """``(module, forward, leaves, attentions)`` of an ``hf`` cell (:func:`hf_workload.build_hf_parts`, ``depth``
+    decoder layers, in train mode like every other level).
+
+    ``attentions`` starts empty and is filled by the first call with our attention modules that ran in it (none for
+    transformers' own implementations): the registration builds them on first use and shares them between the
+    models of one registration (cells of other lengths included), so the ones of this cell are those whose
+    ``last_backend`` the call set (every module of the registration is reset to None first)."""
+    from efficient_attn.harness import hf_workload  # lazy: transformers is imported on use
+
+    module, forward_model, leaves = hf_workload.build_hf_parts(cell, device=device, dtype=dtype, seed=seed,
+                                                               layers=depth, vocab_size=vocab_size)
+    module.train()
+    attentions: list[nn.Module] = []
+
+    def forward() -> Tensor:
+        if attentions or hf_workload.TRANSFORMERS_PEERS.get(cell.variant):
+            return forward_model()
+        for attn in hf_workload.attention_modules_for(cell):
+            attn.last_backend = None
+        out = forward_model()
+        attentions.extend(a for a in hf_workload.attention_modules_for(cell) if a.last_backend is not None)
+        return out
+
+    return module, forward, leaves, attentions
 
 
 def _document_forward(cell: Cell, module: nn.Module, *, device: torch.device, dtype: torch.dtype,
