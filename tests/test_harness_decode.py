@@ -45,9 +45,10 @@ def small_bandwidth_probe(monkeypatch):
 # --------------------------------------------------------------------------------------------------- schema 4
 def test_schema_4_adds_the_inference_columns_and_keeps_version_3_readable(tmp_path):
     new = ("cache_bytes", "new_tokens", "bandwidth_bytes_per_s")
-    assert schema.SCHEMA_VERSION == 4 and all(c in schema.MEASURED_COLUMNS for c in new)
+    assert schema.SCHEMA_VERSION >= 4 and all(c in schema.COLUMNS_BY_VERSION[4] for c in new)
+    assert not any(c in schema.COLUMNS_BY_VERSION[3] for c in new)
     assert all(c not in schema.COLUMNS_BY_VERSION[v] for v in (1, 2, 3) for c in new)
-    assert "num_kv_heads" in schema.COLUMNS_BY_VERSION[3] and schema.COLUMNS_BY_VERSION[4] == schema.ALL_COLUMNS
+    assert "num_kv_heads" in schema.COLUMNS_BY_VERSION[3] and schema.COLUMNS_BY_VERSION[schema.SCHEMA_VERSION] == schema.ALL_COLUMNS
     old_columns = schema.COLUMNS_BY_VERSION[3]
     row = {c: "" for c in old_columns}
     row.update(variant="full", params_json="{}", backend_requested="sdpa", level="core", mode="fwd", causal="false",

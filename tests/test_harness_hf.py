@@ -146,7 +146,7 @@ def _upgraded(path: Path) -> dict[str, str]:
 def test_a_v3_run_folder_still_resumes_and_reports(tmp_path):
     from efficient_attn.report.load import load_run
 
-    assert schema.COLUMNS_BY_VERSION[4] == schema.ALL_COLUMNS
+    assert schema.COLUMNS_BY_VERSION[schema.SCHEMA_VERSION] == schema.ALL_COLUMNS
     assert all("attn_implementation" not in schema.COLUMNS_BY_VERSION[v] for v in (1, 2, 3))
     config = _write_folder(tmp_path, schema.COLUMNS_BY_VERSION[3], 3)
     assert load_run(tmp_path).results["time_ms"].tolist() == [1.5]  # the report reads it as it is
@@ -155,14 +155,12 @@ def test_a_v3_run_folder_still_resumes_and_reports(tmp_path):
     assert load_run(tmp_path).results["time_ms"].tolist() == [1.5]
 
 
-def test_a_v4_folder_written_before_the_hf_columns_upgrades(tmp_path):
-    """Schema 4 gained the two hf columns before it was released: its first layout is one of the older headers."""
-    assert schema.COLUMNS_V4_BEFORE_HF in schema.OLDER_COLUMNS
-    assert schema.COLUMNS_V4_BEFORE_HF == tuple(c for c in schema.ALL_COLUMNS
-                                                if c not in ("transformers_version", "attn_implementation"))
-    config = _write_folder(tmp_path, schema.COLUMNS_V4_BEFORE_HF, 4)
-    RunFolder(tmp_path, config, columns=schema.ALL_COLUMNS, key_columns=schema.CONFIG_COLUMNS,
-              schema_version=schema.SCHEMA_VERSION, environment={}, older_columns=schema.OLDER_COLUMNS).close()
+def test_a_v4_folder_without_the_hf_columns_upgrades_through_the_sweep(tmp_path):
+    """Schema 5 added the two hf columns: a v4 folder (reports/decode-cpu) resumes through the sweep's run folder."""
+    assert schema.SCHEMA_VERSION >= 5 and schema.COLUMNS_BY_VERSION[4] in schema.OLDER_COLUMNS
+    assert schema.COLUMNS_BY_VERSION[4] == tuple(c for c in schema.ALL_COLUMNS if c not in schema.HF_COLUMNS)
+    config = _write_folder(tmp_path, schema.COLUMNS_BY_VERSION[4], 4)
+    open_run_folder(tmp_path, config).close()
     _upgraded(tmp_path)
 
 

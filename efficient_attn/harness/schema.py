@@ -31,9 +31,9 @@ Versions: 1 the first; 2 adds where a cell ran (:data:`RUN_COLUMNS`); 3 adds ``n
 grouped-query attention; empty = ``num_heads``, which is what every earlier row ran); 4 adds the inference columns
 ``cache_bytes``, ``new_tokens``, ``bandwidth_bytes_per_s`` (empty in every earlier row: no earlier mode had a cache)
 and the packed-document configuration ``packing`` and ``documents`` (empty = an ordinary cell, which is what every
-earlier row ran), and the ``hf`` level's ``transformers_version`` (installed transformers) and ``attn_implementation``
-(what the model ran: ``sdpa``, ``eager``, ``flex_attention`` or ``efficient_attn:<key>(params)``), empty in every
-other row (schema 4 was not yet released when they joined: :data:`COLUMNS_V4_BEFORE_HF` is its first layout).
+earlier row ran); 5 adds the ``hf`` level's ``transformers_version`` (installed transformers) and
+``attn_implementation`` (what the model ran: ``sdpa``, ``eager``, ``flex_attention`` or
+``efficient_attn:<key>(params)``), empty in every other row.
 
 Packed documents (schema 4): ``documents`` lists the document lengths (``256,1024,...``); ``packing`` says how they
 ran: ``packed`` (one sequence of ``seq_len`` = their sum, ``document_ids`` telling them apart), ``padded`` (a batch
@@ -46,11 +46,11 @@ from __future__ import annotations
 
 __all__ = [
     "ALL_COLUMNS",
+    "HF_COLUMNS",
     "COLUMNS_BY_VERSION",
     "CONFIG_COLUMNS",
     "CONFIG_COLUMNS_V1",
     "CONFIG_COLUMNS_V3",
-    "COLUMNS_V4_BEFORE_HF",
     "MEASURED_COLUMNS",
     "MEASURED_COLUMNS_V3",
     "META_FILE",
@@ -112,29 +112,27 @@ MEASURED_COLUMNS: tuple[str, ...] = (
 )
 #: the measured columns before schema 4 (no inference columns)
 MEASURED_COLUMNS_V3: tuple[str, ...] = MEASURED_COLUMNS[: MEASURED_COLUMNS.index("cache_bytes")]
+#: the ``hf`` level's columns (schema 5)
+HF_COLUMNS: tuple[str, ...] = ("transformers_version", "attn_implementation")
 #: where the cell ran (schema 2): the host, and for a cell run by a scheduler its job id and array index (empty inline)
 RUN_COLUMNS: tuple[str, ...] = ("host", "job_id", "array_index")
 ALL_COLUMNS: tuple[str, ...] = CONFIG_COLUMNS + MEASURED_COLUMNS + RUN_COLUMNS
-#: measured columns that are numbers (left empty unless status is ok)
-#: measured columns that are text
-TEXT_COLUMNS: tuple[str, ...] = ("backend", "status", "note", "transformers_version", "attn_implementation")
+#: measured columns that are text (the rest are numbers, left empty unless status is ok)
+TEXT_COLUMNS: tuple[str, ...] = ("backend", "status", "note", *HF_COLUMNS)
 NUMERIC_COLUMNS: tuple[str, ...] = tuple(c for c in MEASURED_COLUMNS if c not in TEXT_COLUMNS)
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: the columns of each schema version (a run folder of an earlier one is upgraded when it is resumed; its rows get
 #: the new columns empty). 2 added where a cell ran (:data:`RUN_COLUMNS`), 3 the grouped-query ``num_kv_heads``, 4 the
-#: inference columns.
+#: inference and packing columns, 5 the ``hf`` level's (:data:`HF_COLUMNS`).
 COLUMNS_BY_VERSION: dict[int, tuple[str, ...]] = {
     1: CONFIG_COLUMNS_V1 + MEASURED_COLUMNS_V3,
     2: CONFIG_COLUMNS_V1 + MEASURED_COLUMNS_V3 + RUN_COLUMNS,
     3: CONFIG_COLUMNS_V3 + MEASURED_COLUMNS_V3 + RUN_COLUMNS,
-    4: ALL_COLUMNS,
+    4: tuple(c for c in ALL_COLUMNS if c not in HF_COLUMNS),
+    5: ALL_COLUMNS,
 }
-#: schema 4 as first written, before the ``hf`` level's columns (``transformers_version``, ``attn_implementation``)
-#: joined it in the same unreleased version: folders written then (reports/decode-cpu, reports/packed-cpu) upgrade
-#: like an older version's, their rows keeping the two columns empty
-COLUMNS_V4_BEFORE_HF: tuple[str, ...] = tuple(c for c in ALL_COLUMNS if c not in ("transformers_version",
-                                                                                   "attn_implementation"))
-#: every header a run folder of this schema may find and upgrade (each a subsequence of :data:`ALL_COLUMNS`)
+#: every header of an earlier version, which a run folder of this schema may find and upgrade (each a subsequence
+#: of :data:`ALL_COLUMNS`)
 OLDER_COLUMNS: tuple[tuple[str, ...], ...] = tuple(
     columns for version, columns in COLUMNS_BY_VERSION.items() if version < SCHEMA_VERSION
-) + (COLUMNS_V4_BEFORE_HF,)
+)

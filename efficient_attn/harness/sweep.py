@@ -31,8 +31,8 @@ from efficient_attn.harness.predict import Predictor
 from efficient_attn.harness.runfolder import RunFolder, read_rows
 from efficient_attn.harness.schema import (
     ALL_COLUMNS,
-    COLUMNS_BY_VERSION,
     CONFIG_COLUMNS,
+    OLDER_COLUMNS,
     RESULTS_FILE,
     SCHEMA_VERSION,
 )
@@ -79,9 +79,8 @@ def sweep_config(suite: Suite, *, device: str, include_peers: bool, isolate: boo
 def open_run_folder(path: Path, config: dict[str, Any]) -> RunFolder:
     """A benchmark run folder: the results schema's columns, keyed by the configuration columns, the sessions'
     wall time and timed windows totalled; a folder of an earlier schema version is upgraded."""
-    older = tuple(columns for version, columns in COLUMNS_BY_VERSION.items() if version < SCHEMA_VERSION)
     return RunFolder(path, config, columns=ALL_COLUMNS, key_columns=CONFIG_COLUMNS, schema_version=SCHEMA_VERSION,
-                     totals=("wall_s", "timed_window_s"), older_columns=older)
+                     totals=("wall_s", "timed_window_s"), older_columns=OLDER_COLUMNS)
 
 
 def run_sweep(
