@@ -194,3 +194,19 @@ def test_complete_run_reach_notes(long_run):
     assert reach[("fwd", "full:sdpa")] == "8K (the suite's max_len)"
     text = build_report([long_run], baseline="window:torch").markdown.read_text()
     assert "Planned by the suite but not run" not in text
+
+
+def test_prediction_plot_one_figure_per_condition(tmp_path):
+    """Two batch sizes are two conditions: one predicted-vs-measured figure each, never one line through both."""
+    import pandas as pd
+
+    from efficient_attn.report.prediction_plot import make_prediction_plots
+
+    one = long_rows()
+    sixteen = one.copy()
+    sixteen["batch_size"] = 16
+    run = write_run(tmp_path / "two", pd.concat([one, sixteen], ignore_index=True))
+    frame, _ = load_runs([run])
+    plots = make_prediction_plots(frame, tmp_path / "out")
+    assert sorted(p.path.name for p in plots) == ["memory_predicted__batch_1.png", "memory_predicted__batch_16.png"]
+    assert all(p.path.stat().st_size > 1000 for p in plots)

@@ -28,7 +28,8 @@ TITLE = "Predicted vs measured peak memory"
 
 
 def make_prediction_plots(frame: pd.DataFrame, out_dir: str | Path, *, dpi: int = 110) -> list[PlotFile]:
-    """One ``memory_predicted.png`` per run holding predictions (``__runN`` suffixed when several runs)."""
+    """One ``memory_predicted.png`` per run and condition holding predictions (``__runN`` suffixed when several
+    runs, ``__<condition>`` when conditions vary, as the other plots)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -37,7 +38,8 @@ def make_prediction_plots(frame: pd.DataFrame, out_dir: str | Path, *, dpi: int 
     out = Path(out_dir)
     written: list[PlotFile] = []
     several = frame["run"].nunique() > 1
-    for i, (run, data) in enumerate(frame.groupby("run", sort=False)):
+    runs = list(frame["run"].unique())
+    for (run, condition), data in frame.groupby(["run", "condition"], sort=False):
         if not data["predicted_mem_bytes"].gt(0).any():
             continue
         palette, order = series_palette(data), _series_order(data)
@@ -74,9 +76,13 @@ def make_prediction_plots(frame: pd.DataFrame, out_dir: str | Path, *, dpi: int 
             Line2D([], [], color="0.3", marker="o", markerfacecolor="none", linestyle=":", label="predicted"),
         ]
         fig.legend(handles=handles, loc="outside right center", frameon=False, fontsize=8.5)
-        tag = f" [{run}]" if several else ""
+        labels = ([str(run)] if several else []) + ([str(condition)] if condition else [])
+        tag = f" [{', '.join(labels)}]" if labels else ""
         fig.suptitle(TITLE + tag, fontsize=11)
-        path = out / (f"memory_predicted__run{i + 1}.png" if several else "memory_predicted.png")
+        suffix = f"__run{runs.index(run) + 1}" if several else ""
+        if condition:  # the same file-name rule as the other plots (one figure per condition)
+            suffix += "__" + "".join(ch if ch.isalnum() else "_" for ch in str(condition)).strip("_")
+        path = out / f"memory_predicted{suffix}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
         written.append(PlotFile("memory_predicted", TITLE + tag, path, CAPTION))
