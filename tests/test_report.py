@@ -229,7 +229,7 @@ def small_run(path: Path, *, scale: float = 1.0) -> Path:
 
 def test_every_plot_written_as_png(realistic_report):
     kinds = {p.kind for p in realistic_report.plots}
-    assert kinds == {"latency", "memory", "throughput", "flops", "speedup", "memory_ratio"}
+    assert kinds == {"latency", "memory", "throughput", "flops", "speedup", "memory_ratio", "memory_predicted"}
     for plot in realistic_report.plots:
         assert plot.path.stat().st_size > 1000
         width, height = png_size(plot.path)
@@ -352,7 +352,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert f"report: {run_dir / 'report.md'}" in out  # written into the run folder by default
     assert (run_dir / "report.html").stat().st_size > 10_000
     assert sorted(p.name for p in run_dir.glob("*.png")) == sorted(
-        f"{k}.png" for k in ("latency", "memory", "throughput", "flops", "speedup", "memory_ratio")
+        f"{k}.png" for k in ("latency", "memory", "throughput", "flops", "speedup", "memory_ratio", "memory_predicted")
     )
     text = (run_dir / "report.md").read_text()
     assert "Baseline: `full:sdpa`" in text and "### vs full:naive" not in text

@@ -13,6 +13,7 @@ from efficient_attn.report.blocks import Heading
 from efficient_attn.report.decode_plots import make_decode_plots
 from efficient_attn.report.load import load_runs
 from efficient_attn.report.plots import PlotFile, make_plots
+from efficient_attn.report.prediction_plot import make_prediction_plots
 from efficient_attn.report.render_html import to_html
 from efficient_attn.report.render_md import to_markdown
 from efficient_attn.report.sections import report_blocks
@@ -62,9 +63,11 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     plots = make_plots(frame, runs, out, baseline=baseline, dpi=dpi)
     decode_plots = make_decode_plots(frame, out, dpi=dpi)
-    blocks = report_blocks(frame, runs, plots, baseline, explicit, decode_plots=decode_plots)
+    prediction_plots = make_prediction_plots(frame, out, dpi=dpi)
+    blocks = report_blocks(frame, runs, plots, baseline, explicit, decode_plots=decode_plots,
+                           prediction_plots=prediction_plots)
     title = blocks[0].text if isinstance(blocks[0], Heading) else "report"
     md_path, html_path = out / "report.md", out / "report.html"
     md_path.write_text(to_markdown(blocks, out), encoding="utf-8")
     html_path.write_text(to_html(blocks, title), encoding="utf-8")
-    return ReportFiles(markdown=md_path, html=html_path, plots=plots + decode_plots)
+    return ReportFiles(markdown=md_path, html=html_path, plots=plots + decode_plots + prediction_plots)

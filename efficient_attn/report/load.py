@@ -7,6 +7,8 @@ Each row of the returned frame is one cell (DESIGN.md "Results"). Columns added 
                parameter sets, + `` (peer)`` for peer rows). The colour of a series is keyed by this name.
 ``condition``  the configuration columns other than length and mode that vary inside the data (causal, dtype,
                batch size, heads, head dim), as a short label; ``""`` when they are all constant.
+``shown_status`` the status a report shows: ``status``, except ``above_max_len`` for a ``skipped_budget`` cell whose
+               note says the suite's ``max_len`` cut it (it was never tried, so it is not "over budget").
 ``flops_per_s`` achieved FLOP/s of the FLOPs the backend computes (``flops_computed / time`` when the harness did not
                write it); ``useful_flops_per_s``: ``flops_useful / time`` (only the pairs the pattern needs).
 
@@ -38,6 +40,11 @@ TEXT_COLUMNS = ("variant", "params_json", "backend_requested", "backend", "level
 # Statuses that mean "this length does not fit": the cell is drawn as a marker, and a baseline that failed this
 # way counts as infinitely expensive when deciding where a variant overtakes it.
 FAILED_TO_FIT = ("oom", "skipped_budget", "skipped_after_oom")
+# The harness writes a cell cut by a suite's per-mode ``max_len`` as ``skipped_budget`` (the same status as a cell
+# whose predicted memory is over the budget) and tells them apart only by this note prefix
+# (``harness/cell.py``); the report shows such a cell as ``above_max_len``, a status of its own.
+MAX_LEN_NOTE = "above this suite's max_len"
+ABOVE_MAX_LEN = "above_max_len"
 # Columns that, when they vary inside the data, split cells into separate conditions.
 CONDITION_COLUMNS = ("causal", "dtype", "batch_size", "num_heads", "head_dim", "num_kv_heads", "packing")
 
@@ -290,6 +297,7 @@ def _normalise(frame: pd.DataFrame, source: Path) -> pd.DataFrame:
     if frame["seq_len"].isna().any():
         raise ValueError(f"{source}: column 'seq_len' has empty or non-numeric values")
     frame["seq_len"] = frame["seq_len"].astype(int)
+    frame["shown_status"] = [shown_status(s, n) for s, n in zip(frame["status"], frame["note"], strict=True)]
     ok = frame["status"] == "ok"
     seconds = frame["time_ms"] / 1e3
     tokens = frame["batch_size"].fillna(1) * frame["seq_len"]
@@ -312,6 +320,14 @@ def _normalise(frame: pd.DataFrame, source: Path) -> pd.DataFrame:
     ]
     frame.loc[~ok, measured] = float("nan")
     return frame
+
+
+def shown_status(status: str, note: str) -> str:
+    """The status a report shows: ``above_max_len`` for a cell the suite's per-mode ``max_len`` cut (the harness
+    writes it ``skipped_budget`` with a note starting :data:`MAX_LEN_NOTE`), else ``status`` itself."""
+    if status == "skipped_budget" and note.startswith(MAX_LEN_NOTE):
+        return ABOVE_MAX_LEN
+    return status
 
 
 def _resolved_backend(frame: pd.DataFrame) -> pd.Series:

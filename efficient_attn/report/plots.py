@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from efficient_attn.report.load import ABOVE_MAX_LEN
 from efficient_attn.report.format import format_bytes, format_ms, format_si, format_x, length_label
 from efficient_attn.report.palette import BACKEND_ORDER, VARIANT_COLOURS, series_palette
 from efficient_attn.report.series import DEFAULT_BASELINE, modes_in_order, parse_series_spec, references
@@ -38,6 +39,7 @@ MODE_TITLE = {"fwd": "forward", "fwd_bwd": "forward + backward", "train_step": "
 STATUS_MARKERS = {
     "oom": ("X", "oom"),
     "skipped_budget": ("v", "over budget"),
+    ABOVE_MAX_LEN: (">", "above max_len"),
     "skipped_after_oom": ("x", "skipped after oom"),
     "unsupported": ("D", "unsupported"),
     "error": ("*", "error"),
@@ -226,11 +228,11 @@ def _draw_panel(
                 result.values += [float(v) for v in curve]
                 result.drawn.add(series)
             failed = rows[rows["status"] != "ok"]
-            if not failed.empty:
+            if not failed.empty:  # marked by the status a report shows (a max_len cut is not "over budget")
                 # one strip row per series; a later run's marks sit a little to the right, hollow
                 slot = bottom_slots.setdefault((series, ""), len(bottom_slots))
                 k = run_index[str(run)]
-                for status, cells in failed.groupby("status", sort=False):
+                for status, cells in failed.groupby("shown_status", sort=False):
                     symbol = STATUS_MARKERS[str(status)][0]
                     for n in sorted(set(cells["seq_len"])):
                         _mark(ax, n * 1.07**k, slot, symbol, colour, top=False, hollow=k > 0)

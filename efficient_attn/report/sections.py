@@ -11,10 +11,12 @@ from efficient_attn.report.analyses.budget import budget_rows
 from efficient_attn.report.analyses.crossover import crossover_rows
 from efficient_attn.report.analyses.decode import bandwidth_rows, decode_exponent_rows, peer_rows, split_rows
 from efficient_attn.report.analyses.fit import scaling_rows
+from efficient_attn.report.analyses.reach import extrapolation_rows, prediction_rows, unrun_cells
 from efficient_attn.report.analyses.packing import packing_rows
 from efficient_attn.report.analyses.overview import NOISY_IQR, environment_rows, noise_rows, status_rows
 from efficient_attn.report.analyses.tables import PUBLISHED_NOTE, lra_table, published_table, run_comparison_rows
 from efficient_attn.report.blocks import Block, Bullets, Heading, Image, Para, Table
+from efficient_attn.report.format import length_label
 from efficient_attn.report.series import baseline_mask, parse_series_spec, references
 
 if TYPE_CHECKING:
@@ -69,9 +71,53 @@ def decode_blocks(frame: pd.DataFrame, plots: list[PlotFile]) -> list[Block]:
     return blocks
 
 
+def reach_blocks(frame: pd.DataFrame, runs: list[Run], plots: list[PlotFile]) -> list[Block]:
+    """What a partial run did not reach, the predicted beside the measured memory, and the extrapolated times."""
+    blocks: list[Block] = []
+    unrun = []
+    for run in runs:
+        cells = unrun_cells(frame, run)
+        by_series: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
+        for cell in cells:
+            pending, capped = by_series.setdefault((f"{cell.variant}:{cell.backend}", cell.mode), ([], []))
+            (capped if cell.above_max_len else pending).append(length_label(cell.seq_len))
+        for (series, mode), (pending, capped) in by_series.items():
+            if pending:
+                line = f"{run.label}, {series}, {mode} at {', '.join(pending)}"
+                unrun.append(line + (f" (and above max_len: {', '.join(capped)})" if capped else ""))
+    if unrun:
+        blocks.append(Para("Planned by the suite but not run (no row: the run stopped before them; resume it with "
+                           "the same `effattn bench` command and `--out`):"))
+        blocks.append(Bullets(unrun))
+
+    blocks.append(Heading(2, "Predicted beside measured memory"))
+    blocks.append(Para("The harness predicts each cell's peak before running it (a fake-tensor trace of one call, "
+                       "`predicted_mem_bytes`), and skips cells predicted over the budget. Measured / predicted "
+                       "above 1 means the prediction was low. Cells that were not measured keep their prediction "
+                       "alone; a cell cut by the suite's max_len is never traced, so it has neither number. On "
+                       "CPU both numbers count tensor bytes of the same first call (the measured one with a "
+                       "storage tracker), so a ratio of 1.00 says the trace allocated what the real call did; "
+                       "the process's RSS is not predicted."))
+    for plot in plots:
+        blocks.append(Image(plot.path, plot.title, plot.caption))
+    header, rows = prediction_rows(frame)
+    blocks.append(Table(header, rows) if rows else Para("No cell recorded a predicted or a measured peak."))
+
+    blocks.append(Heading(2, "Extrapolated times (not measured)"))
+    blocks.append(Para("Where a series stops before its run's longest length (above max_len, over budget, or not "
+                       "run), its time there extrapolated from the power law fitted over its own measured lengths "
+                       "(the 'fit over' column; at least 3 lengths). These are estimates, not measurements, and are "
+                       "kept out of every other table and plot; fixed overheads at the short end of the fit bias "
+                       "the exponent low."))
+    header, rows = extrapolation_rows(frame, runs)
+    blocks.append(Table(header, rows) if rows else Para("Every series with at least 3 measured lengths reached its "
+                                                        "run's longest length: nothing to extrapolate."))
+    return blocks
+
+
 def report_blocks(
     frame: pd.DataFrame, runs: list[Run], plots: list[PlotFile], baseline: str, baseline_explicit: bool,
-    *, decode_plots: list[PlotFile] | None = None,
+    *, decode_plots: list[PlotFile] | None = None, prediction_plots: list[PlotFile] | None = None,
 ) -> list[Block]:
     """Every section of the report as blocks (rendered to Markdown and HTML alike); a decode section when the runs
     hold decode rows."""
@@ -159,6 +205,7 @@ def report_blocks(
         )
     )
     blocks.append(Table(*budget_rows(frame, runs)))
+    blocks += reach_blocks(frame, runs, prediction_plots or [])
 
     blocks.append(Heading(2, "Comparison with published figures"))
     blocks.append(

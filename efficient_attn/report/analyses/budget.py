@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from efficient_attn.report.analyses.fit import PowerFit, fit_power_law
+from efficient_attn.report.analyses.reach import unrun_cells
 from efficient_attn.report.format import format_bytes, length_label
+from efficient_attn.report.load import ABOVE_MAX_LEN
 from efficient_attn.report.series import GROUP_KEYS, display_name, mode_sorted
 
 if TYPE_CHECKING:
@@ -61,9 +63,44 @@ def longest_within_budget(
     return BudgetReach(measured=measured, predicted=predicted, extrapolated=extrapolated, fit=fit)
 
 
+def _missing_lengths(frame: pd.DataFrame, runs: list[Run]) -> dict[tuple[str, str, str], list[int]]:
+    """Per (run, mode, series): the planned lengths with no row (the run stopped before them)."""
+    missing: dict[tuple[str, str, str], list[int]] = {}
+    for run in runs:
+        part = frame[(frame["run"] == run.label) & ~frame["is_peer"]]
+        names = {
+            (str(v), str(b)): str(s)
+            for v, b, s in part[["variant", "backend_requested", "series"]].itertuples(index=False)
+        }
+        for cell in unrun_cells(frame, run):
+            if cell.above_max_len:
+                continue
+            series = names.get((cell.variant, cell.backend))
+            if series is not None:
+                missing.setdefault((run.label, cell.mode, series), []).append(cell.seq_len)
+    return missing
+
+
+def _reach_note(group: pd.DataFrame, measured: int | None, missing: list[int]) -> str:
+    """Why the measured reach stops where it does: the longest length tried, the suite's max_len, or a run that
+    stopped before its longer lengths (planned cells with no row)."""
+    if measured is None:
+        return ""
+    above = group[group["seq_len"] > measured]
+    later_missing = sorted(n for n in missing if n > measured)
+    if later_missing:
+        return f" (run stopped before {length_label(later_missing[0])}: not measured)"
+    if above.empty:
+        return " (longest tried)"
+    if above["shown_status"].eq(ABOVE_MAX_LEN).all():
+        return " (the suite's max_len)"
+    return ""
+
+
 def budget_rows(frame: pd.DataFrame, runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """Longest length within each run's memory budget: measured, predicted by the harness, extrapolated."""
     budgets = {run.label: run.info.budget_bytes for run in runs}
+    missing = _missing_lengths(frame, runs)
     header = ["run", "mode", "series", "budget", "measured (longest ok)", "predicted", "extrapolated (memory fit)"]
     rows = []
     for (run, condition, _level, mode, series), group in mode_sorted(frame).groupby(GROUP_KEYS, sort=False):
@@ -76,9 +113,7 @@ def budget_rows(frame: pd.DataFrame, runs: list[Run]) -> tuple[list[str], list[l
             budget,
         )
         measured = length_label(reach.measured) if reach.measured else "none ran"
-        longest = int(group["seq_len"].max())
-        if reach.measured == longest and group.loc[group["seq_len"] == longest, "status"].eq("ok").all():
-            measured += " (longest tried)"
+        measured += _reach_note(group, reach.measured, missing.get((str(run), str(mode), str(series)), []))
         extrapolated = "-"
         if reach.extrapolated is not None:
             extrapolated = f"~{reach.extrapolated:,.0f}" if reach.extrapolated < 1e9 else ">1e9"

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from efficient_attn import vocab
 from efficient_attn.harness.schema import META_FILE
 from efficient_attn.report.format import format_bytes, length_label
+from efficient_attn.report.load import ABOVE_MAX_LEN
 from efficient_attn.report.series import display_name, mode_sorted
 
 if TYPE_CHECKING:
@@ -85,16 +86,17 @@ def environment_rows(frame: pd.DataFrame, runs: list[Run]) -> tuple[list[str], l
 
 def status_rows(frame: pd.DataFrame) -> tuple[list[str], list[list[str]], list[str]]:
     """Counts of each status per run and series, and the notes of every cell that did not run."""
-    present = [s for s in vocab.STATUSES if (frame["status"] == s).any()]
+    shown = (*vocab.STATUSES, ABOVE_MAX_LEN)
+    present = [s for s in shown if (frame["shown_status"] == s).any()]
     header = ["run", "series", *present, "total"]
     rows = []
     for (run, series), group in frame.groupby(["run", "series"], sort=False):
-        counts = group["status"].value_counts()
+        counts = group["shown_status"].value_counts()
         rows.append([str(run), str(series), *[str(int(counts.get(s, 0))) for s in present], str(len(group))])
     notes = []
     failed = mode_sorted(frame[frame["status"] != "ok"])
     for (run, condition, mode, series, status, note), group in failed.groupby(
-        ["run", "condition", "mode", "series", "status", "note"], sort=False
+        ["run", "condition", "mode", "series", "shown_status", "note"], sort=False
     ):
         lengths = ", ".join(length_label(n) for n in sorted(set(group["seq_len"])))
         where = f"{run}, {display_name(str(condition), str(series))}, {mode} at {lengths}"

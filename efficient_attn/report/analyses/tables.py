@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from efficient_attn.report.format import length_label
-from efficient_attn.report.load import FAILED_TO_FIT
+from efficient_attn.report.load import ABOVE_MAX_LEN, FAILED_TO_FIT
 from efficient_attn.report.series import baseline_mask, display_name, mode_sorted
 
 if TYPE_CHECKING:
@@ -87,14 +87,14 @@ def relative_to_baseline(frame: pd.DataFrame, variant: str, backend: str) -> pd.
     base = base.groupby(keys, sort=False, as_index=False).agg(
         base_time_ms=("time_ms", "median"),
         base_mem_bytes=("peak_mem_bytes", "median"),
-        base_status=("status", "first"),
+        base_status=("shown_status", "first"),
     )
     others = frame[~is_base]
     merged = others.merge(base, on=keys, how="left")
     merged["base_status"] = merged["base_status"].fillna("")
     merged["speedup"] = merged["base_time_ms"] / merged["time_ms"]
     merged["memory_saving"] = merged["base_mem_bytes"] / merged["peak_mem_bytes"]
-    merged["base_failed"] = (merged["status"] == "ok") & merged["base_status"].isin(FAILED_TO_FIT)
+    merged["base_failed"] = (merged["status"] == "ok") & merged["base_status"].isin((*FAILED_TO_FIT, ABOVE_MAX_LEN))
     return pd.DataFrame(merged)
 
 
@@ -111,7 +111,7 @@ def _cell_text(rel: pd.DataFrame, column: str, seq_len: int) -> str:
         return "-"
     row = rows.iloc[0]
     if row["status"] != "ok":
-        return str(row["status"])
+        return str(row["shown_status"])
     if bool(row["base_failed"]):
         return f"baseline {row['base_status']}"
     return _fmt_ratio(float(row[column]))
