@@ -30,7 +30,7 @@ from efficient_attn.report.palette import series_palette  # noqa: E402
 from efficient_attn.report.plots import STATUS_MARKERS  # noqa: E402
 
 LENGTHS = [1024, 2048, 4096, 8192, 16384]
-MAX_LEN_NOTE = "above this suite's max_len for fwd (8192)"  # what harness/cell.py writes
+MAX_LEN_NOTE = "above this suite's max_len for fwd (8192)"  # what harness/cell.py writes (test_sweep checks the prefix)
 BUDGET_NOTE = "predicted 19.3 GB > budget 8.0 GB"
 SDPA_MS = 1.5e-5  # full:sdpa time = SDPA_MS * n**2 ms: an exact power law, so the extrapolation is exact
 MEM_UNDER = 1.25  # window's measured peak / its prediction

@@ -39,7 +39,14 @@ from efficient_attn.harness.host import free_memory
 from efficient_attn.harness.plan import Cell, PlannedCell
 from efficient_attn.harness.predict import Prediction, Predictor, predict_cell
 from efficient_attn.harness.runfolder import format_value
-from efficient_attn.harness.schema import ALL_COLUMNS, CONFIG_COLUMNS, MEASURED_COLUMNS, NUMERIC_COLUMNS, RUN_COLUMNS
+from efficient_attn.harness.schema import (
+    ALL_COLUMNS,
+    CONFIG_COLUMNS,
+    MAX_LEN_NOTE,
+    MEASURED_COLUMNS,
+    NUMERIC_COLUMNS,
+    RUN_COLUMNS,
+)
 from efficient_attn.harness.workloads import DEFAULT_DECODE_STEPS, build_workload, parse_dtype
 from efficient_attn.measure.memory import measure_call, rss_probe
 from efficient_attn.measure.timing import time_call, time_callable
@@ -206,7 +213,7 @@ def static_status(planned: PlannedCell) -> tuple[str, str] | None:
             if bound is not None and cell.seq_len > bound:
                 return "unsupported", f"seq_len {cell.seq_len} exceeds {spec.max_len_field}={bound} of the params"
     if planned.cap is not None and cell.seq_len > planned.cap:
-        return "skipped_budget", f"above this suite's max_len for {cell.mode} ({planned.cap})"
+        return "skipped_budget", f"{MAX_LEN_NOTE} for {cell.mode} ({planned.cap})"
     return None
 
 

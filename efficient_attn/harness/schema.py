@@ -47,6 +47,7 @@ from __future__ import annotations
 __all__ = [
     "ALL_COLUMNS",
     "HF_COLUMNS",
+    "MAX_LEN_NOTE",
     "COLUMNS_BY_VERSION",
     "CONFIG_COLUMNS",
     "CONFIG_COLUMNS_V1",
@@ -136,3 +137,7 @@ COLUMNS_BY_VERSION: dict[int, tuple[str, ...]] = {
 OLDER_COLUMNS: tuple[tuple[str, ...], ...] = tuple(
     columns for version, columns in COLUMNS_BY_VERSION.items() if version < SCHEMA_VERSION
 )
+
+#: how the note of a cell cut by a suite's per-mode ``max_len`` begins (its status is ``skipped_budget``, like a cell
+#: whose predicted memory is over the budget): the report tells the two apart by it
+MAX_LEN_NOTE = "above this suite's max_len"

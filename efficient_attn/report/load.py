@@ -42,8 +42,8 @@ TEXT_COLUMNS = ("variant", "params_json", "backend_requested", "backend", "level
 FAILED_TO_FIT = ("oom", "skipped_budget", "skipped_after_oom")
 # The harness writes a cell cut by a suite's per-mode ``max_len`` as ``skipped_budget`` (the same status as a cell
 # whose predicted memory is over the budget) and tells them apart only by this note prefix
-# (``harness/cell.py``); the report shows such a cell as ``above_max_len``, a status of its own.
-MAX_LEN_NOTE = "above this suite's max_len"
+# (:data:`efficient_attn.harness.schema.MAX_LEN_NOTE`); the report shows such a cell as ``above_max_len``, a status of
+# its own.
 ABOVE_MAX_LEN = "above_max_len"
 # Columns that, when they vary inside the data, split cells into separate conditions.
 CONDITION_COLUMNS = ("causal", "dtype", "batch_size", "num_heads", "head_dim", "num_kv_heads", "packing")
@@ -324,8 +324,8 @@ def _normalise(frame: pd.DataFrame, source: Path) -> pd.DataFrame:
 
 def shown_status(status: str, note: str) -> str:
     """The status a report shows: ``above_max_len`` for a cell the suite's per-mode ``max_len`` cut (the harness
-    writes it ``skipped_budget`` with a note starting :data:`MAX_LEN_NOTE`), else ``status`` itself."""
-    if status == "skipped_budget" and note.startswith(MAX_LEN_NOTE):
+    writes it ``skipped_budget`` with a note starting :data:`~efficient_attn.harness.schema.MAX_LEN_NOTE`), else ``status`` itself."""
+    if status == "skipped_budget" and note.startswith(schema.MAX_LEN_NOTE):
         return ABOVE_MAX_LEN
     return status
 

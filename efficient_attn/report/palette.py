@@ -59,6 +59,9 @@ PEER_VARIANTS: dict[str, str] = {
     "hf-bigbird": "bigbird",
     "linformer": "linformer",
     "hf-llama-decode": "full",  # its window_size twin is told apart by its parameters in the series name
+    "transformers-sdpa": "full",  # transformers' own attention implementations at the hf level
+    "transformers-eager": "full",
+    "transformers-flex_attention": "full",
 }
 #: colours for keys without an entry above: distinct from the fixed hues, picked by a hash of the key
 SPARE_COLOURS: tuple[str, ...] = (
