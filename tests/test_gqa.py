@@ -25,11 +25,19 @@ GQA_KEYS = [k for k in ea.list_attentions() if supports_gqa(k)]
 CPU = torch.device("cpu")
 HEADS, HEAD_DIM = 4, 8
 
+#: several chunks / blocks at these lengths (the defaults, 64, would make a 37-token input one chunk or block);
+#: moba's top_k = 3 of 5 blocks leaves a real choice
+FAMILY_PARAMS = {"linear": {"chunk_size": 8}, "retention": {"chunk_size": 8}, "moba": {"block_size": 8, "top_k": 3}}
+
+
+def build_gqa_case(key: str, **params):
+    return build_small(key, **{**FAMILY_PARAMS.get(key, {}), **params})
+
 
 def gqa_and_reference(key: str, kv_heads: int, **params):
     """The variant with ``kv_heads`` key/value heads and the same variant with ``HEADS``, sharing every parameter."""
-    gqa = build_small(key, num_heads=HEADS, num_kv_heads=kv_heads, **params)
-    mha = build_small(key, num_heads=HEADS, **params)
+    gqa = build_gqa_case(key, num_heads=HEADS, num_kv_heads=kv_heads, **params)
+    mha = build_gqa_case(key, num_heads=HEADS, **params)
     state = gqa.state_dict()
     group = HEADS // kv_heads
     for name, value in mha.state_dict().items():
@@ -145,9 +153,10 @@ def test_the_watch_catches_a_repeat():
     assert watch.violations
 
 
-#: BigBird's random blocks differ per query head, so its torch backend gathers each query head's own blocks (from
-#: the shared key/value head): the same gathered size as with num_kv_heads = num_heads, not a repeat of k.
-PER_HEAD_GATHER = {("bigbird", "torch")}
+#: BigBird's random blocks and MoBA's content-selected blocks differ per query head, so their torch backends gather
+#: each query head's own blocks (from the shared key/value head): the same gathered size as with num_kv_heads =
+#: num_heads, not a repeat of k (test_per_head_gathers_read_the_shared_head checks MoBA reads the shared head).
+PER_HEAD_GATHER = {("bigbird", "torch"), ("moba", "torch")}
 
 NO_REPEAT_CASES = [
     pytest.param(k, b, id=f"{k}-{b}") for k, b in backend_cases(GQA_KEYS, exclude=("xformers", "naive", "flex"))
@@ -160,7 +169,7 @@ NO_REPEAT_CASES = [
 def test_non_naive_backends_never_repeat_kv(key, backend, causal):
     if causal and not ea.get_spec(key).supports_causal:
         pytest.skip(f"{key} is not causal")
-    attn = build_small(key, num_heads=HEADS, num_kv_heads=1, causal=causal, backend=backend)
+    attn = build_gqa_case(key, num_heads=HEADS, num_kv_heads=1, causal=causal, backend=backend)
     q, k, v = qkv(2, 40, 1, seed=2)
     kpm = random_padding(2, 40, seed=4)
     with KVMovementWatch([k, v], HEADS) as watch:
@@ -248,3 +257,33 @@ def test_forward_with_grouped_heads(key):
     x = torch.randn(2, 24, 32, dtype=torch.float64)
     y = attn(x, key_padding_mask=random_padding(2, 24, seed=1))
     assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_per_head_gathers_read_the_shared_head(kv_heads, monkeypatch):
+    """MoBA's causal rows without padding take the split path (own block and history as two mask-free calls); with
+    grouped heads the own block is gathered per query head too. Both equal the repeated-heads reference, and the only
+    ops that produce a ``num_heads``-headed tensor from k or v are the gathers (``index_select``) of selected blocks."""
+    from efficient_attn.attention import moba
+
+    monkeypatch.setattr(moba, "ROWS_PER_CALL", 8)  # one query block per call: blocks 2.. have top_k - 1 earlier ones
+    split = []
+    own_keys = moba._Chunk.own_keys
+    monkeypatch.setattr(moba._Chunk, "own_keys", lambda self, x, bs: split.append(self.own_index is not None)
+                        or own_keys(self, x, bs))
+    gqa, mha = gqa_and_reference("moba", kv_heads, causal=True, backend="torch")
+    q, k, v = qkv(2, 40, kv_heads, seed=7)  # 5 whole blocks of 8, no padding: real is None, the split path
+    group = HEADS // kv_heads
+    assert torch.equal(gqa.selected_blocks(q, k), mha.selected_blocks(q, repeat_kv(k, group)))
+    with KVMovementWatch([k, v], HEADS) as watch:
+        out = gqa.attend(q, k, v)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    grouped_split = list(split)
+    ref = mha.attend(q, repeat_kv(k, group), repeat_kv(v, group))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-8)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-8, msg=f"gradient of {name}")
+    assert grouped_split and all(grouped_split), "the split path ran, gathering the own block per query head"
+    assert watch.violations, "the per-head gathers are seen (the watch is live)"
+    assert all(v.startswith(("aten.index_select", "aten.view")) for v in watch.violations), watch.violations

@@ -15,7 +15,12 @@ pure step the decode cache reuses).
 
 Key padding: padded keys get zero features, so they add nothing to ``S`` or ``z``; a query with no real key (in its
 causal prefix) gets zeros. Attention dropout is refused: the weights are never formed.
-Shapes: q, k, v ``(batch, heads, seq, head_dim)``.
+Grouped-query heads (``num_kv_heads < num_heads``): query head i reads key/value head ``i // (heads / kv_heads)``.
+``S`` and ``z`` depend on k and v only, so there is one state per key/value head, read by its group of query heads:
+non-causal ``phi(Q_group) (phi(K)^T [V | 1])``, chunked causal with the group's queries as an extra index of each
+chunk's products, recurrent (and the decode cache) with a ``(batch, kv_heads, d, d + 1)`` state; k and v are never
+repeated (only the ``naive`` oracle repeats them).
+Shapes: q ``(batch, heads, seq, head_dim)``, k, v ``(batch, kv_heads, seq, head_dim)``.
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ def _normalise(sums: Tensor) -> Tensor:
 
 
 def linear_initial_state(batch: int, heads: int, head_dim: int, *, dtype: torch.dtype, device=None) -> Tensor:
-    """The empty recurrent state ``[S | z]``: zeros ``(batch, heads, head_dim, head_dim + 1)``."""
+    """The empty recurrent state ``[S | z]``: zeros ``(batch, heads, head_dim, head_dim + 1)`` (``heads`` = the
+    key/value heads: the state depends on k and v only)."""
     return torch.zeros(batch, heads, head_dim, head_dim + 1, dtype=dtype, device=device)
 
 
@@ -69,9 +75,10 @@ def linear_recurrent_step(
     """One causal step: ``(state, q_t, k_t, v_t) -> (out_t, new state)``; pure (the input state is not modified).
 
     Args:
-        state: ``(batch, heads, head_dim, head_dim + 1)``: ``S = sum phi(k_j) v_j^T`` and, in the last column,
+        state: ``(batch, kv_heads, head_dim, head_dim + 1)``: ``S = sum phi(k_j) v_j^T`` and, in the last column,
             ``z = sum phi(k_j)`` over the tokens so far (:func:`linear_initial_state` before the first).
-        q_t, k_t, v_t: ``(batch, heads, head_dim)``, the new token's query, key and value.
+        q_t: ``(batch, heads, head_dim)``; k_t, v_t: ``(batch, kv_heads, head_dim)``: the new token's query, key
+            and value.
         real_t: bool ``(batch,)``, False = the new token is padding (it is then not added to the state).
 
     Returns:
@@ -126,10 +133,11 @@ class LinearAttention(Attention):
 
     config: LinearConfig
     decode_unsupported_reason = None
+    supports_gqa = True
 
     # ------------------------------------------------------------------------------------------------ decoding
     def _new_cache(self, common: dict) -> StateCache:
-        """The recurrent state ``[S | z]`` ``(batch, heads, head_dim, head_dim + 1)``: constant in the context."""
+        """The recurrent state ``[S | z]`` ``(batch, kv_heads, head_dim, head_dim + 1)``: constant in the context."""
         state = self.initial_state(common["batch"], dtype=common["dtype"], device=common["device"])
         return StateCache(**common, state=state)
 
@@ -168,8 +176,8 @@ class LinearAttention(Attention):
 
     # ----------------------------------------------------------------------------------------- recurrent API
     def initial_state(self, batch: int, *, dtype: torch.dtype, device=None) -> Tensor:
-        """Zeros ``(batch, heads, head_dim, head_dim + 1)``: the state before the first token."""
-        return linear_initial_state(batch, self.config.num_heads, self.config.head_dim, dtype=dtype, device=device)
+        """Zeros ``(batch, kv_heads, head_dim, head_dim + 1)``: the state before the first token."""
+        return linear_initial_state(batch, self.config.num_kv_heads, self.config.head_dim, dtype=dtype, device=device)
 
     def recurrent_step(
         self, state: Tensor, q_t: Tensor, k_t: Tensor, v_t: Tensor, real_t: Tensor | None = None
@@ -178,14 +186,15 @@ class LinearAttention(Attention):
         return linear_recurrent_step(state, q_t, k_t, v_t, real_t)
 
     def useful_flops(self, batch: int, seq_len: int) -> int:
-        """Forward FLOPs of the ``torch`` backend's products, per head with n = seq_len, d = head_dim, e = d + 1:
-        non-causal ``phi(K)^T [V|1]`` and ``phi(Q) (.)`` at 2*n*d*e each; causal, with c = chunk_size and N the
-        padded length, the in-chunk ``(c, c)`` scores and their product (2*N*c*(d + e)) plus the chunk states and
-        the queries against them (4*N*d*e)."""
-        n, d, heads = seq_len, self.config.head_dim, self.config.num_heads
+        """Forward FLOPs of the ``torch`` backend's products, with n = seq_len, d = head_dim, e = d + 1, H query
+        heads and G key/value heads: non-causal ``phi(K)^T [V|1]`` per key/value head and ``phi(Q) (.)`` per query
+        head, 2*n*d*e each; causal, with c = chunk_size and N the padded length, per query head the in-chunk
+        ``(c, c)`` scores and their product (2*N*c*(d + e)) and the queries against the chunk states (2*N*d*e), per
+        key/value head the chunk states (2*N*d*e)."""
+        n, d, heads, kv_heads = seq_len, self.config.head_dim, self.config.num_heads, self.config.num_kv_heads
         e = d + 1
         if not self.config.causal:
-            return batch * heads * 4 * n * d * e
+            return batch * (heads + kv_heads) * 2 * n * d * e
         c = self.config.chunk_size
         big_n = -(-n // c) * c
-        return batch * heads * (2 * big_n * c * (d + e) + 4 * big_n * d * e)
+        return batch * (heads * (2 * big_n * c * (d + e) + 2 * big_n * d * e) + kv_heads * 2 * big_n * d * e)

@@ -28,7 +28,7 @@ through the attention over the selected keys only.
 Defaults ``block_size=64, top_k=3``: the paper's main setting (8K context, block 512, top-3: 16 blocks, 3/16 of the
 keys) scaled by 1/8 to our 1K lengths; at 16K the benchmark suite sets the paper's block 512, top-3.
 
-Backends (shapes ``(batch, heads, seq, head_dim)``; inputs are padded internally to a multiple of ``block_size``):
+Backends (shapes: q ``(batch, heads, seq, head_dim)``, k, v ``(batch, kv_heads, seq, head_dim)``; inputs are padded internally to a multiple of ``block_size``):
 
 * ``torch``: the selection ``(batch, heads, query blocks, key blocks)`` scores (never n x n), then, per group of
   query blocks, one flattened gather of the selected key blocks and the fused CPU flash kernel, with a recomputing
@@ -36,6 +36,11 @@ Backends (shapes ``(batch, heads, seq, head_dim)``; inputs are padded internally
   time, O(n * d + n^2 / block_size^2) memory.
 * ``naive``: the same selection expanded to a dense ``(batch, heads, n, n)`` mask (:meth:`dense_mask_for`) and the
   dense oracle.
+
+Grouped-query heads (``num_kv_heads < num_heads``): every query head makes its own selection, scoring the block means
+of its key/value head ``i // (heads / kv_heads)``, and its kernel gathers the selected blocks from that shared head
+(the gathered blocks are per query head, as with ``num_kv_heads = num_heads``: the selections differ per head; k and
+v themselves are never repeated, and their gradients are accumulated back into the shared head).
 
 Decoding (causal): a :class:`~efficient_attn.attention.caches.KVCache` of every key and value (selection may pick any
 earlier block: memory O(n)), plus the last ``block_size`` queries (a ring) and the current block's selection. When a
@@ -114,7 +119,8 @@ def select_blocks(
     block's first token (causal); see the module docstring. Computed under ``no_grad``: a constant for autograd.
 
     Args:
-        q, k: ``(batch, heads, seq, head_dim)``.
+        q: ``(batch, heads, seq, head_dim)``; k: ``(batch, kv_heads, seq, head_dim)`` (query head i scores the key
+            blocks of key/value head ``i // (heads / kv_heads)``).
         key_padding_mask: bool ``(batch, seq)``, True = real; key blocks without a real key are never candidates.
     """
     with torch.no_grad():
@@ -128,7 +134,9 @@ def select_blocks(
         counts = weights.sum(-2)  # (b, 1, nb, 1)
         key_means = (rearrange(k, "b h (r c) d -> b h r c d", c=bs) * weights).sum(-2) / counts.clamp_min(1)
         reps = _representatives(q, n, bs, causal)  # (b, h, nb, d)
-        scores = torch.matmul(reps, key_means.transpose(-1, -2))  # (b, h, query blocks, key blocks)
+        r = h // k.shape[1]  # query heads per key/value head
+        scores = torch.einsum("bgrqd,bgkd->bgrqk", rearrange(reps, "b (g r) q d -> b g r q d", r=r), key_means)
+        scores = rearrange(scores, "b g r q k -> b (g r) q k")  # (b, h, query blocks, key blocks)
         blk = torch.arange(nb, device=q.device)
         candidate = (blk[None, :] < blk[:, None]) if causal else (blk[None, :] != blk[:, None])  # (nb, nb)
         candidate = candidate & (counts[:, :, None, :, 0] > 0)  # (b, 1, nb, nb)
@@ -167,17 +175,21 @@ class _Chunk:
     """Index arithmetic of one group of query blocks ``start:stop`` (shared by forward and backward)."""
 
     def __init__(self, selected: Tensor, real: Tensor | None, start: int, stop: int, block_size: int,
-                 causal: bool, triangle: Tensor | None, biases: dict) -> None:
+                 causal: bool, triangle: Tensor | None, biases: dict, kv_heads: int) -> None:
         b, h, nb, s = selected.shape
-        self.start, self.stop = start, stop
+        self.start, self.stop, self.heads = start, stop, h
         sel = selected[:, :, start:stop]  # (b, h, g, s)
-        offsets = (torch.arange(b, device=sel.device)[:, None] * h + torch.arange(h, device=sel.device)) * nb
-        flat = sel.clamp_min(0) + offsets[:, :, None, None]  # into (b * h * nb) key blocks
+        kv_head = torch.arange(h, device=sel.device) // (h // kv_heads)  # query head -> its key/value head
+        offsets = (torch.arange(b, device=sel.device)[:, None] * kv_heads + kv_head) * nb
+        flat = sel.clamp_min(0) + offsets[:, :, None, None]  # into (b * kv_heads * nb) key blocks
         self.index = rearrange(flat, "b h g s -> (b g h s)")
         #: Causal rows with every slot used and every key real run as two mask-free calls merged by their
         #: log-sum-exp: the own block with the kernel's causal flag, the earlier blocks with no mask at all.
         self.split = causal and real is None and start >= s - 1
         self.history_index = rearrange(flat[..., 1:], "b h g s -> (b g h s)") if self.split and s > 1 else None
+        #: grouped heads: the own block is gathered per query head from the shared head (the fused CPU kernel
+        #: takes equal head counts); None = the own block's rows are a view of k, v
+        self.own_index = rearrange(flat[..., :1], "b h g s -> (b g h s)") if self.split and kv_heads != h else None
         # every slot used and every key real: the mask is the constant causal triangle of the own slot (or none)
         if real is None and (not causal or start >= s - 1):
             allowed, call_biases = triangle, biases
@@ -217,17 +229,35 @@ class _Chunk:
         target += rearrange(value, "(b g) h c d -> b h (g c) d", g=g).to(dest.dtype)
 
     def keys(self, x: Tensor, block_size: int, history: bool = False) -> Tensor:
-        """Gathered key blocks ``(batch * g, heads, slots * block_size, d)`` (``history``: slots 1.. only)."""
-        b, h, _, d = x.shape
+        """Gathered key blocks ``(batch * g, heads, slots * block_size, d)`` of ``x`` ``(batch, kv_heads, padded,
+        d)``, each query head's from its key/value head (``history``: slots 1.. only)."""
+        return self._gather(x, self.history_index if history else self.index, block_size)
+
+    def _gather(self, x: Tensor, index: Tensor, block_size: int) -> Tensor:
+        b, _, _, d = x.shape
         g = self.stop - self.start
-        index = self.history_index if history else self.index
         rows = x.reshape(-1, block_size, d).index_select(0, index)  # (b * g * h * s, c, d)
-        return rows.view(b * g, h, -1, d)
+        return rows.view(b * g, self.heads, -1, d)
 
     def add_keys(self, dest: Tensor, value: Tensor, block_size: int, history: bool = False) -> None:
+        self._scatter(dest, value, self.history_index if history else self.index, block_size)
+
+    @staticmethod
+    def _scatter(dest: Tensor, value: Tensor, index: Tensor, block_size: int) -> None:
         d = dest.shape[-1]
-        index = self.history_index if history else self.index
         dest.view(-1, block_size, d).index_add_(0, index, value.reshape(-1, block_size, d).to(dest.dtype))
+
+    def own_keys(self, x: Tensor, block_size: int) -> Tensor:
+        """The own block's keys (or values) ``(batch * g, heads, c, d)``: a view of the rows, or (grouped heads) the
+        block gathered per query head from its key/value head."""
+        return self.rows(x, block_size) if self.own_index is None else self._gather(x, self.own_index, block_size)
+
+    def add_own(self, dest: Tensor, value: Tensor, block_size: int) -> None:
+        """Accumulate the own block's key (or value) gradient into ``dest`` ``(batch, kv_heads, padded, d)``."""
+        if self.own_index is None:
+            self.add_rows(dest, value, block_size)
+        else:
+            self._scatter(dest, value, self.own_index, block_size)
 
 
 def _own_call(q: Tensor) -> _Call:
@@ -284,10 +314,10 @@ class _MobaFunction(torch.autograd.Function):
         out = torch.empty_like(q)
         lses = []
         for start, stop in _groups(nb, block_size, h, slots):
-            chunk = _Chunk(selected, real, start, stop, block_size, causal, triangle, biases)
+            chunk = _Chunk(selected, real, start, stop, block_size, causal, triangle, biases, k.shape[1])
             qc = chunk.rows(q, block_size)
             if chunk.split:
-                o, lse = _part_forward(qc, chunk.rows(k, block_size), chunk.rows(v, block_size), True, scale)
+                o, lse = _part_forward(qc, chunk.own_keys(k, block_size), chunk.own_keys(v, block_size), True, scale)
                 if chunk.history_index is not None:
                     history = _part_forward(qc, chunk.keys(k, block_size, history=True),
                                             chunk.keys(v, block_size, history=True), False, scale)
@@ -317,12 +347,13 @@ class _MobaFunction(torch.autograd.Function):
         triangle = _triangle(slots, bs, ctx.causal, q.device)
         biases: dict = {}
         for (start, stop), lse in zip(_groups(nb, bs, h, slots), lses):
-            chunk = _Chunk(selected, real, start, stop, bs, ctx.causal, triangle, biases)
+            chunk = _Chunk(selected, real, start, stop, bs, ctx.causal, triangle, biases, k.shape[1])
             if chunk.split:
                 go, qc, oc = chunk.rows(grad_out, bs), chunk.rows(q, bs), chunk.rows(out, bs)
-                gq, gk, gv = _part_backward(go, qc, chunk.rows(k, bs), chunk.rows(v, bs), oc, lse, True, ctx.scale)
-                chunk.add_rows(grad_k, gk, bs)
-                chunk.add_rows(grad_v, gv, bs)
+                gq, gk, gv = _part_backward(go, qc, chunk.own_keys(k, bs), chunk.own_keys(v, bs), oc, lse, True,
+                                            ctx.scale)
+                chunk.add_own(grad_k, gk, bs)
+                chunk.add_own(grad_v, gv, bs)
                 if chunk.history_index is not None:
                     hq, hk, hv = _part_backward(go, qc, chunk.keys(k, bs, history=True),
                                                 chunk.keys(v, bs, history=True), oc, lse, False, ctx.scale)
@@ -348,7 +379,8 @@ def moba_attention(
     """Exact softmax attention of each query block over its selected key blocks (the ``torch`` backend).
 
     Args:
-        q, k, v: ``(batch, heads, padded, head_dim)``, padded a multiple of ``block_size``.
+        q: ``(batch, heads, padded, head_dim)``, padded a multiple of ``block_size``; k, v: ``(batch, kv_heads,
+            padded, head_dim)`` (query head i gathers from key/value head ``i // (heads / kv_heads)``).
         selected: long ``(batch, heads, padded / block_size, slots)`` from :func:`select_blocks` (own block first,
             ``-1`` = unused); ``slots`` key blocks are gathered per query block.
         real: bool ``(batch, padded)`` (False = padding or beyond the sequence), or None when every key is real.
@@ -401,6 +433,7 @@ class MobaAttention(Attention):
 
     config: MobaConfig
     decode_unsupported_reason = None
+    supports_gqa = True
     decode_reaches_all_earlier = False  # the selection decides (see _decode_reach)
 
     # ------------------------------------------------------------------------------------------------ decoding
@@ -442,15 +475,18 @@ class MobaAttention(Attention):
         tokens = torch.cat([own, history], dim=-1)  # (b, h, s)
         valid = tokens <= t
         tokens = tokens.clamp_max(t)
-        index = tokens[..., None].expand(-1, -1, -1, keys.shape[-1])
-        keys_g, values_g = keys.gather(2, index), values.gather(2, index)
+        # each query head's tokens, gathered from its key/value head: (b, kv_heads, r * s) -> (b, heads, s, d)
+        per_kv = rearrange(tokens, "b (g r) s -> b g (r s)", g=keys.shape[1])
+        index = per_kv[..., None].expand(-1, -1, -1, keys.shape[-1])
+        keys_g, values_g = (rearrange(t.gather(2, index), "b g (r s) d -> b (g r) s d", s=tokens.shape[-1])
+                            for t in (keys, values))
         allowed = valid & is_real.gather(1, tokens.flatten(1)).view_as(tokens)
         return grouped_attention(q, keys_g, values_g, allowed[:, :, None, :])
 
     def _select_for_row(self, cache: KVCache, row: int, keys: Tensor, real: Tensor) -> Tensor:
         """Long ``(b, h, top_k - 1)``: the best earlier key blocks of query block ``row`` (as :func:`select_blocks`)."""
         bs, others = self.config.block_size, max(0, self.config.top_k - 1)
-        b, h = keys.shape[:2]
+        b, h = keys.shape[0], self.config.num_heads  # query heads (keys has the key/value heads)
         if row == 0 or others == 0:
             return torch.full((b, h, others), EMPTY, dtype=torch.long, device=keys.device)
         with torch.no_grad():
@@ -458,7 +494,9 @@ class MobaAttention(Attention):
             weights = rearrange(real, "b (r c) -> b 1 r c 1", c=bs).to(keys.dtype)
             counts = weights.sum(-2)  # (b, 1, r, 1)
             means = (rearrange(keys, "b h (r c) d -> b h r c d", c=bs) * weights).sum(-2) / counts.clamp_min(1)
-            scores = torch.einsum("bhd,bhrd->bhr", rep, means).masked_fill(counts[..., 0] <= 0, -math.inf)
+            rep = rearrange(rep, "b (g r) d -> b g r d", g=keys.shape[1])  # query heads by key/value head
+            scores = rearrange(torch.einsum("bgrd,bgkd->bgrk", rep, means), "b g r k -> b (g r) k")
+            scores = scores.masked_fill(counts[..., 0] <= 0, -math.inf)
             best, index = scores.topk(min(others, row), dim=-1)
             index = torch.where(torch.isfinite(best), index, row).sort(dim=-1).values
             index = torch.where(index < row, index, EMPTY)

@@ -19,12 +19,17 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from efficient_attn.attention.positions import has_values, reading_values
+
 __all__ = ["attend_per_document", "check_document_ids", "document_segments", "same_document"]
 
 
 def check_document_ids(document_ids: object, expected: tuple[int, int]) -> None:
     """``ValueError`` saying what is expected unless ``document_ids`` is an int ``expected``-shaped tensor,
-    non-decreasing along the sequence."""
+    non-decreasing along the sequence.
+
+    The order check reads values: skipped for fake and meta tensors (:func:`has_values`; type and shape are still
+    checked), and done on the real values of a real tensor inside a ``FakeTensorMode``."""
     what = f"document_ids must be an int tensor of shape (batch, seq) = {expected}, non-decreasing along seq"
     if not isinstance(document_ids, Tensor):
         raise ValueError(f"{what}; got {type(document_ids).__name__}")
@@ -32,22 +37,37 @@ def check_document_ids(document_ids: object, expected: tuple[int, int]) -> None:
         raise ValueError(f"{what}; got dtype {document_ids.dtype}")
     if tuple(document_ids.shape) != expected:
         raise ValueError(f"{what}; got shape {tuple(document_ids.shape)}")
-    if document_ids.shape[-1] > 1 and bool((document_ids[:, 1:] < document_ids[:, :-1]).any()):
-        row, col = (document_ids[:, 1:] < document_ids[:, :-1]).nonzero()[0].tolist()
-        raise ValueError(
-            f"{what}; got a decrease in row {row} at position {col + 1} "
-            f"({int(document_ids[row, col])} -> {int(document_ids[row, col + 1])})"
-        )
+    if document_ids.shape[-1] <= 1 or not has_values(document_ids):
+        return
+    with reading_values():
+        decrease = document_ids[:, 1:] < document_ids[:, :-1]
+        if bool(decrease.any()):
+            row, col = decrease.nonzero()[0].tolist()
+            raise ValueError(
+                f"{what}; got a decrease in row {row} at position {col + 1} "
+                f"({int(document_ids[row, col])} -> {int(document_ids[row, col + 1])})"
+            )
 
 
 def document_segments(document_ids: Tensor) -> list[tuple[int, int, int]]:
-    """``(row, start, length)`` of every document, in order."""
+    """``(row, start, length)`` of every document, in order.
+
+    The boundaries are values, so a fake or meta ``document_ids`` (which has none) is a ``ValueError``; a real one is
+    read even inside a ``FakeTensorMode``, so the memory predictor runs a packed cell with fake q, k, v and real ids.
+    """
+    if not has_values(document_ids):
+        raise ValueError(
+            "document_ids is a fake or meta tensor: the document boundaries are its values, which a packed attend "
+            "needs to split the documents; pass a real tensor (build it outside the FakeTensorMode; q, k, v may be fake)"
+        )
     batch, n = document_ids.shape
-    ids = document_ids.cpu()
-    starts = torch.ones(batch, n, dtype=torch.bool)
-    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    with reading_values():
+        ids = document_ids.cpu()
+        starts = torch.ones(batch, n, dtype=torch.bool)
+        starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        rows = starts.tolist()
     segments = []
-    for row, row_starts in enumerate(starts.tolist()):
+    for row, row_starts in enumerate(rows):
         begin = [i for i, s in enumerate(row_starts) if s] + [n]
         segments += [(row, a, b - a) for a, b in zip(begin[:-1], begin[1:])]
     return segments

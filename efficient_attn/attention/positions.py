@@ -18,12 +18,32 @@ and continuing at ``t`` for a cache that already holds ``t`` tokens.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from einops import rearrange
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
-__all__ = ["alibi_bias", "alibi_slopes", "apply_rope", "check_positions", "default_positions", "rope_angles"]
+__all__ = [
+    "alibi_bias", "alibi_slopes", "apply_rope", "check_positions", "default_positions", "has_values", "reading_values",
+    "rope_angles",
+]
+
+
+def has_values(t: Tensor) -> bool:
+    """False for tensors that carry only metadata: fake tensors (``FakeTensorMode``, the memory predictor of
+    :mod:`efficient_attn.harness.predict`) and ``meta`` tensors. Checks that read values skip those."""
+    return t.device.type != "meta" and not is_fake(t)
+
+
+@contextmanager
+def reading_values() -> Iterator[None]:
+    """Read a real tensor's values even inside an active ``FakeTensorMode`` (which would otherwise turn the reads
+    into fake tensors without values); a no-op outside one."""
+    with unset_fake_temporarily():
+        yield
 
 
 def default_positions(batch: int, seq_len: int, document_ids: Tensor | None, device: torch.device | str) -> Tensor:
@@ -39,7 +59,10 @@ def default_positions(batch: int, seq_len: int, document_ids: Tensor | None, dev
 
 
 def check_positions(positions: Tensor, batch: int, seq_len: int) -> None:
-    """``ValueError`` unless ``positions`` is an int ``(batch, seq)`` tensor of non-negative positions."""
+    """``ValueError`` unless ``positions`` is an int ``(batch, seq)`` tensor of non-negative positions.
+
+    The sign check reads values, so it is skipped for fake and meta tensors (:func:`has_values`); type and shape are
+    always checked."""
     if not isinstance(positions, Tensor) or positions.dtype.is_floating_point or positions.dtype == torch.bool:
         raise ValueError(
             f"positions must be an int tensor of shape (batch, seq) = ({batch}, {seq_len}), got "
@@ -47,8 +70,11 @@ def check_positions(positions: Tensor, batch: int, seq_len: int) -> None:
         )
     if tuple(positions.shape) != (batch, seq_len):
         raise ValueError(f"positions must have shape (batch, seq) = ({batch}, {seq_len}), got {tuple(positions.shape)}")
-    if positions.numel() and int(positions.min()) < 0:
-        raise ValueError("positions must be >= 0")
+    if not positions.numel() or not has_values(positions):
+        return
+    with reading_values():
+        if int(positions.min()) < 0:
+            raise ValueError("positions must be >= 0")
 
 
 def rope_angles(positions: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -34,7 +34,13 @@ as the causal sums plus the anti-causal ones minus the diagonal; normalisation a
 
 Key padding: padded keys contribute nothing (to the sums and to the normalisers); a query with no real key gets 0.
 Attention dropout is refused: the weights are only formed by ``naive``.
-Shapes: q, k, v ``(batch, heads, seq, head_dim)``.
+Grouped-query heads (``num_kv_heads < num_heads``): query head i reads key/value head ``i // (heads / kv_heads)``.
+The decays belong to the query heads, so each query head keeps its own state ``S_n = gamma_h S_{n-1} + k_n v_n^T``,
+fed by the shared key/value head's ``k_n v_n^T`` (the recurrent state and the decode cache are per query head:
+``(batch, heads, head_dim, head_dim + 1)``, a state's size does not shrink with ``num_kv_heads``); the chunked form
+scales the shared keys by each query head's decays inside each chunk. k and v are never repeated (only the
+``naive`` oracle repeats them).
+Shapes: q ``(batch, heads, seq, head_dim)``, k, v ``(batch, kv_heads, seq, head_dim)``.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from efficient_attn.attention.base import Attention, AttentionConfig
@@ -101,7 +108,7 @@ def retention_recurrent_step(
 
     Args:
         state: the state after the tokens so far (:meth:`RetentionAttention.initial_state` before the first).
-        q_t, k_t, v_t: ``(batch, heads, head_dim)``.
+        q_t: ``(batch, heads, head_dim)``; k_t, v_t: ``(batch, kv_heads, head_dim)``.
         gammas: ``(heads,)`` decays in (0, 1].
         normalize: the module's ``normalize``.
         real_t: bool ``(batch,)``, False = the new token is padding (not added to the state).
@@ -181,6 +188,7 @@ class RetentionAttention(Attention):
 
     config: RetentionConfig
     decode_unsupported_reason = None
+    supports_gqa = True
 
     # ------------------------------------------------------------------------------------------------ decoding
     def _new_cache(self, common: dict) -> StateCache:
@@ -194,10 +202,13 @@ class RetentionAttention(Attention):
         decay = gammas[:, None] ** torch.arange(n - 1, -1, -1, device=k.device, dtype=k.dtype)  # (h, n): to the end
         weights = torch.ones(k.shape[0], n, dtype=k.dtype, device=k.device) if real is None else real.to(k.dtype)
         values = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-        decayed_k = k * (decay[None, :, :, None] * weights[:, None, :, None])
+        r = self.config.num_heads // self.config.num_kv_heads
+        scale = rearrange(decay, "(g r) n -> g r n", r=r)[None] * weights[:, None, None, :]  # (b, kv_heads, r, n)
+        # per query head: sum_m gamma_h^(n-1-m) k_m [v_m | 1]^T from its key/value head (k and v not repeated)
+        fresh = torch.einsum("bgrn,bgnd,bgne->bgrde", scale, k, values)
         old: RetentionState = cache.state  # type: ignore[assignment]
         carry = gammas ** n
-        kv = carry[:, None, None] * old.kv + torch.matmul(decayed_k.transpose(-1, -2), values)
+        kv = carry[:, None, None] * old.kv + rearrange(fresh, "b g r d e -> b (g r) d e")
         weight = carry * old.weight + weights @ decay.T
         cache.state = RetentionState(kv, weight)
         cache.length += n
@@ -237,7 +248,8 @@ class RetentionAttention(Attention):
         if cfg.normalize:
             # the decayed count of real keys: the same sums with one-dimensional q = 1, k = real, v = 1
             ones = torch.ones_like(q[..., :1])
-            weight = run(ones, ones if real is None else real.expand_as(ones), ones)
+            ones_kv = ones[:, : k.shape[1]]  # (b, kv_heads, n, 1)
+            weight = run(ones, ones_kv if real is None else real.expand_as(ones_kv), ones_kv)
         if backend == "torch" and cfg.causal:
             self.last_padded_len = -(-q.shape[-2] // cfg.chunk_size) * cfg.chunk_size
         return _finish(sums, weight)
@@ -260,7 +272,7 @@ class RetentionAttention(Attention):
     # ----------------------------------------------------------------------------------------- recurrent API
     def initial_state(self, batch: int, *, dtype: torch.dtype, device=None) -> RetentionState:
         """The empty state: zeros ``kv`` ``(batch, heads, head_dim, head_dim + 1)`` and ``weight``
-        ``(batch, heads)``."""
+        ``(batch, heads)``, per query head (each decays at its own rate, also with grouped key/value heads)."""
         h, d = self.config.num_heads, self.config.head_dim
         return RetentionState(
             torch.zeros(batch, h, d, d + 1, dtype=dtype, device=device),
