@@ -106,3 +106,19 @@ def test_the_report_puts_the_three_side_by_side():
     header, rows = packing_rows(frame)
     (row,) = rows
     assert row[3] == "2 (400 tokens, 100-300)" and row[7] == "1.10x" and row[8] == "3.00x"
+
+
+@pytest.mark.parametrize("level", ["core", "layer"])
+def test_a_packed_cell_is_predicted(level):
+    """The memory predictor runs packed cells on fake tensors: the document ids stay real (a packed attend reads
+    the boundaries), and the prediction is the measured first call's bytes."""
+    from efficient_attn.harness.predict import predict_cell
+    from efficient_attn.measure.storage import StorageTracker
+
+    c = cell("full", "packed", backend="torch", level=level)
+    predicted = predict_cell(c)
+    assert predicted.total_bytes > 0
+    work = build_workload(c)
+    with StorageTracker() as tracker:
+        work.run()
+    assert predicted.first_call_bytes == tracker.peak_bytes

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 from efficient_attn.harness.plan import Cell
 from efficient_attn.measure.flops import useful_flops_for_mode
@@ -358,8 +358,10 @@ def _document_forward(cell: Cell, module: nn.Module, *, device: torch.device, dt
 
     if cell.packing == "packed":
         inputs = make(1, total)
-        # built from the lengths (static shapes: the memory prediction's fake tensors can follow it)
-        ids = torch.cat([torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(docs)])[None]
+        # built from the lengths, as a real tensor even under the memory prediction's fake mode: a packed attend
+        # reads the document boundaries (attention/packing.py), which a fake tensor does not hold
+        with unset_fake_temporarily():
+            ids = torch.cat([torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(docs)])[None]
         return (lambda: call(inputs, document_ids=ids)), inputs, ""
     if cell.packing == "padded":
         inputs = make(len(docs), longest)
