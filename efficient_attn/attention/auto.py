@@ -63,12 +63,16 @@ def _pattern_rows(key: str, cpu_forward: tuple[Choice, ...], evidence: str) -> d
 
 _FLEX_THEN_TORCH = (Choice("flex", FLEX_MIN_LEN), Choice("torch"))
 
-#: The table ``auto`` reads (see the module docstring). Evidence: forward ms, median, ``effattn bench`` on the
-#: quiet 2-core reference machine, 2026-11-25 (batch 1, 4 heads, head_dim 64, float32, default pattern parameters:
-#: window/longformer ``window_size=256``, longformer 1 global token, bigbird block 64, 3 random, 2 global, 3 window).
-#: On this CPU the blocked ``torch`` backend (per-chunk fused flash kernels) is as fast as or faster than compiled
-#: FlexAttention at every measured length, and compiles nothing, so it leads every CPU row. (Earlier measurements
-#: on a machine loaded by other jobs favoured flex for window and longformer; they did not survive a quiet rerun.)
+#: The table ``auto`` reads (see the module docstring). Evidence: forward ms, median (``[IQR]`` where given),
+#: ``scripts/measure_auto_table.py`` on the quiet 2-core reference machine, 2026-12-02, load average 0.9-1.4, nothing
+#: else running, after issue 18's block-cover changes (batch 1, 4 heads, head_dim 64, float32, default pattern
+#: parameters: window/longformer ``window_size=256``, longformer 1 global token, bigbird block 64, 3 random, 2 global,
+#: 3 window).
+#: On this CPU the blocked ``torch`` backend (per-chunk fused flash kernels) is faster than compiled FlexAttention at
+#: 16K for every pattern and at 4K for bigbird and longformer, and compiles nothing, so it leads every CPU row; the
+#: one exception, window at 4K (flex 20% faster), does not repay flex's ~7 s compile in a benchmark or a short job.
+#: (Measurements on a machine loaded by other jobs once favoured flex for window and longformer; they did not survive
+#: a quiet rerun.)
 AUTO_TABLE: dict[tuple[str, str, bool], AutoRow] = {
     ("full", "cpu", False): AutoRow(
         (Choice("sdpa"), Choice("torch")), "flex skips nothing for all pairs; not measured apart"
@@ -77,7 +81,7 @@ AUTO_TABLE: dict[tuple[str, str, bool], AutoRow] = {
     ("full", "cuda", False): AutoRow((Choice("sdpa"), Choice("xformers"), Choice("torch")), "unmeasured"),
     ("full", "cuda", True): AutoRow((Choice("sdpa"), Choice("xformers"), Choice("torch")), "unmeasured"),
     ("full-causal", "cpu", False): AutoRow(
-        (Choice("sdpa"), Choice("torch")), "4K: sdpa 660 [47] vs flex 1000 [154]; 16K: sdpa 9434 vs flex 15201"
+        (Choice("sdpa"), Choice("torch")), "4K: sdpa 57.6 [2.3] vs flex 80.8 [15.5]; 16K: sdpa 915 [5.3] vs flex 1175 [172]"
     ),
     ("full-causal", "cpu", True): AutoRow(
         (Choice("sdpa"), Choice("torch")), "sdpa has a fused backward; flex has none on CPU"
@@ -87,10 +91,10 @@ AUTO_TABLE: dict[tuple[str, str, bool], AutoRow] = {
     **_pattern_rows(
         "window",
         (Choice("torch"),),
-        "4K: torch 37.0 vs flex 37.8 (flex compile 8.8 s); 16K: torch 126 vs flex 179",
+        "4K: torch 33.0 vs flex 26.4 (flex compile 6.8 s); 16K: torch 102 vs flex 106",
     ),
-    **_pattern_rows("bigbird", (Choice("torch"),), "4K: torch 33.2 vs flex 128; 16K: torch 156 vs flex 541"),
-    **_pattern_rows("longformer", (Choice("torch"),), "4K: torch 49.7 vs flex 71.5; 16K: torch 208 vs flex 320"),
+    **_pattern_rows("bigbird", (Choice("torch"),), "4K: torch 28.3 vs flex 50.4 (flex compile 6.3 s); 16K: torch 104 vs flex 221"),
+    **_pattern_rows("longformer", (Choice("torch"),), "4K: torch 25.6 vs flex 30.2 (flex compile 5.5 s); 16K: torch 103 vs flex 165"),
 }
 
 
