@@ -81,7 +81,8 @@ AUTO_TABLE: dict[tuple[str, str, bool], AutoRow] = {
     ("full", "cuda", False): AutoRow((Choice("sdpa"), Choice("xformers"), Choice("torch")), "unmeasured"),
     ("full", "cuda", True): AutoRow((Choice("sdpa"), Choice("xformers"), Choice("torch")), "unmeasured"),
     ("full-causal", "cpu", False): AutoRow(
-        (Choice("sdpa"), Choice("torch")), "4K: sdpa 57.6 [2.3] vs flex 80.8 [15.5]; 16K: sdpa 915 [5.3] vs flex 1175 [172]"
+        (Choice("sdpa"), Choice("torch")),
+        "4K: sdpa 57.6 [2.3] vs flex 80.8 [15.5]; 16K: sdpa 915 [5.3] vs flex 1175 [172]",
     ),
     ("full-causal", "cpu", True): AutoRow(
         (Choice("sdpa"), Choice("torch")), "sdpa has a fused backward; flex has none on CPU"
@@ -93,8 +94,12 @@ AUTO_TABLE: dict[tuple[str, str, bool], AutoRow] = {
         (Choice("torch"),),
         "4K: torch 33.0 vs flex 26.4 (flex compile 6.8 s); 16K: torch 102 vs flex 106",
     ),
-    **_pattern_rows("bigbird", (Choice("torch"),), "4K: torch 28.3 vs flex 50.4 (flex compile 6.3 s); 16K: torch 104 vs flex 221"),
-    **_pattern_rows("longformer", (Choice("torch"),), "4K: torch 25.6 vs flex 30.2 (flex compile 5.5 s); 16K: torch 103 vs flex 165"),
+    **_pattern_rows(
+        "bigbird", (Choice("torch"),), "4K: torch 28.3 vs flex 50.4 (flex compile 6.3 s); 16K: torch 104 vs flex 221"
+    ),
+    **_pattern_rows(
+        "longformer", (Choice("torch"),), "4K: torch 25.6 vs flex 30.2 (flex compile 5.5 s); 16K: torch 103 vs flex 165"
+    ),
 }
 
 
