@@ -51,7 +51,7 @@ def test_fake_packed_attend_runs_per_document_and_matches_the_real_shapes():
         assert q.grad.shape == q.shape
         layer = attn(torch.randn(1, n, 32), document_ids=ids)  # RoPE positions restart per document (fake)
         assert layer.shape == (1, n, 32)
-        with pytest.raises(ValueError, match="non-decreasing along seq; got a decrease in row 0 at position 7 \(3 -> 2\)"):
+        with pytest.raises(ValueError, match=r"non-decreasing along seq; got a decrease in row 0 at position 7 \(3 -> 2\)"):
             attn.attend(q, k, v, document_ids=reversed_ids)  # a real tensor's order is still checked
         with pytest.raises(ValueError, match="got shape"):
             attn.attend(q, k, v, document_ids=ids[:, 1:])
