@@ -125,10 +125,15 @@ def run(args: argparse.Namespace) -> int:
     from efficient_attn.report.analyses.compare import compare_runs
     from efficient_attn.report.render_md import to_markdown
 
+    from efficient_attn.report.load import results_path
+
     for label, path in (("NEW_RUN", args.new_run), ("REF_RUN", args.ref_run)):
-        if not Path(path).exists():
-            print(f"{PROG}: error: {label} {path} does not exist; give a folder written by `effattn bench --out`",
-                  file=sys.stderr)
+        problem = "does not exist" if not Path(path).exists() else None
+        if problem is None and not results_path(path).is_file():
+            problem = f"is not a run folder (no {results_path(path).name} in it)"
+        if problem:
+            print(f"{PROG}: error: {label} {path} {problem}; give a folder written by `effattn bench --out` "
+                  "(results.csv + meta.json) or its results.csv", file=sys.stderr)
             return 2
     try:
         result = compare_runs(args.new_run, args.ref_run, baseline=args.baseline, tolerance=args.tolerance,
