@@ -150,7 +150,8 @@ def test_v3_reference_and_v5_new_with_a_regression(tmp_path, capsys):
 
 
 def test_a_slower_cell_is_flagged_with_the_ratios_the_laws_give(tmp_path, capsys):
-    new_rows = scaled(rows(), at(rows(), "window", "fwd", 4096), "time_ms", 1.5)
+    cell = at(rows(), "window", "fwd", 4096)
+    new_rows = scaled(scaled(rows(), cell, "time_ms", 1.5), cell, "time_iqr_ms", 1.5)
     new, ref = write_pair(tmp_path, new_rows)
     result = compare(new, ref)
     for reference, law in (("full:naive", NAIVE), ("full:sdpa", SDPA)):
@@ -162,6 +163,7 @@ def test_a_slower_cell_is_flagged_with_the_ratios_the_laws_give(tmp_path, capsys
     assert [row[:4] for row in table] == [["fwd", "window:torch", "4K", "full:naive"],
                                           ["fwd", "window:torch", "4K", "full:sdpa"]]
     assert table[0][header.index("change")] == "-33.3%" and table[0][header.index("time NEW/REF")] == "1.50x"
+    assert table[0][-1] == "4% / 4%"  # report_synthetic's IQR above 1K: 4% of the time
     assert result.counts()["worse"] == 1 and result.regressed
     code, out, _ = run_cli(capsys, new, ref)
     assert code == 1

@@ -101,7 +101,9 @@ def _blocks(result: Comparison) -> list[Block]:
             "(reference peak / peak) against its own reference cell at the same length and mode. A cell regressed "
             f"when a speed-up fell by more than {result.tolerance:.0%} of REF's (tolerance {tol}), a memory saving by "
             f"more than {result.memory_tolerance:.0%} ({mem_tol}), or it ran in REF and did not run in NEW. "
-            "Time NEW/REF is absolute and informational only: the runs may come from different machines."
+            "Time NEW/REF is absolute and informational only: the runs may come from different machines. The timing "
+            "noise of a flagged cell (IQR / median in each run) says how far its time spread: a change not much "
+            "larger than that may be noise, so rerun before believing it."
         ),
     ]
     if result.warnings:

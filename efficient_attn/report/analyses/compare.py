@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from efficient_attn import vocab
 from efficient_attn.harness import schema
 from efficient_attn.report.analyses.tables import relative_to_baseline
-from efficient_attn.report.format import length_label
+from efficient_attn.report.format import format_bytes, length_label
 from efficient_attn.report.load import Run, load_runs
 from efficient_attn.report.series import (
     DEFAULT_BASELINE,
@@ -71,7 +71,8 @@ class Comparison:
 
     ``cells``: one row per matched cell (key columns, ``series``/``condition`` as the report names them, and per run
     ``status_*``, ``shown_status_*``, ``time_ms_*``, ``peak_mem_bytes_*``, ``series_*`` with suffix ``_new``/``_ref``;
-    ``time_ratio`` = NEW / REF; ``cls``, one of :data:`CLASSES`). ``ratios``: one row per matched cell and reference
+    ``time_ratio`` = NEW / REF, ``peak_ratio`` the same for peak memory, ``noise_*`` = IQR / median of the cell's
+    time; ``cls``, one of :data:`CLASSES`). ``ratios``: one row per matched cell and reference
     where both runs have the ratio: ``reference``, ``speedup_new``/``_ref``, ``speed_change`` (new / ref - 1),
     ``speed_verdict``, and the same for ``memory`` (NaN / ``""`` where a run has no memory figure). ``only_new``,
     ``only_ref``: the rows of cells one run lacks.
@@ -115,10 +116,12 @@ class Comparison:
 
     def speed_regressions(self) -> tuple[list[str], list[list[str]]]:
         """The speed-ups that fell by more than the tolerance."""
-        header = ["mode", "series", "length", "against", "speed-up REF", "speed-up NEW", "change", "time NEW/REF"]
+        header = ["mode", "series", "length", "against", "speed-up REF", "speed-up NEW", "change", "time NEW/REF",
+                  "timing noise REF / NEW (IQR / median)"]
         worse = self._ratio_rows(self.ratios[self.ratios["speed_verdict"] == "worse"])
         rows = [[*self._where(r), r["reference"], _x(r["speedup_ref"]), _x(r["speedup_new"]),
-                 _pct(r["speed_change"]), _x(r["time_ratio"])] for _, r in worse.iterrows()]
+                 _pct(r["speed_change"]), _x(r["time_ratio"]), f"{_share(r['noise_ref'])} / {_share(r['noise_new'])}"]
+                for _, r in worse.iterrows()]
         return header, rows
 
     def memory_regressions(self) -> tuple[list[str], list[list[str]]]:
@@ -191,7 +194,7 @@ class Comparison:
     def _ratio_rows(self, ratios: pd.DataFrame) -> pd.DataFrame:
         """Ratio rows with the cell's names and absolute ratios beside them, in the cells' order."""
         columns = [_KEY, "mode", "seq_len", "series_new", "series_ref", "condition_new", "time_ratio", "peak_ratio",
-                   "_order"]
+                   "noise_new", "noise_ref", "_order"]
         merged = ratios.merge(self.cells[columns], on=_KEY, how="left")
         return merged.sort_values(["_order", "reference"], kind="stable")
 
@@ -202,6 +205,10 @@ def _x(value: float) -> str:
     if value >= 10:
         return f"{value:.1f}x"
     return f"{value:.2f}x" if value >= 0.1 else f"{value:.2g}x"
+
+
+def _share(value: float) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.0%}"
 
 
 def _pct(value: float) -> str:
@@ -272,11 +279,13 @@ def _run_warnings(new: Run, ref: Run) -> list[str]:
         ("cpu_count", "CPU count"),
         ("torch_threads", "torch threads"),
         ("torch", "torch version"),
-        ("budget_bytes", "memory budget (bytes)"),
+        ("budget_bytes", "memory budget"),
     ]
     for attribute, what in checks:
         a, b = getattr(new.info, attribute), getattr(ref.info, attribute)
         if a is not None and b is not None and a != b:
+            if attribute == "budget_bytes":
+                a, b = format_bytes(a), format_bytes(b)
             warnings.append(f"the runs differ in {what}: NEW {a}, REF {b}")
     return warnings
 
@@ -322,13 +331,15 @@ def compare_runs(
         _check_one_row_per_cell(parts[label], run)
 
     kept = [_KEY, *MATCH_COLUMNS, "_mode_rank"]
-    measured = ["status", "shown_status", "time_ms", "peak_mem_bytes", "series", "condition"]
+    measured = ["status", "shown_status", "time_ms", "time_iqr_ms", "peak_mem_bytes", "series", "condition"]
     cells = parts[NEW][kept + measured].merge(parts[REF][[_KEY, *measured]], on=_KEY, suffixes=("_new", "_ref"))
     cells = cells.sort_values(["_mode_rank", "condition_new", "series_new", "seq_len"], kind="stable")
     cells = cells.reset_index(drop=True)
     cells["_order"] = np.arange(len(cells))
     cells["time_ratio"] = cells["time_ms_new"] / cells["time_ms_ref"]
     cells["peak_ratio"] = cells["peak_mem_bytes_new"] / cells["peak_mem_bytes_ref"]
+    for suffix in ("_new", "_ref"):
+        cells[f"noise{suffix}"] = cells[f"time_iqr_ms{suffix}"] / cells[f"time_ms{suffix}"]
     only_new = parts[NEW][~parts[NEW][_KEY].isin(parts[REF][_KEY])].sort_values(["_mode_rank", "series", "seq_len"])
     only_ref = parts[REF][~parts[REF][_KEY].isin(parts[NEW][_KEY])].sort_values(["_mode_rank", "series", "seq_len"])
 
@@ -338,8 +349,8 @@ def compare_runs(
         name = f"{variant}:{backend}"
         present = [label for label in (NEW, REF) if baseline_mask(parts[label], variant, backend).any()]
         if len(present) < 2:
-            missing = " and ".join(label for label in (NEW, REF) if label not in present)
-            warnings.append(f"the reference {name} is not in {missing}: no ratios against it")
+            where = "in neither run" if not present else f"not in {NEW if REF in present else REF}"
+            warnings.append(f"the reference {name} is {where}: no ratios against it")
             continue
         reference_names.append(name)
         rel = relative_to_baseline(frame, variant, backend)
