@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("efficient_attn.commands.bench_cmd", "run or resume a benchmark suite (time, memory, FLOPs per cell)"),
     "predict": ("efficient_attn.commands.predict_cmd", "predict peak memory without allocating; longest length that fits"),
     "report": ("efficient_attn.commands.report_cmd", "plots and a readable report (md, html) from benchmark runs"),
-    "compare": ("efficient_attn.commands.compare_cmd", "a run against a reference run: the within-run ratios that got worse (exit 1)"),
+    "compare": ("efficient_attn.commands.compare_cmd", "a run against a reference run: which ratios got worse"),
     "quality": ("efficient_attn.commands.quality_cmd", "train variants on long-range tasks; error, head diversity"),
     "status": ("efficient_attn.commands.status_cmd", "where a run's cells are (done, running, pending, failed); collects"),
 }

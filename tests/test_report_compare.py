@@ -312,6 +312,13 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, capsys):
         assert err.startswith("effattn compare: error:") and named in err and says in err, err
 
 
+def test_runs_without_a_cell_in_common_are_refused(tmp_path, capsys):
+    new = write_run(tmp_path / "new", make_rows(suite(), [512], MODES))
+    ref = write_run(tmp_path / "ref", rows())
+    code, out, err = run_cli(capsys, new, ref)
+    assert code == 2 and out == "" and "nothing to compare" in err and len(err.strip().splitlines()) == 1
+
+
 def test_runs_of_different_suites_and_devices_warn_and_still_compare(tmp_path, capsys):
     new = write_run(tmp_path / "new", rows(), extra={"config": {"name": "quick", "device": "cuda"}})
     ref = write_run(tmp_path / "ref", rows())
@@ -334,6 +341,16 @@ def test_the_committed_reference_run_against_itself_and_a_doctored_copy(tmp_path
     frame.to_csv(copy / RESULTS_FILE, index=False)
     result = compare(copy, REFERENCE_RUN)
     assert result.counts()["matched"] == len(frame) and result.counts()["worse"] == 1
-    assert [row[:4] for row in result.speed_regressions()[1]] == [["fwd", "window:torch", "16K", "full:naive"],
-                                                                   ["fwd", "window:torch", "16K", "full:sdpa"]]
+    flagged = result.speed_regressions()[1]
+    assert {tuple(row[:3]) for row in flagged} == {("fwd", "window:torch", "16K")}
+    assert "full:sdpa" in {row[3] for row in flagged}
     assert run_cli(capsys, copy, REFERENCE_RUN)[0] == 1
+
+
+def test_two_rows_that_become_one_cell_once_old_columns_are_filled_are_refused(tmp_path, capsys):
+    ref_rows = rows()
+    twin = ref_rows[at(ref_rows, "window", "fwd", 1024)].copy()
+    twin["num_kv_heads"] = twin["num_heads"]  # the same cell as its empty-num_kv_heads twin
+    new, ref = write_pair(tmp_path, rows(), pd.concat([ref_rows, twin], ignore_index=True))
+    code, out, err = run_cli(capsys, new, ref)
+    assert code == 2 and "same cell" in err and "num_kv_heads" in err and str(ref) in err

@@ -290,6 +290,84 @@ def _run_warnings(new: Run, ref: Run) -> list[str]:
     return warnings
 
 
+def _match(parts: dict[str, pd.DataFrame], new: Run, ref: Run) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """``(cells, only_new, only_ref)``: the cells of both runs side by side (suffixes ``_new``, ``_ref``), in report
+    order, with the absolute ratios NEW / REF; and the rows of the cells one run lacks."""
+    import numpy as np
+
+    kept = [_KEY, *MATCH_COLUMNS, "_mode_rank"]
+    measured = ["status", "shown_status", "time_ms", "time_iqr_ms", "peak_mem_bytes", "series", "condition"]
+    cells = parts[NEW][kept + measured].merge(parts[REF][[_KEY, *measured]], on=_KEY, suffixes=("_new", "_ref"))
+    if cells.empty:
+        raise ValueError(
+            f"no cell of NEW ({new.path}, {len(parts[NEW])} cells) matches a cell of REF ({ref.path}, "
+            f"{len(parts[REF])} cells) on {', '.join(MATCH_COLUMNS)}: nothing to compare; give two runs of one suite"
+        )
+    cells = cells.sort_values(["_mode_rank", "condition_new", "series_new", "seq_len"], kind="stable")
+    cells = cells.reset_index(drop=True)
+    cells["_order"] = np.arange(len(cells))
+    cells["time_ratio"] = cells["time_ms_new"] / cells["time_ms_ref"]
+    cells["peak_ratio"] = cells["peak_mem_bytes_new"] / cells["peak_mem_bytes_ref"]
+    for suffix in ("_new", "_ref"):
+        cells[f"noise{suffix}"] = cells[f"time_iqr_ms{suffix}"] / cells[f"time_ms{suffix}"]
+    order = ["_mode_rank", "series", "seq_len"]
+    only_new = parts[NEW][~parts[NEW][_KEY].isin(parts[REF][_KEY])].sort_values(order)
+    only_ref = parts[REF][~parts[REF][_KEY].isin(parts[NEW][_KEY])].sort_values(order)
+    return cells, only_new, only_ref
+
+
+def _ratios(frame: pd.DataFrame, parts: dict[str, pd.DataFrame], cells: pd.DataFrame,
+            refs: list[tuple[str, str]], warnings: list[str]) -> tuple[list[str], pd.DataFrame]:
+    """``(names, ratios)``: the references in both runs, and each matched cell's speed-up and memory saving against
+    each of them in both runs (rows where both speed-ups exist), with their relative changes. A reference missing
+    from a run is a warning appended to ``warnings``."""
+    import numpy as np
+    import pandas as pd
+
+    names, found = [], []
+    for variant, backend in refs:
+        name = f"{variant}:{backend}"
+        present = [label for label in (NEW, REF) if baseline_mask(parts[label], variant, backend).any()]
+        if len(present) < 2:
+            where = "in neither run" if not present else f"not in {NEW if REF in present else REF}"
+            warnings.append(f"the reference {name} is {where}: no ratios against it")
+            continue
+        names.append(name)
+        rel = relative_to_baseline(frame, variant, backend)  # the report's ratios, by its one baseline selector
+        columns = [_KEY, "speedup", "memory_saving"]
+        both = rel[rel["run"] == NEW][columns].merge(rel[rel["run"] == REF][columns], on=_KEY,
+                                                     suffixes=("_new", "_ref"))
+        both = both.rename(columns={"memory_saving_new": "memory_new", "memory_saving_ref": "memory_ref"})
+        finite = np.isfinite(both[["speedup_new", "speedup_ref"]]).all(axis=1)
+        both = both[finite & both[_KEY].isin(cells[_KEY])].copy()
+        both.insert(1, "reference", name)
+        found.append(both)
+    columns = [_KEY, "reference", "speedup_new", "speedup_ref", "memory_new", "memory_ref"]
+    ratios = pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=columns)
+    ratios["speed_change"] = (ratios["speedup_new"] / ratios["speedup_ref"] - 1.0).astype(float)
+    ratios["memory_change"] = (ratios["memory_new"] / ratios["memory_ref"] - 1.0).astype(float)
+    return names, ratios
+
+
+def _classes(cells: pd.DataFrame, ratios: pd.DataFrame) -> list[str]:
+    """The class (:data:`CLASSES`) of each matched cell, from its statuses and its ratios' verdicts."""
+    verdicts: dict[str, set[str]] = {}
+    for key, speed, memory in zip(ratios[_KEY], ratios["speed_verdict"], ratios["memory_verdict"], strict=True):
+        verdicts.setdefault(key, set()).update(v for v in (speed, memory) if v)
+    classes = []
+    for key, status_new, status_ref in zip(cells[_KEY], cells["status_new"], cells["status_ref"], strict=True):
+        found = verdicts.get(key, set())
+        if (status_new == "ok") != (status_ref == "ok"):
+            classes.append("failed-in-one")
+        elif status_new != "ok":
+            classes.append("both-failed")
+        elif not found:
+            classes.append("no-ratio")
+        else:
+            classes.append("worse" if "worse" in found else "better" if "better" in found else "same")
+    return classes
+
+
 def compare_runs(
     new_dir: str | Path,
     ref_dir: str | Path,
@@ -308,11 +386,9 @@ def compare_runs(
             saving may fall before the cell counts as worse; the same margin upwards counts as better (the command's
             defaults: ``effattn compare --help``).
     Raises:
-        FileNotFoundError, ValueError: a folder that is not a run folder, a damaged file, a bad argument.
+        FileNotFoundError, ValueError: a folder that is not a run folder, a damaged file, a bad argument, two runs
+            without a cell in common (nothing would be compared, and a check that compares nothing must not pass).
     """
-    import numpy as np
-    import pandas as pd
-
     for name, value in (("tolerance", tolerance), ("memory_tolerance", memory_tolerance)):
         if not (0.0 <= value < 1.0):
             raise ValueError(f"{name} must be a fraction in [0, 1) (0.1 = 10%), got {value!r}")
@@ -321,7 +397,8 @@ def compare_runs(
     frame, (new, ref) = load_runs([new_dir, ref_dir], labels=[NEW, REF])
     warnings = _run_warnings(new, ref)
     if explicit and not baseline_mask(frame, base_variant, base_backend).any():
-        raise ValueError(f"--baseline {baseline!r} is in neither run; available: {', '.join(available_baselines(frame))}")
+        available = ", ".join(available_baselines(frame))
+        raise ValueError(f"--baseline {baseline!r} is in neither run; available: {available}")
 
     frame[_KEY] = _cell_keys(frame)
     rank = {m: i for i, m in enumerate(vocab.MODES)}
@@ -330,59 +407,11 @@ def compare_runs(
     for label, run in ((NEW, new), (REF, ref)):
         _check_one_row_per_cell(parts[label], run)
 
-    kept = [_KEY, *MATCH_COLUMNS, "_mode_rank"]
-    measured = ["status", "shown_status", "time_ms", "time_iqr_ms", "peak_mem_bytes", "series", "condition"]
-    cells = parts[NEW][kept + measured].merge(parts[REF][[_KEY, *measured]], on=_KEY, suffixes=("_new", "_ref"))
-    cells = cells.sort_values(["_mode_rank", "condition_new", "series_new", "seq_len"], kind="stable")
-    cells = cells.reset_index(drop=True)
-    cells["_order"] = np.arange(len(cells))
-    cells["time_ratio"] = cells["time_ms_new"] / cells["time_ms_ref"]
-    cells["peak_ratio"] = cells["peak_mem_bytes_new"] / cells["peak_mem_bytes_ref"]
-    for suffix in ("_new", "_ref"):
-        cells[f"noise{suffix}"] = cells[f"time_iqr_ms{suffix}"] / cells[f"time_ms{suffix}"]
-    only_new = parts[NEW][~parts[NEW][_KEY].isin(parts[REF][_KEY])].sort_values(["_mode_rank", "series", "seq_len"])
-    only_ref = parts[REF][~parts[REF][_KEY].isin(parts[NEW][_KEY])].sort_values(["_mode_rank", "series", "seq_len"])
-
-    reference_names = []
-    ratio_parts = []
-    for variant, backend in references((base_variant, base_backend)):
-        name = f"{variant}:{backend}"
-        present = [label for label in (NEW, REF) if baseline_mask(parts[label], variant, backend).any()]
-        if len(present) < 2:
-            where = "in neither run" if not present else f"not in {NEW if REF in present else REF}"
-            warnings.append(f"the reference {name} is {where}: no ratios against it")
-            continue
-        reference_names.append(name)
-        rel = relative_to_baseline(frame, variant, backend)
-        columns = [_KEY, "speedup", "memory_saving"]
-        both = rel[rel["run"] == NEW][columns].merge(rel[rel["run"] == REF][columns], on=_KEY, suffixes=("_new", "_ref"))
-        both = both.rename(columns={"memory_saving_new": "memory_new", "memory_saving_ref": "memory_ref"})
-        finite = np.isfinite(both[["speedup_new", "speedup_ref"]]).all(axis=1)
-        both = both[finite & both[_KEY].isin(cells[_KEY])].copy()
-        both.insert(1, "reference", name)
-        ratio_parts.append(both)
-    columns = [_KEY, "reference", "speedup_new", "speedup_ref", "memory_new", "memory_ref"]
-    ratios = pd.concat(ratio_parts, ignore_index=True) if ratio_parts else pd.DataFrame(columns=columns)
-    ratios["speed_change"] = (ratios["speedup_new"] / ratios["speedup_ref"] - 1.0).astype(float)
-    ratios["memory_change"] = (ratios["memory_new"] / ratios["memory_ref"] - 1.0).astype(float)
+    cells, only_new, only_ref = _match(parts, new, ref)
+    reference_names, ratios = _ratios(frame, parts, cells, references((base_variant, base_backend)), warnings)
     ratios["speed_verdict"] = [_verdict(c, tolerance) for c in ratios["speed_change"]]
     ratios["memory_verdict"] = [_verdict(c, memory_tolerance) for c in ratios["memory_change"]]
-
-    verdicts: dict[str, set[str]] = {}
-    for key, speed, memory in zip(ratios[_KEY], ratios["speed_verdict"], ratios["memory_verdict"], strict=True):
-        verdicts.setdefault(key, set()).update(v for v in (speed, memory) if v)
-    classes = []
-    for key, status_new, status_ref in zip(cells[_KEY], cells["status_new"], cells["status_ref"], strict=True):
-        found = verdicts.get(key, set())
-        if (status_new == "ok") != (status_ref == "ok"):
-            classes.append("failed-in-one")
-        elif status_new != "ok":
-            classes.append("both-failed")
-        elif not found:
-            classes.append("no-ratio")
-        else:
-            classes.append("worse" if "worse" in found else "better" if "better" in found else "same")
-    cells["cls"] = classes
+    cells["cls"] = _classes(cells, ratios)
     return Comparison(new=new, ref=ref, cells=cells, ratios=ratios, only_new=only_new, only_ref=only_ref,
                       references=reference_names, tolerance=tolerance, memory_tolerance=memory_tolerance,
                       warnings=warnings)
