@@ -1,8 +1,8 @@
-"""The ``effattn`` command: ``list``, ``bench``, ``predict``, ``report``, ``quality``, ``status``.
+"""The ``effattn`` command: ``list``, ``bench``, ``predict``, ``report``, ``compare``, ``quality``, ``status``.
 
 Each subcommand lives in its own module under ``efficient_attn.commands`` with two functions,
 ``configure(parser)`` and ``run(args) -> int``. Building the parser imports every subcommand module (each adds its
-own options), so every ``effattn`` call imports all six, and with them the package (torch, the registry and the
+own options), so every ``effattn`` call imports all seven, and with them the package (torch, the registry and the
 built-in variants). What only running a subcommand needs (the harness, the report with pandas and matplotlib, the
 quality suite) is imported inside its ``run``: ``effattn list`` or ``effattn bench --help`` loads none of them.
 """
@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("efficient_attn.commands.bench_cmd", "run or resume a benchmark suite (time, memory, FLOPs per cell)"),
     "predict": ("efficient_attn.commands.predict_cmd", "predict peak memory without allocating; longest length that fits"),
     "report": ("efficient_attn.commands.report_cmd", "plots and a readable report (md, html) from benchmark runs"),
+    "compare": ("efficient_attn.commands.compare_cmd", "a run against a reference run: which ratios got worse"),
     "quality": ("efficient_attn.commands.quality_cmd", "train variants on long-range tasks; error, head diversity"),
     "status": ("efficient_attn.commands.status_cmd", "where a run's cells are (done, running, pending, failed); collects"),
 }
