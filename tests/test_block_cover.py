@@ -60,7 +60,8 @@ def test_capped_cover_keeps_the_pattern(key, seq):
     attn = build_for_test(key, dim=32, num_heads=4, backend="torch", window_size=256).double()
     q, k, v = random_qkv(2, 4, seq, 8, seed=seq)
     check_against_reference(attn, q, k, v, random_padding(2, seq, seed=seq))
-    assert attn.last_padded_len == (seq if seq <= 256 else 512)
+    block = attn.pattern.block_size  # window: 64 by default, longformer: its window (256)
+    assert attn.last_padded_len == (seq if seq <= 257 else -(-seq // block) * block)
 
 
 @pytest.mark.parametrize("key", ["window", "longformer"])
@@ -83,11 +84,15 @@ def _strided_calls(attn, seq: int) -> int:
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("block_size", [4, 6, 16])
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_strided_key_view_matches_reference_and_gather(causal, block_size, kv_heads, monkeypatch):
+@pytest.mark.parametrize("blocks_per_call", [1, 3])
+def test_strided_key_view_matches_reference_and_gather(causal, block_size, kv_heads, blocks_per_call, monkeypatch):
     seq = 150
-    monkeypatch.setattr(blocked, "KEY_ROWS_PER_CALL", 0)  # no single call for the short input
     attn = build_for_test("window", dim=32, num_heads=4, num_kv_heads=kv_heads, causal=causal, backend="torch",
                           window_size=16, block_size=block_size).double()
+    # no single call for the short input: calls of 1 or 3 query blocks, so the edge calls (which read a zero-padded
+    # copy of their keys) span one or several blocks, and interior calls read k itself
+    per_block = kv_heads * attn.structure(seq).keys_per_block
+    monkeypatch.setattr(blocked, "KEY_ROWS_PER_CALL", (blocks_per_call * per_block) if blocks_per_call > 1 else 0)
     assert _strided_calls(attn, seq) > 0  # the view path really runs
     q, k, v = random_qkv(1, 4, seq, 8, seed=block_size)
     k, v = (t.detach()[:, :kv_heads].clone().requires_grad_() for t in (k, v))
@@ -131,10 +136,12 @@ def test_contiguous_rows_claim_holds(causal, window, block, seq):
     attn = build_for_test("window", dim=32, num_heads=4, causal=causal, window_size=window, block_size=block)
     st = attn.structure(seq)
     lo, hi = attn.pattern.contiguous_rows(st)
-    for r in range(st.num_query_blocks):
-        tokens = st.key_tokens(r, r + 1)
-        start = blocked._contiguous_start(tokens, st.block_size)
-        if lo <= r < hi:
-            assert start is not None and int(tokens.max()) < seq
-    if lo < hi:
-        assert blocked._contiguous_start(st.key_tokens(lo, hi), st.block_size) is not None
+    assert (lo, hi) == (0, st.num_query_blocks)  # every window row reads one run of keys
+    first = blocked._contiguous_start(st.key_tokens(lo, hi), st.block_size)
+    assert first is not None
+    for r in range(lo, hi):
+        tokens = st.key_tokens(r, r + 1)[0, 0]
+        run = first + r * st.block_size + torch.arange(tokens.numel())
+        used = tokens >= 0
+        assert torch.equal(tokens[used], run[used])  # used slots are the run's keys
+        assert bool(((run[~used] < 0) | (run[~used] >= st.padded_len)).all())  # empty ones lie outside the input

@@ -75,6 +75,9 @@ STRIDED_ROWS_PER_CALL = 2048
 GLOBAL_ROWS_PER_CALL = 64
 #: Keys per backward call of the dense global rows: their key gradients are computed in slices of this many keys.
 GLOBAL_KEYS_PER_BACKWARD = 4096
+#: Masks of a query-block group up to this many elements are kept with the plan (with their bias) even when they
+#: differ per query block (a window's edge blocks, a short input's single call): built once per length.
+CACHED_MASK_ELEMENTS = 1 << 20
 #: Elements of one call's ALiBi bias (batch * heads * rows * keys): with ALiBi, calls take fewer query blocks.
 BIAS_ELEMENTS_PER_CALL = 1 << 22
 
@@ -213,15 +216,20 @@ def _calls(
 
 
 def _contiguous_start(tokens: Tensor, block_size: int) -> int | None:
-    """``tokens[0, 0, 0]`` when every row of ``tokens`` ``(hp, g, kt)`` is one head's run of consecutive key indices
-    starting ``block_size`` after the previous row's (a window away from the edges), else None."""
-    if tokens.shape[0] != 1 or bool((tokens < 0).any()):
+    """The first key of row 0 when every row ``r`` of ``tokens`` ``(hp, g, kt)`` reads the consecutive keys
+    ``start + r * block_size + (0 .. kt - 1)`` (a window's rows), else None. ``start`` may be negative and the run
+    may pass the sequence's end: ``EMPTY`` slots stand for positions of the run outside the sequence (read as zero
+    keys from a padded copy, and masked)."""
+    if tokens.shape[0] != 1:
         return None
     g, kt = tokens.shape[1:]
-    first = int(tokens[0, 0, 0])
-    expected = first + block_size * torch.arange(g, device=tokens.device)[:, None] + torch.arange(
-        kt, device=tokens.device)
-    return first if bool((tokens[0] == expected).all()) else None
+    used = tokens[0] >= 0
+    if not bool(used.any()):
+        return None
+    relative = block_size * torch.arange(g, device=tokens.device)[:, None] + torch.arange(kt, device=tokens.device)
+    starts = (tokens[0] - relative)[used]
+    first = int(starts[0])
+    return first if bool((starts == first).all()) else None
 
 
 def _group_indices(
@@ -243,7 +251,7 @@ def _group_indices(
         flat = (safe.transpose(0, 1) + head_offsets).reshape(-1)  # (g * kh * kt,) hp broadcast to kh
         allowed = allowed.transpose(0, 1)  # (g or 1, hp, b or 1, kt)
         key_start = _contiguous_start(tokens, st.block_size) if plan.pattern.mask_heads == 1 else None
-    small = allowed.shape[0] == 1 or allowed.shape[2] == 1
+    small = allowed.shape[0] == 1 or allowed.shape[2] == 1 or allowed.numel() <= CACHED_MASK_ELEMENTS
     if not small:
         return safe, flat, allowed, None, key_start
     shared = plan.shared_biases.get(id(raw))
@@ -257,33 +265,54 @@ def _block_groups(
 ) -> Iterator[tuple[int, int]]:
     """Query-block ranges ``(start, stop)`` of the block-wise calls.
 
-    A short input whose gathered keys fit :data:`KEY_ROWS_PER_CALL` rows is one call. Otherwise a call's keys are
-    either one strided view of k (a window away from the edges, batch 1: nothing is copied; up to
-    :data:`STRIDED_ROWS_PER_CALL` query rows and :data:`KEY_ROWS_PER_CALL` key rows, which bounds the backward's
-    per-call key gradients) or gathered (up to ``rows_per_call`` query rows and at most
-    :data:`GATHERED_ROWS_PER_CALL` key rows: the forward's peak beyond its output). With ALiBi the call's bias
-    (``batch * heads * rows * keys``) is bounded by :data:`BIAS_ELEMENTS_PER_CALL`.
+    Where the pattern's rows read consecutive keys (a sliding window, batch 1: ``Pattern.contiguous_rows``), a call's
+    keys are one strided view of k: nothing is copied in the sequence's interior, and the rows at either edge, whose
+    run of keys passes the sequence's start or end, read a zero-padded copy of just the keys they span (one call per
+    edge). Such calls take up to :data:`STRIDED_ROWS_PER_CALL` query rows and :data:`KEY_ROWS_PER_CALL` key rows
+    (which bounds the backward's per-call key gradients); a short input whose padded keys fit
+    :data:`KEY_ROWS_PER_CALL` rows is one call (the fewest calls where per-call overhead matters most, near the
+    crossover with SDPA). Other rows gather their keys: a short input whose gathered keys fit
+    :data:`KEY_ROWS_PER_CALL` rows is one call, otherwise up to ``rows_per_call`` query rows and at most
+    :data:`GATHERED_ROWS_PER_CALL` key rows per call (the forward's peak beyond its output). With ALiBi the call's
+    bias (``batch * heads * rows * keys``) is bounded by :data:`BIAS_ELEMENTS_PER_CALL`.
     """
     st = plan.structure
+    nq = st.num_query_blocks
     per_block = max(1, key_heads * st.keys_per_block)
-    if st.num_query_blocks == 0:
+    if nq == 0:
         return
-    if slopes is None and st.num_query_blocks * per_block <= KEY_ROWS_PER_CALL and (
-            st.num_query_blocks * st.block_size <= plan.rows_per_call):
-        yield 0, st.num_query_blocks  # few calls matter most at short lengths (the crossover with SDPA)
-        return
+    lo = hi = 0  # query blocks lo .. hi - 1 read strided views (when the pattern has such a range)
+    if batch == 1 and plan.pattern.mask_heads == 1 and st.extra_keys.numel() == 0:
+        lo, hi = plan.pattern.contiguous_rows(st)
+    if slopes is None:
+        strided_copy = key_heads * (st.padded_len + st.keys_per_block)  # rows of the padded copy of every key
+        if (lo, hi) == (0, nq) and strided_copy <= KEY_ROWS_PER_CALL and nq * st.block_size <= STRIDED_ROWS_PER_CALL:
+            yield 0, nq
+            return
+        if nq * per_block <= KEY_ROWS_PER_CALL and nq * st.block_size <= plan.rows_per_call:
+            yield 0, nq  # few calls matter most at short lengths (the crossover with SDPA)
+            return
     # a strided call copies nothing forward, but its backward returns key and value gradients of the gathered size
     group = max(1, min(STRIDED_ROWS_PER_CALL // st.block_size, KEY_ROWS_PER_CALL // per_block))
     gathered = max(1, min(plan.rows_per_call // st.block_size, GATHERED_ROWS_PER_CALL // per_block))
     if slopes is not None:
         group = gathered = max(1, min(gathered, BIAS_ELEMENTS_PER_CALL // max(
             1, batch * heads * st.block_size * st.keys_per_block)))
-    lo = hi = 0  # query blocks lo .. hi - 1 read strided views (when the pattern has such a range)
-    if batch == 1 and plan.pattern.mask_heads == 1 and st.extra_keys.numel() == 0:
-        lo, hi = plan.pattern.contiguous_rows(st)
-    for first, last, step in ((0, lo, gathered), (lo, hi, group), (hi, st.num_query_blocks, gathered)):
-        for start in range(first, last, step):
-            yield start, min(start + step, last)
+    inner_lo, inner_hi = lo, hi  # strided rows whose keys all lie inside k (the rest read a padded copy)
+    if hi > lo:
+        first = _contiguous_start(st.key_tokens(lo, lo + 1), st.block_size)
+        if first is None:  # the pattern's claim did not hold: gather everything
+            lo = hi = inner_lo = inner_hi = 0
+        else:
+            bs = st.block_size
+            inner_lo = min(hi, lo + max(0, -(first // bs)) if first < 0 else lo)
+            last_ok = (st.padded_len - st.keys_per_block - first) // bs  # last row r - lo whose run ends inside
+            inner_hi = max(inner_lo, min(hi, lo + last_ok + 1))
+    ranges = ((0, lo, gathered), (lo, inner_lo, group), (inner_lo, inner_hi, group), (inner_hi, hi, group),
+              (hi, nq, gathered))
+    for first_row, last_row, step in ranges:
+        for start in range(first_row, last_row, step):
+            yield start, min(start + step, last_row)
 
 
 def _block_queries(st: BlockStructure, start: int, stop: int, device: torch.device) -> Tensor:
@@ -325,27 +354,74 @@ def _put_query_rows(dest: Tensor, value: Tensor, plan: BlockedPlan, call: _Call,
         target.copy_(value)
 
 
+def _strided(call: _Call, batch: int, x: Tensor) -> bool:
+    """Whether ``call`` reads its keys as one strided run of ``x`` (see :func:`_contiguous_start`)."""
+    return call.key_start is not None and batch == 1 and x.shape[1] == call.key_heads
+
+
+def _key_span(call: _Call, keys_per_block: int) -> tuple[int, int]:
+    """Token range ``[lo, hi)`` of a strided call's keys (may pass either end of the sequence)."""
+    lo = call.key_start
+    return lo, lo + (call.stop - call.start - 1) * call.key_step + keys_per_block
+
+
 def _key_rows(x: Tensor, call: _Call) -> Tensor:
     """Gathered keys (or values): blocks -> ``(batch * g, key_heads, kt, d)``; global -> x itself."""
     if call.kind == "global":
         return x
-    batch, _, _, d = x.shape
+    batch, _, n, d = x.shape
     g = call.stop - call.start
     keys_per_block = call.key_index.numel() // (call.key_heads * g)
-    if call.key_start is not None and batch == 1 and x.shape[1] == call.key_heads and x.is_contiguous():
-        # block i reads keys key_start + i * b ..: overlapping rows of one view, (g, kh, kt, d)
-        return x.as_strided((g, call.key_heads, keys_per_block, d),
-                            (call.key_step * d, x.stride(1), d, 1), x.storage_offset() + call.key_start * d)
+    if _strided(call, batch, x):
+        # block i reads keys key_start + i * b ..: overlapping rows of one view, (g, kh, kt, d); rows whose run
+        # passes an end of the sequence read a zero-padded copy of the span (their mask excludes those keys)
+        lo, hi = _key_span(call, keys_per_block)
+        if lo >= 0 and hi <= n and x.is_contiguous():
+            base, offset = x, lo * d
+        else:
+            base, offset = x.new_zeros(1, x.shape[1], hi - lo, d), 0
+            a, b = max(lo, 0), min(hi, n)
+            base[:, :, a - lo:b - lo] = x[:, :, a:b]
+        return base.as_strided((g, call.key_heads, keys_per_block, d),
+                               (call.key_step * d, base.stride(1), d, 1), base.storage_offset() + offset)
     rows = x.reshape(batch, -1, d).index_select(1, call.key_index)  # (batch, g * kh * kt, d)
     return rows.view(-1, call.key_heads, keys_per_block, d)
 
 
 def _add_key_rows(dest: Tensor, value: Tensor, call: _Call) -> None:
+    """Add a call's key (or value) gradients ``value`` ``(batch * g, kh, kt, d)`` into ``dest`` ``(batch, kh, n, d)``."""
     if call.kind == "global":
         dest += value
         return
-    batch, _, _, d = dest.shape
-    dest.view(batch, -1, d).index_add_(1, call.key_index, value.reshape(batch, -1, d).to(dest.dtype))
+    batch, _, n, d = dest.shape
+    if _strided(call, batch, dest):
+        # the overlapping windows' gradients: slot o of block i is key key_start + (i + o) * b ..; one strided add
+        # per slot instead of an index_add over every gathered row
+        g, kh, kt, _ = value.shape
+        step = call.key_step
+        lo, hi = _key_span(call, kt)
+        inside = lo >= 0 and hi <= n
+        target = dest[0, :, lo:hi] if inside else torch.zeros(
+            hi - lo, kh, d, dtype=dest.dtype, device=dest.device).transpose(0, 1)  # (kh, span, d), dest's layout
+        value = value.to(dest.dtype)
+        head_stride, token_stride = target.stride(0), target.stride(1)
+        for o in range(0, kt, step):
+            part = value[:, :, o:o + step]  # (g, kh, w, d), w = step except maybe the last slot
+            view = target.as_strided((kh, g, part.shape[2], d), (head_stride, step * token_stride, token_stride, 1),
+                                     target.storage_offset() + o * token_stride)  # keys lo + o + i * step + (0..w-1)
+            view.add_(part.transpose(0, 1))
+        if not inside:
+            a, b = max(lo, 0), min(hi, n)
+            dest[0, :, a:b] += target[:, a - lo:b - lo]
+        return
+    rows = value.reshape(batch, -1, d).to(dest.dtype)
+    if dest.is_contiguous():
+        dest.view(batch, -1, d).index_add_(1, call.key_index, rows)
+        return
+    # a token-major buffer (:func:`_token_major`): flat row head * n + token becomes token * heads + head
+    heads = dest.shape[1]
+    index = (call.key_index % n) * heads + torch.div(call.key_index, n, rounding_mode="floor")
+    dest.transpose(1, 2).view(batch, -1, d).index_add_(1, index, rows)
 
 
 # ---------------------------------------------------------------------------------------------- chunk kernels
@@ -398,7 +474,7 @@ def _chunk_backward(
     allowed = call.allowed
     if _use_cpu_flash(q):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=call.bias(q.dtype), scale=scale
+            grad_out, q, k, v, out, lse, 0.0, False, attn_mask=call.bias(q.dtype), scale=scale
         )
     kh = k.shape[1]
     scores = _scores(q, k, scale)
@@ -418,12 +494,20 @@ def _chunk_backward(
 
 
 # -------------------------------------------------------------------------------------------- autograd function
+def _token_major(shape: torch.Size, dtype: torch.dtype, device: torch.device, zero: bool) -> Tensor:
+    """A ``(batch, heads, seq, d)`` tensor stored as ``(batch, seq, heads, d)``: the layout the fused CPU kernel
+    writes each call's ``(rows, heads, block, d)`` output and gradients in, so a block's rows (all heads) copy or add
+    as one contiguous run. Returned as the ``(batch, heads, seq, d)`` view (not contiguous)."""
+    batch, heads, seq, d = shape
+    make = torch.zeros if zero else torch.empty
+    return make(batch, seq, heads, d, dtype=dtype, device=device).transpose(1, 2)
+
+
 def _rows_buffer(like: Tensor, plan: BlockedPlan, dtype: torch.dtype) -> Tensor:
-    """A ``like``-shaped buffer: rows of the block-wise part left uninitialised (each is written exactly once, by
-    copy; global rows inside it are written as zeros there), rows before it zeroed (global calls add into them)."""
-    # (batch, heads, seq, d) in memory, as the fused CPU kernel writes each call's (rows, heads, block, d) output:
-    # every block's rows copy as one contiguous run
-    buffer = torch.empty(like.shape, dtype=dtype, device=like.device)
+    """A ``like``-shaped token-major buffer (:func:`_token_major`): rows of the block-wise part left uninitialised
+    (each is written exactly once, by copy; global rows inside it are written as zeros there), rows before it zeroed
+    (global calls add into them)."""
+    buffer = _token_major(like.shape, dtype, like.device, zero=False)
     buffer[:, :, : plan.structure.first_query_block * plan.structure.block_size].zero_()
     return buffer
 
@@ -453,8 +537,8 @@ class _SparseAttentionFunction(torch.autograd.Function):
         plan, scale = ctx.plan, ctx.scale
         acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         grad_q = _rows_buffer(q, plan, acc)
-        grad_k = torch.zeros_like(k, dtype=acc)
-        grad_v = torch.zeros_like(v, dtype=acc)
+        grad_k = _token_major(k.shape, acc, k.device, zero=True)
+        grad_v = _token_major(v.shape, acc, v.device, zero=True)
         for call, lse in zip(_calls(plan, q.shape[0], q.shape[1], kpm, k.shape[1], slopes), lses):
             if call.kind == "global":
                 _global_backward(grad_out, q, k, v, out, lse, plan, call, scale, grad_q, grad_k, grad_v)
