@@ -38,6 +38,7 @@ padding mask bool ``(batch, padded_len)``. A query with no allowed key yields ze
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -91,6 +92,10 @@ class BlockedPlan:
     mask_mod: MaskMod
     is_global: Tensor  # bool (padded_len,)
     rows_per_call: int = DEFAULT_ROWS_PER_CALL
+    #: the structure without its extra keys: the block-wise calls of :func:`sparse_attention` read only the slots
+    #: (so a window with sinks or Longformer's global columns keeps its strided views); the extra keys are a second
+    #: call per group, merged by log-sum-exp
+    slots: BlockStructure | None = None
     #: per query-block group: (tokens, flat key index, allowed, {dtype: bias}) when ``allowed`` is small enough to
     #: keep (broadcast over the group or the query rows); filled lazily by the first call.
     group_cache: dict = field(default_factory=dict)
@@ -106,8 +111,9 @@ class BlockedPlan:
         # prediction), where data-dependent steps such as BigBird's random draw could not run.
         with unset_fake_temporarily():
             structure = pattern.structure(seq_len, device)
+            slots = dataclasses.replace(structure, extra_keys=structure.extra_keys[:0])
             return cls(pattern, structure, pattern.mask_mod(seq_len, device),
-                       global_query_lookup(structure, device), rows_per_call)
+                       global_query_lookup(structure, device), rows_per_call, slots=slots)
 
 
 @dataclass
@@ -126,6 +132,9 @@ class _Call:
     #: kt - 1)`` (a sliding window away from the edges), its keys are one overlapping strided view of k: no copy
     key_start: int | None = None
     key_step: int = 0  # with key_start: tokens between consecutive query blocks' first keys (the block size)
+    #: blocks only, split calls: the same rows against the structure's extra keys (sinks, global columns), an
+    #: ``"extra"`` call whose keys are ``extra_keys`` (its ``key_index``, token indices) for every block of the group
+    extra: "_Call | None" = None
 
     def bias(self, dtype: torch.dtype) -> Tensor | None:
         if self.additive is not None:
@@ -156,19 +165,25 @@ def _calls(
     key_padding_mask: Tensor | None,
     kv_heads: int | None = None,
     slopes: Tensor | None = None,
+    split_extras: bool = True,
 ) -> Iterator[_Call]:
+    """The calls of one pass. ``split_extras``: block calls read the slots only and carry the extra keys as their
+    ``extra`` call (merged by log-sum-exp: :func:`sparse_attention`); otherwise the extra keys are appended to every
+    block's gathered keys (one call per group: :func:`sparse_attention_autograd`)."""
     st = plan.structure
+    split = split_extras and st.extra_keys.numel() > 0 and plan.slots is not None
+    blocks_st = plan.slots if split else st
     n_pad = st.padded_len
     kv_heads = heads if kv_heads is None else kv_heads
     group_size = heads // kv_heads
     # a shared pattern gathers per key/value head; a per-head one per query head (from its shared kv head)
     key_heads = kv_heads if plan.pattern.mask_heads == 1 else heads
-    for start, stop in _block_groups(plan, batch, heads, key_heads, slopes):
+    for start, stop in _block_groups(plan, blocks_st, batch, heads, key_heads, slopes):
         g = stop - start
-        cache_key = (start, stop, heads, kv_heads)
+        cache_key = (start, stop, heads, kv_heads, split)
         cached = plan.group_cache.get(cache_key)
         if cached is None:
-            cached = _group_indices(plan, start, stop, heads, key_heads, group_size)
+            cached = _group_indices(plan, blocks_st, start, stop, heads, key_heads, group_size)
             if cached[3] is not None:  # small masks (and their biases) are kept with the plan
                 plan.group_cache[cache_key] = cached
         safe, flat, allowed, biases, key_start = cached
@@ -176,11 +191,7 @@ def _calls(
             key_start = None  # the (batch, group) rows of a strided view would not fold into one dimension
         additive = None
         if slopes is not None:
-            q_idx = _block_queries(st, start, stop, safe.device)  # (g, b)
-            distance = (q_idx[None, :, :, None] - safe[:, :, None, :]).abs().transpose(0, 1)  # (g, hp, b, kt)
-            additive = -slopes.view(1, -1, 1, 1) * distance.to(slopes.dtype)  # (g, h, b, kt)
-            if batch > 1:
-                additive = additive[None].expand(batch, *additive.shape).flatten(0, 1)
+            additive = _alibi_rows(st, start, stop, safe, slopes, batch)
             biases = None
         if key_padding_mask is not None:
             real = key_padding_mask[:, safe.transpose(0, 1)]  # (batch, g, hp, kt)
@@ -189,7 +200,9 @@ def _calls(
         elif batch > 1:
             allowed = allowed[None].expand(batch, g, *allowed.shape[1:]).flatten(0, 1)
             biases = None
-        yield _Call("blocks", start, stop, flat, allowed, biases, additive, key_heads, key_start, st.block_size)
+        extra = _extra_call(plan, start, stop, batch, kv_heads, key_padding_mask, slopes) if split else None
+        yield _Call("blocks", start, stop, flat, allowed, biases, additive, key_heads, key_start,
+                    blocks_st.block_size, extra)
     num_global = st.global_queries.numel()
     for start in range(0, num_global, GLOBAL_ROWS_PER_CALL):
         stop = min(start + GLOBAL_ROWS_PER_CALL, num_global)
@@ -215,6 +228,54 @@ def _calls(
         yield _Call("global", start, stop, None, allowed, None, additive, kv_heads)
 
 
+def _alibi_rows(st: BlockStructure, start: int, stop: int, keys: Tensor, slopes: Tensor, batch: int) -> Tensor:
+    """ALiBi bias ``(batch * g, h, b, kt)`` of query-block rows ``start:stop`` against key tokens ``keys``
+    ``(hp, g, kt)``."""
+    q_idx = _block_queries(st, start, stop, keys.device)  # (g, b)
+    distance = (q_idx[None, :, :, None] - keys[:, :, None, :]).abs().transpose(0, 1)  # (g, hp, b, kt)
+    additive = -slopes.view(1, -1, 1, 1) * distance.to(slopes.dtype)  # (g, h, b, kt)
+    if batch > 1:
+        additive = additive[None].expand(batch, *additive.shape).flatten(0, 1)
+    return additive
+
+
+def _extra_call(
+    plan: BlockedPlan, start: int, stop: int, batch: int, kv_heads: int, key_padding_mask: Tensor | None,
+    slopes: Tensor | None,
+) -> _Call:
+    """The extra keys of query-block rows ``start:stop`` as one call: every block of the group against the
+    structure's ``extra_keys`` (e of them; a key already in a block's slots is masked for that block, as
+    ``BlockStructure.key_tokens`` drops it), mask ``(batch * g, hp, b, e)`` from ``mask_mod``."""
+    st = plan.structure
+    cache_key = ("extra", start, stop)
+    if cache_key not in plan.group_cache:
+        with unset_fake_temporarily():  # index arithmetic only
+            slot_keys = plan.slots.keys_per_block
+            tokens = st.key_tokens(start, stop)[..., slot_keys:]  # (hp, g, e); EMPTY where a slot covers it
+            q_idx = _block_queries(st, start, stop, tokens.device)  # (g, b)
+            heads = torch.arange(tokens.shape[0], device=tokens.device)[:, None, None, None]
+            allowed = plan.mask_mod(0, heads, q_idx[None, :, :, None], tokens[:, :, None, :])
+            allowed = allowed & (tokens >= 0)[:, :, None, :]
+            if st.global_queries.numel():
+                allowed = allowed & ~plan.is_global[q_idx][None, :, :, None]  # dense rows are computed apart
+            allowed = allowed.transpose(0, 1)  # (g, hp, b, e)
+        plan.group_cache[cache_key] = (tokens, allowed, {})  # O(g * b * e), kept with the plan
+    tokens, allowed, biases = plan.group_cache[cache_key]
+    g = stop - start
+    additive = None
+    if slopes is not None:
+        additive = _alibi_rows(st, start, stop, tokens.clamp_min(0), slopes, batch)
+        biases = None
+    if key_padding_mask is not None:
+        real = key_padding_mask[:, st.extra_keys]  # (batch, e)
+        allowed = (allowed[None] & real[:, None, None, None, :]).flatten(0, 1)  # (batch * g, hp, b, e)
+        biases = None
+    elif batch > 1:
+        allowed = allowed[None].expand(batch, *allowed.shape).flatten(0, 1)
+        biases = None
+    return _Call("extra", start, stop, st.extra_keys, allowed, biases, additive, kv_heads)
+
+
 def _contiguous_start(tokens: Tensor, block_size: int) -> int | None:
     """The first key of row 0 when every row ``r`` of ``tokens`` ``(hp, g, kt)`` reads the consecutive keys
     ``start + r * block_size + (0 .. kt - 1)`` (a window's rows), else None. ``start`` may be negative and the run
@@ -233,12 +294,11 @@ def _contiguous_start(tokens: Tensor, block_size: int) -> int | None:
 
 
 def _group_indices(
-    plan: BlockedPlan, start: int, stop: int, heads: int, key_heads: int, group_size: int
+    plan: BlockedPlan, st: BlockStructure, start: int, stop: int, heads: int, key_heads: int, group_size: int
 ) -> tuple[Tensor, Tensor, Tensor, dict | None, int | None]:
     """``(safe tokens (hp, g, kt), flat key index, allowed (g or 1, hp, b or 1, kt), biases or None, key_start)`` of
     the query-block rows ``start:stop``; ``biases`` is a dict (to fill) only when ``allowed`` is small enough to keep.
     """
-    st = plan.structure
     with unset_fake_temporarily():  # index arithmetic only: real even when predicting with fake tensors
         tokens, allowed = plan.pattern.chunk_mask(st, plan.mask_mod, plan.is_global, start, stop)
         # tokens (hp, g, kt); allowed (hp, g or 1, b or 1, kt): size-1 dims broadcast in the fused kernel
@@ -261,7 +321,7 @@ def _group_indices(
 
 
 def _block_groups(
-    plan: BlockedPlan, batch: int, heads: int, key_heads: int, slopes: Tensor | None
+    plan: BlockedPlan, st: BlockStructure, batch: int, heads: int, key_heads: int, slopes: Tensor | None
 ) -> Iterator[tuple[int, int]]:
     """Query-block ranges ``(start, stop)`` of the block-wise calls.
 
@@ -276,7 +336,6 @@ def _block_groups(
     :data:`GATHERED_ROWS_PER_CALL` key rows per call (the forward's peak beyond its output). With ALiBi the call's
     bias (``batch * heads * rows * keys``) is bounded by :data:`BIAS_ELEMENTS_PER_CALL`.
     """
-    st = plan.structure
     nq = st.num_query_blocks
     per_block = max(1, key_heads * st.keys_per_block)
     if nq == 0:
@@ -424,6 +483,48 @@ def _add_key_rows(dest: Tensor, value: Tensor, call: _Call) -> None:
     dest.transpose(1, 2).view(batch, -1, d).index_add_(1, index, rows)
 
 
+def _extra_keys(x: Tensor, call: _Call) -> Tensor:
+    """An extra call's keys (or values) ``(batch * g, kh, e, d)``: the e extra tokens, the same for every block of
+    the group (a broadcast view for batch 1)."""
+    batch, kh, _, d = x.shape
+    g = call.stop - call.start
+    rows = x.index_select(2, call.key_index)  # (batch, kh, e, d)
+    return rows[:, None].expand(batch, g, kh, rows.shape[2], d).reshape(batch * g, kh, rows.shape[2], d)
+
+
+def _add_extra_keys(dest: Tensor, value: Tensor, call: _Call) -> None:
+    """Add an extra call's key (or value) gradients ``(batch * g, kh, e, d)`` into ``dest`` ``(batch, kh, n, d)``."""
+    batch = dest.shape[0]
+    summed = value.reshape(batch, -1, *value.shape[1:]).sum(1)  # (batch, kh, e, d): the group's blocks added
+    dest.index_add_(2, call.key_index, summed.to(dest.dtype))
+
+
+def _empty_rows_to_minus_inf(lse: Tensor, call: _Call) -> Tensor:
+    """The call's log-sum-exp with rows that had no allowed key at -inf (the fused CPU kernel reports 0 for them),
+    so a merge gives such a part no weight."""
+    if call.allowed is None:
+        return lse
+    has_key = call.allowed.any(-1)  # broadcastable to lse (N, h, m)
+    return torch.where(has_key, lse, torch.full((), float("-inf"), dtype=lse.dtype, device=lse.device))
+
+
+def merge_by_lse(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention over the union of two disjoint key sets from each set's result: ``(out, lse)``.
+
+    ``out_*`` ``(..., rows, d)``, ``lse_*`` ``(..., rows)`` (-inf for a row with no key in that set). The weights are
+    ``exp(lse_* - lse)``. A row empty in both gets output 0 and log-sum-exp 0 (the fused kernel's convention for an
+    empty row, which its backward reads safely). Works in place: ``out_a`` becomes the result and ``out_b`` is
+    overwritten (both are fresh kernel outputs here), so a merge holds no output-sized temporary."""
+    top = torch.maximum(lse_a, lse_b)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    wa, wb = torch.exp(lse_a - top), torch.exp(lse_b - top)
+    total = wa + wb
+    out_a.mul_((wa / total.clamp_min(torch.finfo(total.dtype).tiny))[..., None].to(out_a.dtype))
+    out_a.add_(out_b.mul_((wb / total.clamp_min(torch.finfo(total.dtype).tiny))[..., None].to(out_b.dtype)))
+    lse = torch.where(total > 0, top + torch.log(total), torch.zeros_like(total))
+    return out_a, lse
+
+
 # ---------------------------------------------------------------------------------------------- chunk kernels
 def _bias(allowed: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     if allowed is None:
@@ -524,6 +625,11 @@ class _SparseAttentionFunction(torch.autograd.Function):
         for call in _calls(plan, batch, heads, kpm, k.shape[1], slopes):
             qc, kc, vc = _query_rows(q, plan, call), _key_rows(k, call), _key_rows(v, call)
             o, lse = _chunk_forward(qc, kc, vc, call, scale)
+            if call.extra is not None:
+                extra = call.extra
+                oe, le = _chunk_forward(qc, _extra_keys(k, extra), _extra_keys(v, extra), extra, scale)
+                o, lse = merge_by_lse(o, _empty_rows_to_minus_inf(lse, call), oe,
+                                      _empty_rows_to_minus_inf(le, extra))
             _put_query_rows(out, o, plan, call, accumulate=call.kind == "global")
             lses.append(lse)
         ctx.plan, ctx.scale, ctx.num_lse = plan, scale, len(lses)
@@ -550,6 +656,17 @@ class _SparseAttentionFunction(torch.autograd.Function):
             _put_query_rows(grad_q, gq, plan, call, accumulate=call.kind == "global")
             _add_key_rows(grad_k, gk, call)
             _add_key_rows(grad_v, gv, call)
+            if call.extra is not None:
+                # exact for a subset of the keys: given the rows' final output and log-sum-exp (both parts
+                # merged), each part's probabilities and delta are the true ones (see _global_backward)
+                extra = call.extra
+                gq, gk, gv = _chunk_backward(
+                    _query_rows(grad_out, plan, call), _query_rows(q, plan, call), _extra_keys(k, extra),
+                    _extra_keys(v, extra), _query_rows(out, plan, call), lse, extra, scale,
+                )
+                _put_query_rows(grad_q, gq, plan, call, accumulate=True)
+                _add_extra_keys(grad_k, gk, extra)
+                _add_extra_keys(grad_v, gv, extra)
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None
 
 
@@ -620,7 +737,7 @@ def sparse_attention_autograd(
     batch, heads, n_pad, d = q.shape
     st = plan.structure
     blocks, glob_rows, glob_out = [], [], []
-    for call in _calls(plan, batch, heads, key_padding_mask, k.shape[1], slopes):
+    for call in _calls(plan, batch, heads, key_padding_mask, k.shape[1], slopes, split_extras=False):
         qc = _query_rows(q, plan, call)
         mask, has_key = _sdpa_mask(call, q.dtype)
         kc, vc = _key_rows(k, call), _key_rows(v, call)

@@ -358,7 +358,8 @@ class WindowPattern(Pattern):
         self, structure: BlockStructure, mod: MaskMod, is_global: Tensor, start: int, stop: int
     ) -> tuple[Tensor, Tensor]:
         tokens = structure.key_tokens(start, stop)  # (1, g, kt)
-        if self.sink_tokens:
+        if self.sink_tokens and (structure.extra_keys.numel() or bool(
+                ((tokens >= 0) & (tokens < self.sink_tokens)).any())):
             # the band over the window's slots, or a sink key anywhere (inside a gathered block or appended)
             q_idx = _chunk_queries(structure, start, stop)
             band = F.pad(self._band(structure), (0, structure.extra_keys.numel()))  # (1, 1, b, kt)
@@ -432,6 +433,11 @@ class LongformerPattern(WindowPattern):
     ) -> tuple[Tensor, Tensor]:
         tokens = structure.key_tokens(start, stop)  # (1, g, slots * b + e)
         q_idx = _chunk_queries(structure, start, stop)  # (g, b)
+        if not structure.extra_keys.numel() and not bool(is_global[tokens.clamp_min(0)].any()) and not bool(
+                is_global[q_idx.clamp_max(structure.padded_len - 1)].any()):
+            # no global key among the slots and no global row (the slots-only cover of the blocked backend away from
+            # the global tokens): the plain window's rule, so interior groups share one band
+            return WindowPattern.chunk_mask(self, structure, mod, is_global, start, stop)
         window_keys = structure.key_blocks.shape[-1] * structure.block_size
         # window part: the band, or a global key inside the gathered blocks; extra part: uncovered global keys
         key_global = torch.ones_like(tokens, dtype=torch.bool)
