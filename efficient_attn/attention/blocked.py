@@ -359,7 +359,8 @@ def _block_groups(
             1, batch * heads * st.block_size * st.keys_per_block)))
     inner_lo, inner_hi = lo, hi  # strided rows whose keys all lie inside k (the rest read a padded copy)
     if hi > lo:
-        first = _contiguous_start(st.key_tokens(lo, lo + 1), st.block_size)
+        with unset_fake_temporarily():  # index arithmetic on the plan's real tensors (also when predicting)
+            first = _contiguous_start(st.key_tokens(lo, lo + 1), st.block_size)
         if first is None:  # the pattern's claim did not hold: gather everything
             lo = hi = inner_lo = inner_hi = 0
         else:
