@@ -135,6 +135,9 @@ class _Call:
     #: blocks only, split calls: the same rows against the structure's extra keys (sinks, global columns), an
     #: ``"extra"`` call whose keys are ``extra_keys`` (its ``key_index``, token indices) for every block of the group
     extra: "_Call | None" = None
+    #: blocks only, when every slot is one whole key block (no appended extra keys): the flat ``(g * kh * slots,)``
+    #: index of those blocks into ``(kv_heads * num_blocks)`` blocks, so a gather copies whole blocks
+    block_index: Tensor | None = None
 
     def bias(self, dtype: torch.dtype) -> Tensor | None:
         if self.additive is not None:
@@ -201,8 +204,12 @@ def _calls(
             allowed = allowed[None].expand(batch, g, *allowed.shape[1:]).flatten(0, 1)
             biases = None
         extra = _extra_call(plan, start, stop, batch, kv_heads, key_padding_mask, slopes) if split else None
+        block_index = None
+        if key_start is None and blocks_st.extra_keys.numel() == 0:
+            block_index = torch.div(flat.view(-1, blocks_st.block_size)[:, 0], blocks_st.block_size,
+                                    rounding_mode="floor")  # an empty slot reads (masked) block 0
         yield _Call("blocks", start, stop, flat, allowed, biases, additive, key_heads, key_start,
-                    blocks_st.block_size, extra)
+                    blocks_st.block_size, extra, block_index)
     num_global = st.global_queries.numel()
     for start in range(0, num_global, GLOBAL_ROWS_PER_CALL):
         stop = min(start + GLOBAL_ROWS_PER_CALL, num_global)
@@ -444,6 +451,10 @@ def _key_rows(x: Tensor, call: _Call) -> Tensor:
             base[:, :, a - lo:b - lo] = x[:, :, a:b]
         return base.as_strided((g, call.key_heads, keys_per_block, d),
                                (call.key_step * d, base.stride(1), d, 1), base.storage_offset() + offset)
+    if call.block_index is not None and x.is_contiguous():
+        # whole key blocks: one copy of block_size * d elements per slot
+        rows = x.view(batch, -1, call.key_step * d).index_select(1, call.block_index)  # (batch, g*kh*slots, b*d)
+        return rows.view(-1, call.key_heads, keys_per_block, d)
     rows = x.reshape(batch, -1, d).index_select(1, call.key_index)  # (batch, g * kh * kt, d)
     return rows.view(-1, call.key_heads, keys_per_block, d)
 
@@ -473,6 +484,10 @@ def _add_key_rows(dest: Tensor, value: Tensor, call: _Call) -> None:
         if not inside:
             a, b = max(lo, 0), min(hi, n)
             dest[0, :, a:b] += target[:, a - lo:b - lo]
+        return
+    if call.block_index is not None and dest.is_contiguous():
+        blocks = value.reshape(batch, -1, call.key_step * d).to(dest.dtype)  # (batch, g * kh * slots, b * d)
+        dest.view(batch, -1, call.key_step * d).index_add_(1, call.block_index, blocks)
         return
     rows = value.reshape(batch, -1, d).to(dest.dtype)
     if dest.is_contiguous():
@@ -644,8 +659,11 @@ class _SparseAttentionFunction(torch.autograd.Function):
         plan, scale = ctx.plan, ctx.scale
         acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         grad_q = _rows_buffer(q, plan, acc)
-        grad_k = _token_major(k.shape, acc, k.device, zero=True)
-        grad_v = _token_major(v.shape, acc, v.device, zero=True)
+        # token-major where strided calls add their overlapping windows (a shared pattern, batch 1), else (b, kh, n,
+        # d) so that gathered calls add whole key blocks
+        strided = q.shape[0] == 1 and plan.pattern.mask_heads == 1
+        grad_k = _token_major(k.shape, acc, k.device, zero=True) if strided else torch.zeros_like(k, dtype=acc)
+        grad_v = _token_major(v.shape, acc, v.device, zero=True) if strided else torch.zeros_like(v, dtype=acc)
         for call, lse in zip(_calls(plan, q.shape[0], q.shape[1], kpm, k.shape[1], slopes), lses):
             if call.kind == "global":
                 _global_backward(grad_out, q, k, v, out, lse, plan, call, scale, grad_q, grad_k, grad_v)
