@@ -17,7 +17,7 @@ from efficient_attn.attention import blocked
 from efficient_attn.harness.plan import Cell
 from efficient_attn.harness.predict import predict_cell
 from efficient_attn.measure.storage import StorageTracker
-from helpers import build_for_test, random_padding, random_qkv
+from helpers import build_for_test, random_padding, random_qkv, reference_attention
 from test_sparse import check_against_reference
 
 HEADS, HEAD_DIM, SEQ = 4, 64, 128
@@ -145,3 +145,57 @@ def test_contiguous_rows_claim_holds(causal, window, block, seq):
         used = tokens >= 0
         assert torch.equal(tokens[used], run[used])  # used slots are the run's keys
         assert bool(((run[~used] < 0) | (run[~used] >= st.padded_len)).all())  # empty ones lie outside the input
+
+
+@pytest.mark.parametrize(("key", "params"), [
+    ("window", {"window_size": 12, "block_size": 4, "sink_tokens": 3}),
+    ("longformer", {"window_size": 12, "block_size": 4, "global_tokens": 2}),
+    ("longformer", {"window_size": 12, "block_size": 4, "global_tokens": (5, 61)}),
+])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_extra_keys_merged_by_lse_match_reference(key, params, causal, padded, monkeypatch):
+    """Sinks and global columns run as a second call per group, merged by log-sum-exp; the window part of batch-1
+    rows keeps its strided view. Outputs and gradients equal the float64 reference of the dense mask."""
+    monkeypatch.setattr(blocked, "KEY_ROWS_PER_CALL", 0)  # several calls: edges and interior apart
+    attn = build_for_test(key, dim=32, num_heads=4, num_kv_heads=2, causal=causal, backend="torch",
+                          **params).double()
+    seq = 70
+    plan = attn._plan(seq, torch.device("cpu"))
+    calls = list(blocked._calls(plan, 1, 4, None, 2))
+    assert all(c.extra is not None for c in calls if c.kind == "blocks")
+    assert any(c.key_start is not None for c in calls)  # the window part is strided despite the extra keys
+    q, k, v = random_qkv(1, 4, seq, 8, seed=7)
+    k, v = (t.detach()[:, :2].clone().requires_grad_() for t in (k, v))
+    kpm = random_padding(1, seq, seed=3) if padded else None
+    ref_attn = build_for_test(key, dim=32, num_heads=4, causal=causal, backend="naive", **params).double()
+    allowed = ref_attn.dense_mask(seq)
+    if kpm is not None:
+        allowed = allowed & kpm[:, None, None, :]
+    gen = torch.Generator().manual_seed(2)
+    grad_out = torch.randn(1, 4, seq, 8, generator=gen, dtype=torch.float64)
+    out = attn.attend(q, k, v, key_padding_mask=kpm)
+    ref = reference_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), allowed)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-9, msg=f"gradient of {name}")
+
+
+def test_merge_by_lse_equals_attention_over_the_union():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    scores = q @ k.transpose(-1, -2)
+    parts = []
+    for keys in (slice(0, 3), slice(3, 5)):
+        s = scores[..., keys]
+        parts.append((torch.softmax(s, -1) @ v[:, :, keys], torch.logsumexp(s, -1)))
+    out, lse = blocked.merge_by_lse(parts[0][0].clone(), parts[0][1], parts[1][0].clone(), parts[1][1])
+    torch.testing.assert_close(out, torch.softmax(scores, -1) @ v)
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1))
+    empty = torch.full_like(parts[1][1], float("-inf"))  # a part with no key leaves the other unchanged
+    out, lse = blocked.merge_by_lse(parts[0][0].clone(), parts[0][1], torch.zeros_like(out), empty)
+    torch.testing.assert_close(out, parts[0][0])
+    out, lse = blocked.merge_by_lse(torch.zeros_like(out), empty, torch.zeros_like(out), empty)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(lse, torch.zeros_like(lse))

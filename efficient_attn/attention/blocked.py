@@ -1,15 +1,22 @@
 """Blocked sparse attention in pure PyTorch: forward and backward without any n x n tensor.
 
 The pattern's :class:`~efficient_attn.attention.patterns.BlockStructure` says which keys each query block needs.
-Query blocks are processed in groups; for a group we gather its key tokens with one flattened ``index_select``
-(``(groups * heads * keys_per_block)`` rows of ``head_dim``), build the small ``(group, block, keys)`` mask from the
-pattern's ``mask_mod`` and the key padding mask, and run one fused attention call with the groups folded into the
-batch dimension. Where every query block of a group reads consecutive keys one block after the previous block's
-(a sliding window away from the sequence's edges, batch 1: ``Pattern.contiguous_rows``), the keys are instead one
-overlapping strided view of k and v: nothing is copied, and such calls take more rows. Gathered calls are bounded in
-key rows (:data:`GATHERED_ROWS_PER_CALL`), which bounds the forward's peak beyond its output; a short input is one
-call (the fewest calls where per-call overhead matters most). Dense global rows (BigBird's global blocks,
-Longformer's global tokens) are further calls over all keys, O(g * n).
+Query blocks are processed in groups; for a group we gather its key blocks with one flattened ``index_select`` (whole
+blocks of ``block_size * head_dim``), build the small ``(group, block, keys)`` mask from the pattern's ``mask_mod``
+and the key padding mask, and run one fused attention call with the groups folded into the batch dimension. Where
+every query block of a group reads consecutive keys one block after the previous block's (a sliding window, batch 1:
+``Pattern.contiguous_rows``), the keys are instead one overlapping strided view of k and v: nothing is copied in the
+sequence's interior, the rows at either edge read a zero-padded copy of just their span (their mask excludes the
+padding), and such calls take more rows. Gathered calls are bounded in key rows (:data:`GATHERED_ROWS_PER_CALL`),
+which bounds the forward's peak beyond its output; a short input is one call (the fewest calls where per-call
+overhead matters most). The structure's extra keys (attention sinks, Longformer's global columns) are a second call
+per group over just those keys, merged with the slots' result by log-sum-exp (:func:`merge_by_lse`), so the window
+part keeps its strided view. Dense global rows (BigBird's global blocks, Longformer's global tokens) are further
+calls over all keys, O(g * n).
+
+Outputs and gradients are held token-major (:func:`_token_major`: ``(batch, seq, heads, d)`` storage behind the
+``(batch, heads, seq, d)`` view), the layout the fused CPU kernel writes, so a block's rows copy as one run, and the
+overlapping windows' key gradients are added with one strided add per slot.
 
 Two executions share those calls:
 
