@@ -199,3 +199,24 @@ def test_merge_by_lse_equals_attention_over_the_union():
     torch.testing.assert_close(out, parts[0][0])
     out, lse = blocked.merge_by_lse(torch.zeros_like(out), empty, torch.zeros_like(out), empty)
     assert torch.equal(out, torch.zeros_like(out)) and torch.equal(lse, torch.zeros_like(lse))
+
+
+@pytest.mark.parametrize(("key", "params"), [
+    ("window", {"window_size": 12}),
+    ("window", {"window_size": 12, "sink_tokens": 3}),
+    ("longformer", {"window_size": 12, "global_tokens": 2}),
+])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_backward_with_a_larger_block_matches_reference(key, params, causal, padded, monkeypatch):
+    """The backward runs its own cover (block 8 here against the forward's 4): exact, because it reads the rows'
+    saved output and log-sum-exp; a length the larger block would pad differently keeps the forward's plan."""
+    monkeypatch.setattr(blocked, "BACKWARD_BLOCK", 8)
+    monkeypatch.setattr(blocked, "KEY_ROWS_PER_CALL", 0)  # several calls in both passes
+    attn = build_for_test(key, dim=32, num_heads=4, causal=causal, backend="torch", block_size=4,
+                          **params).double()
+    plan = attn._plan(64, torch.device("cpu"))
+    assert plan.backward is not None and plan.backward.structure.block_size == 8
+    assert attn._plan(60, torch.device("cpu")).backward is None  # 60 pads to 60 with block 4, to 64 with 8
+    q, k, v = random_qkv(1, 4, 64, 8, seed=11)
+    check_against_reference(attn, q, k, v, random_padding(1, 64, seed=2) if padded else None, atol=1e-10)

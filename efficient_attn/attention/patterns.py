@@ -160,6 +160,11 @@ class Pattern(ABC):
         pattern's ``block_size`` unless a subclass caps it (it changes cost only, never the pairs)."""
         return self.block_size
 
+    def with_block_size(self, block_size: int) -> "Pattern | None":
+        """The same pattern with another block cover (``block_size``), or None when the block is part of the pattern
+        itself (BigBird). The blocked backend's backward may use a larger block than its forward."""
+        return None
+
     def contiguous_rows(self, structure: BlockStructure) -> tuple[int, int]:
         """Query-block rows ``(lo, hi)`` (relative to ``first_query_block``) in which every row ``r`` reads one run
         of consecutive keys that starts one block after row ``r - 1``'s: the blocked backend reads those as one
@@ -296,6 +301,10 @@ class WindowPattern(Pattern):
             return (diff >= 0) & (diff <= self.window_size)
         return diff.abs() <= self.window_size
 
+    def with_block_size(self, block_size: int) -> "WindowPattern":
+        return WindowPattern(window_size=self.window_size, block_size=block_size, causal=self.causal,
+                             num_heads=self.num_heads, sink_tokens=self.sink_tokens)
+
     def mask_mod(self, seq_len: int, device: torch.device | str | None = None) -> MaskMod:
         sinks = self.sink_tokens
 
@@ -396,6 +405,10 @@ class LongformerPattern(WindowPattern):
         block = window_size if block_size is None else block_size
         super().__init__(window_size=window_size, block_size=block, causal=causal, num_heads=num_heads)
         self.global_tokens = global_tokens
+
+    def with_block_size(self, block_size: int) -> "LongformerPattern":
+        return LongformerPattern(window_size=self.window_size, global_tokens=self.global_tokens, causal=self.causal,
+                                 num_heads=self.num_heads, block_size=block_size)
 
     def global_indices(self, seq_len: int, device: torch.device | str | None = None) -> Tensor:
         """Sorted long ``(g,)`` global token indices for length ``seq_len``.
