@@ -395,14 +395,15 @@ class LongformerPattern(WindowPattern):
 
     ``global_tokens`` is a count of leading tokens or a tuple of explicit indices. The window reach is one-sided,
     exactly as in :class:`WindowPattern` (HF's ``attention_window=2w`` corresponds to ``window_size=w``). Global rows
-    are computed densely (O(g * n)), global columns are appended to every query block's keys.
+    are computed densely (O(g * n)); global columns are the structure's extra keys (a second call per group in the
+    blocked backend, merged by log-sum-exp). ``block_size`` None = :func:`default_window_block`.
     """
 
     def __init__(
         self, *, window_size: int, global_tokens: int | tuple[int, ...], causal: bool, num_heads: int,
         block_size: int | None = None,
     ) -> None:
-        block = window_size if block_size is None else block_size
+        block = default_window_block(window_size) if block_size is None else block_size
         super().__init__(window_size=window_size, block_size=block, causal=causal, num_heads=num_heads)
         self.global_tokens = global_tokens
 
