@@ -265,7 +265,7 @@ def test_bad_parameters_name_the_parameter_and_what_is_allowed(key, params, matc
 
 
 def test_registry_specs():
-    for key, complexity, multiple in (("window", "O(n*w)", 256), ("longformer", "O(n*(w+g))", 256),
+    for key, complexity, multiple in (("window", "O(n*w)", 64), ("longformer", "O(n*(w+g))", 64),
                                       ("bigbird", "O(n*b*(w+r+g))", 64)):
         spec = ea.get_spec(key)
         assert spec.complexity == complexity and spec.length_multiple == multiple

@@ -1,15 +1,22 @@
 """Blocked sparse attention in pure PyTorch: forward and backward without any n x n tensor.
 
 The pattern's :class:`~efficient_attn.attention.patterns.BlockStructure` says which keys each query block needs.
-Query blocks are processed in groups; for a group we gather its key tokens with one flattened ``index_select``
-(``(groups * heads * keys_per_block)`` rows of ``head_dim``), build the small ``(group, block, keys)`` mask from the
-pattern's ``mask_mod`` and the key padding mask, and run one fused attention call with the groups folded into the
-batch dimension. Where every query block of a group reads consecutive keys one block after the previous block's
-(a sliding window away from the sequence's edges, batch 1: ``Pattern.contiguous_rows``), the keys are instead one
-overlapping strided view of k and v: nothing is copied, and such calls take more rows. Gathered calls are bounded in
-key rows (:data:`GATHERED_ROWS_PER_CALL`), which bounds the forward's peak beyond its output; a short input is one
-call (the fewest calls where per-call overhead matters most). Dense global rows (BigBird's global blocks,
-Longformer's global tokens) are further calls over all keys, O(g * n).
+Query blocks are processed in groups; for a group we gather its key blocks with one flattened ``index_select`` (whole
+blocks of ``block_size * head_dim``), build the small ``(group, block, keys)`` mask from the pattern's ``mask_mod``
+and the key padding mask, and run one fused attention call with the groups folded into the batch dimension. Where
+every query block of a group reads consecutive keys one block after the previous block's (a sliding window, batch 1:
+``Pattern.contiguous_rows``), the keys are instead one overlapping strided view of k and v: nothing is copied in the
+sequence's interior, the rows at either edge read a zero-padded copy of just their span (their mask excludes the
+padding), and such calls take more rows. Gathered calls are bounded in key rows (:data:`GATHERED_ROWS_PER_CALL`),
+which bounds the forward's peak beyond its output; a short input is one call (the fewest calls where per-call
+overhead matters most). The structure's extra keys (attention sinks, Longformer's global columns) are a second call
+per group over just those keys, merged with the slots' result by log-sum-exp (:func:`merge_by_lse`), so the window
+part keeps its strided view. Dense global rows (BigBird's global blocks, Longformer's global tokens) are further
+calls over all keys, O(g * n).
+
+Outputs and gradients are held token-major (:func:`_token_major`: ``(batch, seq, heads, d)`` storage behind the
+``(batch, heads, seq, d)`` view), the layout the fused CPU kernel writes, so a block's rows copy as one run, and the
+overlapping windows' key gradients are added with one strided add per slot.
 
 Two executions share those calls:
 
@@ -38,6 +45,7 @@ padding mask bool ``(batch, padded_len)``. A query with no allowed key yields ze
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -71,10 +79,18 @@ GATHERED_ROWS_PER_CALL = 4096
 #: Query rows per block-wise call whose keys are a strided view of k (nothing gathered): only the call's output
 #: chunk and row statistics are held, so it takes more rows than a gathered call (fewer, larger fused calls).
 STRIDED_ROWS_PER_CALL = 2048
+#: Block of a window's backward cover (when the input's padded length allows it): the fused CPU backward kernel
+#: runs 128-row blocks about 1.3x faster per pair than 64-row ones (8K, 256 window, 1 thread: 523 vs 702 ms per
+#: 8K rows; 256-row blocks 558), and the overlapping windows' key gradients it returns are 5x rather than 9x the keys.
+#: The forward keeps 64-key blocks (its kernel is fastest there: 185 vs 196 ms).
+BACKWARD_BLOCK = 128
 #: Dense global query rows per call (bounds the ``(rows, n)`` mask).
 GLOBAL_ROWS_PER_CALL = 64
 #: Keys per backward call of the dense global rows: their key gradients are computed in slices of this many keys.
 GLOBAL_KEYS_PER_BACKWARD = 4096
+#: Masks of a query-block group up to this many elements are kept with the plan (with their bias) even when they
+#: differ per query block (a window's edge blocks, a short input's single call): built once per length.
+CACHED_MASK_ELEMENTS = 1 << 20
 #: Elements of one call's ALiBi bias (batch * heads * rows * keys): with ALiBi, calls take fewer query blocks.
 BIAS_ELEMENTS_PER_CALL = 1 << 22
 
@@ -88,6 +104,13 @@ class BlockedPlan:
     mask_mod: MaskMod
     is_global: Tensor  # bool (padded_len,)
     rows_per_call: int = DEFAULT_ROWS_PER_CALL
+    #: the structure without its extra keys: the block-wise calls of :func:`sparse_attention` read only the slots
+    #: (so a window with sinks or Longformer's global columns keeps its strided views); the extra keys are a second
+    #: call per group, merged by log-sum-exp
+    slots: BlockStructure | None = None
+    #: the plan :func:`sparse_attention`'s backward runs (the same pattern and padded length, a larger block), or
+    #: None to reuse this one: see :data:`BACKWARD_BLOCK`
+    backward: "BlockedPlan | None" = None
     #: per query-block group: (tokens, flat key index, allowed, {dtype: bias}) when ``allowed`` is small enough to
     #: keep (broadcast over the group or the query rows); filled lazily by the first call.
     group_cache: dict = field(default_factory=dict)
@@ -97,14 +120,28 @@ class BlockedPlan:
 
     @classmethod
     def build(
-        cls, pattern: Pattern, seq_len: int, device: torch.device, rows_per_call: int = DEFAULT_ROWS_PER_CALL
+        cls, pattern: Pattern, seq_len: int, device: torch.device, rows_per_call: int = DEFAULT_ROWS_PER_CALL,
+        backward_block: int | None = None,
     ) -> "BlockedPlan":
+        """The plan of ``pattern`` at ``seq_len``. ``backward_block`` (default :data:`BACKWARD_BLOCK`; 0 = none): a
+        second plan for the backward with that block, when the pattern allows another cover
+        (``Pattern.with_block_size``) and it pads to the same length (then each pass covers exactly the pattern's
+        pairs and the backward, which reads the rows' output and log-sum-exp, is exact whatever the forward's cover)."""
         # The plan is index arithmetic on lengths only: build it for real even under FakeTensorMode (memory
         # prediction), where data-dependent steps such as BigBird's random draw could not run.
         with unset_fake_temporarily():
             structure = pattern.structure(seq_len, device)
-            return cls(pattern, structure, pattern.mask_mod(seq_len, device),
-                       global_query_lookup(structure, device), rows_per_call)
+            slots = dataclasses.replace(structure, extra_keys=structure.extra_keys[:0])
+            plan = cls(pattern, structure, pattern.mask_mod(seq_len, device),
+                       global_query_lookup(structure, device), rows_per_call, slots=slots)
+        block = BACKWARD_BLOCK if backward_block is None else backward_block
+        other = pattern.with_block_size(block) if block > structure.block_size else None
+        if other is not None:
+            backward = cls.build(other, seq_len, device, rows_per_call, backward_block=0)
+            if (backward.structure.padded_len == structure.padded_len
+                    and backward.structure.block_size > structure.block_size):
+                plan.backward = backward
+        return plan
 
 
 @dataclass
@@ -123,6 +160,12 @@ class _Call:
     #: kt - 1)`` (a sliding window away from the edges), its keys are one overlapping strided view of k: no copy
     key_start: int | None = None
     key_step: int = 0  # with key_start: tokens between consecutive query blocks' first keys (the block size)
+    #: blocks only, split calls: the same rows against the structure's extra keys (sinks, global columns), an
+    #: ``"extra"`` call whose keys are ``extra_keys`` (its ``key_index``, token indices) for every block of the group
+    extra: "_Call | None" = None
+    #: blocks only, when every slot is one whole key block (no appended extra keys): the flat ``(g * kh * slots,)``
+    #: index of those blocks into ``(kv_heads * num_blocks)`` blocks, so a gather copies whole blocks
+    block_index: Tensor | None = None
 
     def bias(self, dtype: torch.dtype) -> Tensor | None:
         if self.additive is not None:
@@ -153,19 +196,25 @@ def _calls(
     key_padding_mask: Tensor | None,
     kv_heads: int | None = None,
     slopes: Tensor | None = None,
+    split_extras: bool = True,
 ) -> Iterator[_Call]:
+    """The calls of one pass. ``split_extras``: block calls read the slots only and carry the extra keys as their
+    ``extra`` call (merged by log-sum-exp: :func:`sparse_attention`); otherwise the extra keys are appended to every
+    block's gathered keys (one call per group: :func:`sparse_attention_autograd`)."""
     st = plan.structure
+    split = split_extras and st.extra_keys.numel() > 0 and plan.slots is not None
+    blocks_st = plan.slots if split else st
     n_pad = st.padded_len
     kv_heads = heads if kv_heads is None else kv_heads
     group_size = heads // kv_heads
     # a shared pattern gathers per key/value head; a per-head one per query head (from its shared kv head)
     key_heads = kv_heads if plan.pattern.mask_heads == 1 else heads
-    for start, stop in _block_groups(plan, batch, heads, key_heads, slopes):
+    for start, stop in _block_groups(plan, blocks_st, batch, heads, key_heads, slopes):
         g = stop - start
-        cache_key = (start, stop, heads, kv_heads)
+        cache_key = (start, stop, heads, kv_heads, split)
         cached = plan.group_cache.get(cache_key)
         if cached is None:
-            cached = _group_indices(plan, start, stop, heads, key_heads, group_size)
+            cached = _group_indices(plan, blocks_st, start, stop, heads, key_heads, group_size)
             if cached[3] is not None:  # small masks (and their biases) are kept with the plan
                 plan.group_cache[cache_key] = cached
         safe, flat, allowed, biases, key_start = cached
@@ -173,11 +222,7 @@ def _calls(
             key_start = None  # the (batch, group) rows of a strided view would not fold into one dimension
         additive = None
         if slopes is not None:
-            q_idx = _block_queries(st, start, stop, safe.device)  # (g, b)
-            distance = (q_idx[None, :, :, None] - safe[:, :, None, :]).abs().transpose(0, 1)  # (g, hp, b, kt)
-            additive = -slopes.view(1, -1, 1, 1) * distance.to(slopes.dtype)  # (g, h, b, kt)
-            if batch > 1:
-                additive = additive[None].expand(batch, *additive.shape).flatten(0, 1)
+            additive = _alibi_rows(st, start, stop, safe, slopes, batch)
             biases = None
         if key_padding_mask is not None:
             real = key_padding_mask[:, safe.transpose(0, 1)]  # (batch, g, hp, kt)
@@ -186,7 +231,13 @@ def _calls(
         elif batch > 1:
             allowed = allowed[None].expand(batch, g, *allowed.shape[1:]).flatten(0, 1)
             biases = None
-        yield _Call("blocks", start, stop, flat, allowed, biases, additive, key_heads, key_start, st.block_size)
+        extra = _extra_call(plan, start, stop, batch, kv_heads, key_padding_mask, slopes) if split else None
+        block_index = None
+        if key_start is None and blocks_st.extra_keys.numel() == 0:
+            block_index = torch.div(flat.view(-1, blocks_st.block_size)[:, 0], blocks_st.block_size,
+                                    rounding_mode="floor")  # an empty slot reads (masked) block 0
+        yield _Call("blocks", start, stop, flat, allowed, biases, additive, key_heads, key_start,
+                    blocks_st.block_size, extra, block_index)
     num_global = st.global_queries.numel()
     for start in range(0, num_global, GLOBAL_ROWS_PER_CALL):
         stop = min(start + GLOBAL_ROWS_PER_CALL, num_global)
@@ -212,25 +263,77 @@ def _calls(
         yield _Call("global", start, stop, None, allowed, None, additive, kv_heads)
 
 
+def _alibi_rows(st: BlockStructure, start: int, stop: int, keys: Tensor, slopes: Tensor, batch: int) -> Tensor:
+    """ALiBi bias ``(batch * g, h, b, kt)`` of query-block rows ``start:stop`` against key tokens ``keys``
+    ``(hp, g, kt)``."""
+    q_idx = _block_queries(st, start, stop, keys.device)  # (g, b)
+    distance = (q_idx[None, :, :, None] - keys[:, :, None, :]).abs().transpose(0, 1)  # (g, hp, b, kt)
+    additive = -slopes.view(1, -1, 1, 1) * distance.to(slopes.dtype)  # (g, h, b, kt)
+    if batch > 1:
+        additive = additive[None].expand(batch, *additive.shape).flatten(0, 1)
+    return additive
+
+
+def _extra_call(
+    plan: BlockedPlan, start: int, stop: int, batch: int, kv_heads: int, key_padding_mask: Tensor | None,
+    slopes: Tensor | None,
+) -> _Call:
+    """The extra keys of query-block rows ``start:stop`` as one call: every block of the group against the
+    structure's ``extra_keys`` (e of them; a key already in a block's slots is masked for that block, as
+    ``BlockStructure.key_tokens`` drops it), mask ``(batch * g, hp, b, e)`` from ``mask_mod``."""
+    st = plan.structure
+    cache_key = ("extra", start, stop)
+    if cache_key not in plan.group_cache:
+        with unset_fake_temporarily():  # index arithmetic only
+            slot_keys = plan.slots.keys_per_block
+            tokens = st.key_tokens(start, stop)[..., slot_keys:]  # (hp, g, e); EMPTY where a slot covers it
+            q_idx = _block_queries(st, start, stop, tokens.device)  # (g, b)
+            heads = torch.arange(tokens.shape[0], device=tokens.device)[:, None, None, None]
+            allowed = plan.mask_mod(0, heads, q_idx[None, :, :, None], tokens[:, :, None, :])
+            allowed = allowed & (tokens >= 0)[:, :, None, :]
+            if st.global_queries.numel():
+                allowed = allowed & ~plan.is_global[q_idx][None, :, :, None]  # dense rows are computed apart
+            allowed = allowed.transpose(0, 1)  # (g, hp, b, e)
+        plan.group_cache[cache_key] = (tokens, allowed, {})  # O(g * b * e), kept with the plan
+    tokens, allowed, biases = plan.group_cache[cache_key]
+    g = stop - start
+    additive = None
+    if slopes is not None:
+        additive = _alibi_rows(st, start, stop, tokens.clamp_min(0), slopes, batch)
+        biases = None
+    if key_padding_mask is not None:
+        real = key_padding_mask[:, st.extra_keys]  # (batch, e)
+        allowed = (allowed[None] & real[:, None, None, None, :]).flatten(0, 1)  # (batch * g, hp, b, e)
+        biases = None
+    elif batch > 1:
+        allowed = allowed[None].expand(batch, *allowed.shape).flatten(0, 1)
+        biases = None
+    return _Call("extra", start, stop, st.extra_keys, allowed, biases, additive, kv_heads)
+
+
 def _contiguous_start(tokens: Tensor, block_size: int) -> int | None:
-    """``tokens[0, 0, 0]`` when every row of ``tokens`` ``(hp, g, kt)`` is one head's run of consecutive key indices
-    starting ``block_size`` after the previous row's (a window away from the edges), else None."""
-    if tokens.shape[0] != 1 or bool((tokens < 0).any()):
+    """The first key of row 0 when every row ``r`` of ``tokens`` ``(hp, g, kt)`` reads the consecutive keys
+    ``start + r * block_size + (0 .. kt - 1)`` (a window's rows), else None. ``start`` may be negative and the run
+    may pass the sequence's end: ``EMPTY`` slots stand for positions of the run outside the sequence (read as zero
+    keys from a padded copy, and masked)."""
+    if tokens.shape[0] != 1:
         return None
     g, kt = tokens.shape[1:]
-    first = int(tokens[0, 0, 0])
-    expected = first + block_size * torch.arange(g, device=tokens.device)[:, None] + torch.arange(
-        kt, device=tokens.device)
-    return first if bool((tokens[0] == expected).all()) else None
+    used = tokens[0] >= 0
+    if not bool(used.any()):
+        return None
+    relative = block_size * torch.arange(g, device=tokens.device)[:, None] + torch.arange(kt, device=tokens.device)
+    starts = (tokens[0] - relative)[used]
+    first = int(starts[0])
+    return first if bool((starts == first).all()) else None
 
 
 def _group_indices(
-    plan: BlockedPlan, start: int, stop: int, heads: int, key_heads: int, group_size: int
+    plan: BlockedPlan, st: BlockStructure, start: int, stop: int, heads: int, key_heads: int, group_size: int
 ) -> tuple[Tensor, Tensor, Tensor, dict | None, int | None]:
     """``(safe tokens (hp, g, kt), flat key index, allowed (g or 1, hp, b or 1, kt), biases or None, key_start)`` of
     the query-block rows ``start:stop``; ``biases`` is a dict (to fill) only when ``allowed`` is small enough to keep.
     """
-    st = plan.structure
     with unset_fake_temporarily():  # index arithmetic only: real even when predicting with fake tensors
         tokens, allowed = plan.pattern.chunk_mask(st, plan.mask_mod, plan.is_global, start, stop)
         # tokens (hp, g, kt); allowed (hp, g or 1, b or 1, kt): size-1 dims broadcast in the fused kernel
@@ -243,7 +346,7 @@ def _group_indices(
         flat = (safe.transpose(0, 1) + head_offsets).reshape(-1)  # (g * kh * kt,) hp broadcast to kh
         allowed = allowed.transpose(0, 1)  # (g or 1, hp, b or 1, kt)
         key_start = _contiguous_start(tokens, st.block_size) if plan.pattern.mask_heads == 1 else None
-    small = allowed.shape[0] == 1 or allowed.shape[2] == 1
+    small = allowed.shape[0] == 1 or allowed.shape[2] == 1 or allowed.numel() <= CACHED_MASK_ELEMENTS
     if not small:
         return safe, flat, allowed, None, key_start
     shared = plan.shared_biases.get(id(raw))
@@ -253,37 +356,58 @@ def _group_indices(
 
 
 def _block_groups(
-    plan: BlockedPlan, batch: int, heads: int, key_heads: int, slopes: Tensor | None
+    plan: BlockedPlan, st: BlockStructure, batch: int, heads: int, key_heads: int, slopes: Tensor | None
 ) -> Iterator[tuple[int, int]]:
     """Query-block ranges ``(start, stop)`` of the block-wise calls.
 
-    A short input whose gathered keys fit :data:`KEY_ROWS_PER_CALL` rows is one call. Otherwise a call's keys are
-    either one strided view of k (a window away from the edges, batch 1: nothing is copied; up to
-    :data:`STRIDED_ROWS_PER_CALL` query rows and :data:`KEY_ROWS_PER_CALL` key rows, which bounds the backward's
-    per-call key gradients) or gathered (up to ``rows_per_call`` query rows and at most
-    :data:`GATHERED_ROWS_PER_CALL` key rows: the forward's peak beyond its output). With ALiBi the call's bias
-    (``batch * heads * rows * keys``) is bounded by :data:`BIAS_ELEMENTS_PER_CALL`.
+    Where the pattern's rows read consecutive keys (a sliding window, batch 1: ``Pattern.contiguous_rows``), a call's
+    keys are one strided view of k: nothing is copied in the sequence's interior, and the rows at either edge, whose
+    run of keys passes the sequence's start or end, read a zero-padded copy of just the keys they span (one call per
+    edge). Such calls take up to :data:`STRIDED_ROWS_PER_CALL` query rows and :data:`KEY_ROWS_PER_CALL` key rows
+    (which bounds the backward's per-call key gradients); a short input whose padded keys fit
+    :data:`KEY_ROWS_PER_CALL` rows is one call (the fewest calls where per-call overhead matters most, near the
+    crossover with SDPA). Other rows gather their keys: a short input whose gathered keys fit
+    :data:`KEY_ROWS_PER_CALL` rows is one call, otherwise up to ``rows_per_call`` query rows and at most
+    :data:`GATHERED_ROWS_PER_CALL` key rows per call (the forward's peak beyond its output). With ALiBi the call's
+    bias (``batch * heads * rows * keys``) is bounded by :data:`BIAS_ELEMENTS_PER_CALL`.
     """
-    st = plan.structure
+    nq = st.num_query_blocks
     per_block = max(1, key_heads * st.keys_per_block)
-    if st.num_query_blocks == 0:
+    if nq == 0:
         return
-    if slopes is None and st.num_query_blocks * per_block <= KEY_ROWS_PER_CALL and (
-            st.num_query_blocks * st.block_size <= plan.rows_per_call):
-        yield 0, st.num_query_blocks  # few calls matter most at short lengths (the crossover with SDPA)
-        return
+    lo = hi = 0  # query blocks lo .. hi - 1 read strided views (when the pattern has such a range)
+    if batch == 1 and plan.pattern.mask_heads == 1 and st.extra_keys.numel() == 0:
+        lo, hi = plan.pattern.contiguous_rows(st)
+    if slopes is None:
+        strided_copy = key_heads * (st.padded_len + st.keys_per_block)  # rows of the padded copy of every key
+        if (lo, hi) == (0, nq) and strided_copy <= KEY_ROWS_PER_CALL and nq * st.block_size <= STRIDED_ROWS_PER_CALL:
+            yield 0, nq
+            return
+        if nq * per_block <= KEY_ROWS_PER_CALL and nq * st.block_size <= plan.rows_per_call:
+            yield 0, nq  # few calls matter most at short lengths (the crossover with SDPA)
+            return
     # a strided call copies nothing forward, but its backward returns key and value gradients of the gathered size
     group = max(1, min(STRIDED_ROWS_PER_CALL // st.block_size, KEY_ROWS_PER_CALL // per_block))
     gathered = max(1, min(plan.rows_per_call // st.block_size, GATHERED_ROWS_PER_CALL // per_block))
     if slopes is not None:
         group = gathered = max(1, min(gathered, BIAS_ELEMENTS_PER_CALL // max(
             1, batch * heads * st.block_size * st.keys_per_block)))
-    lo = hi = 0  # query blocks lo .. hi - 1 read strided views (when the pattern has such a range)
-    if batch == 1 and plan.pattern.mask_heads == 1 and st.extra_keys.numel() == 0:
-        lo, hi = plan.pattern.contiguous_rows(st)
-    for first, last, step in ((0, lo, gathered), (lo, hi, group), (hi, st.num_query_blocks, gathered)):
-        for start in range(first, last, step):
-            yield start, min(start + step, last)
+    inner_lo, inner_hi = lo, hi  # strided rows whose keys all lie inside k (the rest read a padded copy)
+    if hi > lo:
+        with unset_fake_temporarily():  # index arithmetic on the plan's real tensors (also when predicting)
+            first = _contiguous_start(st.key_tokens(lo, lo + 1), st.block_size)
+        if first is None:  # the pattern's claim did not hold: gather everything
+            lo = hi = inner_lo = inner_hi = 0
+        else:
+            bs = st.block_size
+            inner_lo = min(hi, lo + max(0, -(first // bs)) if first < 0 else lo)
+            last_ok = (st.padded_len - st.keys_per_block - first) // bs  # last row r - lo whose run ends inside
+            inner_hi = max(inner_lo, min(hi, lo + last_ok + 1))
+    ranges = ((0, lo, gathered), (lo, inner_lo, group), (inner_lo, inner_hi, group), (inner_hi, hi, group),
+              (hi, nq, gathered))
+    for first_row, last_row, step in ranges:
+        for start in range(first_row, last_row, step):
+            yield start, min(start + step, last_row)
 
 
 def _block_queries(st: BlockStructure, start: int, stop: int, device: torch.device) -> Tensor:
@@ -325,27 +449,150 @@ def _put_query_rows(dest: Tensor, value: Tensor, plan: BlockedPlan, call: _Call,
         target.copy_(value)
 
 
+def _strided(call: _Call, batch: int, x: Tensor) -> bool:
+    """Whether ``call`` reads its keys as one strided run of ``x`` (see :func:`_contiguous_start`)."""
+    return call.key_start is not None and batch == 1 and x.shape[1] == call.key_heads
+
+
+def _key_span(call: _Call, keys_per_block: int) -> tuple[int, int]:
+    """Token range ``[lo, hi)`` of a strided call's keys (may pass either end of the sequence)."""
+    lo = call.key_start
+    return lo, lo + (call.stop - call.start - 1) * call.key_step + keys_per_block
+
+
 def _key_rows(x: Tensor, call: _Call) -> Tensor:
     """Gathered keys (or values): blocks -> ``(batch * g, key_heads, kt, d)``; global -> x itself."""
     if call.kind == "global":
         return x
-    batch, _, _, d = x.shape
+    batch, _, n, d = x.shape
     g = call.stop - call.start
     keys_per_block = call.key_index.numel() // (call.key_heads * g)
-    if call.key_start is not None and batch == 1 and x.shape[1] == call.key_heads and x.is_contiguous():
-        # block i reads keys key_start + i * b ..: overlapping rows of one view, (g, kh, kt, d)
-        return x.as_strided((g, call.key_heads, keys_per_block, d),
-                            (call.key_step * d, x.stride(1), d, 1), x.storage_offset() + call.key_start * d)
+    if _strided(call, batch, x):
+        # block i reads keys key_start + i * b ..: overlapping rows of one view, (g, kh, kt, d); rows whose run
+        # passes an end of the sequence read a zero-padded copy of the span (their mask excludes those keys)
+        lo, hi = _key_span(call, keys_per_block)
+        if lo >= 0 and hi <= n and x.is_contiguous():
+            base, offset = x, lo * d
+        else:
+            base, offset = x.new_zeros(1, x.shape[1], hi - lo, d), 0
+            a, b = max(lo, 0), min(hi, n)
+            base[:, :, a - lo:b - lo] = x[:, :, a:b]
+        return base.as_strided((g, call.key_heads, keys_per_block, d),
+                               (call.key_step * d, base.stride(1), d, 1), base.storage_offset() + offset)
+    if call.block_index is not None and x.is_contiguous():
+        # whole key blocks: one copy of block_size * d elements per slot
+        rows = x.view(batch, -1, call.key_step * d).index_select(1, call.block_index)  # (batch, g*kh*slots, b*d)
+        return rows.view(-1, call.key_heads, keys_per_block, d)
     rows = x.reshape(batch, -1, d).index_select(1, call.key_index)  # (batch, g * kh * kt, d)
     return rows.view(-1, call.key_heads, keys_per_block, d)
 
 
 def _add_key_rows(dest: Tensor, value: Tensor, call: _Call) -> None:
+    """Add a call's key (or value) gradients ``value`` ``(batch * g, kh, kt, d)`` into ``dest`` ``(batch, kh, n, d)``."""
     if call.kind == "global":
         dest += value
         return
-    batch, _, _, d = dest.shape
-    dest.view(batch, -1, d).index_add_(1, call.key_index, value.reshape(batch, -1, d).to(dest.dtype))
+    batch, _, n, d = dest.shape
+    if _strided(call, batch, dest):
+        # the overlapping windows' gradients: slot o of block i is key key_start + (i + o) * b ..; one strided add
+        # per slot instead of an index_add over every gathered row
+        g, kh, kt, _ = value.shape
+        step = call.key_step
+        lo, hi = _key_span(call, kt)
+        inside = lo >= 0 and hi <= n
+        target = dest[0, :, lo:hi] if inside else torch.zeros(
+            hi - lo, kh, d, dtype=dest.dtype, device=dest.device).transpose(0, 1)  # (kh, span, d), dest's layout
+        value = value.to(dest.dtype)
+        head_stride, token_stride = target.stride(0), target.stride(1)
+        for o in range(0, kt, step):
+            part = value[:, :, o:o + step]  # (g, kh, w, d), w = step except maybe the last slot
+            view = target.as_strided((kh, g, part.shape[2], d), (head_stride, step * token_stride, token_stride, 1),
+                                     target.storage_offset() + o * token_stride)  # keys lo + o + i * step + (0..w-1)
+            view.add_(part.transpose(0, 1))
+        if not inside:
+            a, b = max(lo, 0), min(hi, n)
+            dest[0, :, a:b] += target[:, a - lo:b - lo]
+        return
+    if call.block_index is not None and dest.is_contiguous():
+        blocks = value.reshape(batch, -1, call.key_step * d).to(dest.dtype)  # (batch, g * kh * slots, b * d)
+        dest.view(batch, -1, call.key_step * d).index_add_(1, call.block_index, blocks)
+        return
+    rows = value.reshape(batch, -1, d).to(dest.dtype)
+    if dest.is_contiguous():
+        dest.view(batch, -1, d).index_add_(1, call.key_index, rows)
+        return
+    # a token-major buffer (:func:`_token_major`): flat row head * n + token becomes token * heads + head
+    heads = dest.shape[1]
+    index = (call.key_index % n) * heads + torch.div(call.key_index, n, rounding_mode="floor")
+    dest.transpose(1, 2).view(batch, -1, d).index_add_(1, index, rows)
+
+
+def _extra_keys(x: Tensor, call: _Call) -> Tensor:
+    """An extra call's keys (or values) ``(batch * g, kh, e, d)``: the e extra tokens, the same for every block of
+    the group (a broadcast view for batch 1)."""
+    batch, kh, _, d = x.shape
+    g = call.stop - call.start
+    rows = x.index_select(2, call.key_index)  # (batch, kh, e, d)
+    return rows[:, None].expand(batch, g, kh, rows.shape[2], d).reshape(batch * g, kh, rows.shape[2], d)
+
+
+def _add_extra_keys(dest: Tensor, value: Tensor, call: _Call) -> None:
+    """Add an extra call's key (or value) gradients ``(batch * g, kh, e, d)`` into ``dest`` ``(batch, kh, n, d)``."""
+    batch = dest.shape[0]
+    summed = value.reshape(batch, -1, *value.shape[1:]).sum(1)  # (batch, kh, e, d): the group's blocks added
+    dest.index_add_(2, call.key_index, summed.to(dest.dtype))
+
+
+def _empty_rows_to_minus_inf(lse: Tensor, call: _Call) -> Tensor:
+    """The call's log-sum-exp with rows that had no allowed key at -inf (the fused CPU kernel reports 0 for them),
+    so a merge gives such a part no weight."""
+    if call.allowed is None:
+        return lse
+    has_key = call.allowed.any(-1)  # broadcastable to lse (N, h, m)
+    return torch.where(has_key, lse, torch.full((), float("-inf"), dtype=lse.dtype, device=lse.device))
+
+
+def merge_by_lse(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention over the union of two disjoint key sets from each set's result: ``(out, lse)``.
+
+    ``out_*`` ``(..., rows, d)``, ``lse_*`` ``(..., rows)`` (-inf for a row with no key in that set). The weights are
+    ``exp(lse_* - lse)``. A row empty in both gets output 0 and log-sum-exp 0 (the fused kernel's convention for an
+    empty row, which its backward reads safely). Works in place: ``out_a`` becomes the result and ``out_b`` is
+    overwritten (both are fresh kernel outputs here), so a merge holds no output-sized temporary."""
+    top = torch.maximum(lse_a, lse_b)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    wa, wb = torch.exp(lse_a - top), torch.exp(lse_b - top)
+    total = wa + wb
+    out_a.mul_((wa / total.clamp_min(torch.finfo(total.dtype).tiny))[..., None].to(out_a.dtype))
+    out_a.add_(out_b.mul_((wb / total.clamp_min(torch.finfo(total.dtype).tiny))[..., None].to(out_b.dtype)))
+    lse = torch.where(total > 0, top + torch.log(total), torch.zeros_like(total))
+    return out_a, lse
+
+
+def _put_lse(dest: Tensor, lse: Tensor, plan: BlockedPlan, call: _Call) -> None:
+    """Write a call's log-sum-exp (blocks ``(batch * g, h, b)``, global ``(batch, h, r)``) into ``dest``
+    ``(batch, h, padded_len)``."""
+    st = plan.structure
+    if call.kind == "global":
+        dest.index_copy_(2, st.global_queries[call.start:call.stop], lse.to(dest.dtype))
+        return
+    bs = st.block_size
+    g = call.stop - call.start
+    first = (st.first_query_block + call.start) * bs
+    target = dest[:, :, first:first + g * bs].unflatten(2, (g, bs)).transpose(1, 2)  # (batch, g, h, b)
+    target.copy_(lse.reshape(dest.shape[0], g, *lse.shape[1:]))
+
+
+def _call_lse(lses: Tensor, plan: BlockedPlan, call: _Call) -> Tensor:
+    """A call's rows of the saved log-sum-exp, in the layout :func:`_chunk_backward` reads (contiguous)."""
+    st = plan.structure
+    if call.kind == "global":
+        return lses.index_select(2, st.global_queries[call.start:call.stop])
+    bs = st.block_size
+    g = call.stop - call.start
+    first = (st.first_query_block + call.start) * bs
+    rows = lses[:, :, first:first + g * bs].unflatten(2, (g, bs)).transpose(1, 2)  # (batch, g, h, b)
+    return rows.reshape(-1, *rows.shape[2:]).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------- chunk kernels
@@ -398,7 +645,7 @@ def _chunk_backward(
     allowed = call.allowed
     if _use_cpu_flash(q):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=call.bias(q.dtype), scale=scale
+            grad_out, q, k, v, out, lse, 0.0, False, attn_mask=call.bias(q.dtype), scale=scale
         )
     kh = k.shape[1]
     scores = _scores(q, k, scale)
@@ -418,12 +665,20 @@ def _chunk_backward(
 
 
 # -------------------------------------------------------------------------------------------- autograd function
+def _token_major(shape: torch.Size, dtype: torch.dtype, device: torch.device, zero: bool) -> Tensor:
+    """A ``(batch, heads, seq, d)`` tensor stored as ``(batch, seq, heads, d)``: the layout the fused CPU kernel
+    writes each call's ``(rows, heads, block, d)`` output and gradients in, so a block's rows (all heads) copy or add
+    as one contiguous run. Returned as the ``(batch, heads, seq, d)`` view (not contiguous)."""
+    batch, heads, seq, d = shape
+    make = torch.zeros if zero else torch.empty
+    return make(batch, seq, heads, d, dtype=dtype, device=device).transpose(1, 2)
+
+
 def _rows_buffer(like: Tensor, plan: BlockedPlan, dtype: torch.dtype) -> Tensor:
-    """A ``like``-shaped buffer: rows of the block-wise part left uninitialised (each is written exactly once, by
-    copy; global rows inside it are written as zeros there), rows before it zeroed (global calls add into them)."""
-    # (batch, heads, seq, d) in memory, as the fused CPU kernel writes each call's (rows, heads, block, d) output:
-    # every block's rows copy as one contiguous run
-    buffer = torch.empty(like.shape, dtype=dtype, device=like.device)
+    """A ``like``-shaped token-major buffer (:func:`_token_major`): rows of the block-wise part left uninitialised
+    (each is written exactly once, by copy; global rows inside it are written as zeros there), rows before it zeroed
+    (global calls add into them)."""
+    buffer = _token_major(like.shape, dtype, like.device, zero=False)
     buffer[:, :, : plan.structure.first_query_block * plan.structure.block_size].zero_()
     return buffer
 
@@ -436,26 +691,37 @@ class _SparseAttentionFunction(torch.autograd.Function):
     ) -> Tensor:
         batch, heads = q.shape[:2]
         out = _rows_buffer(q, plan, q.dtype)
-        lses = []
+        lses = None  # (batch, heads, padded_len) log-sum-exp of every row (0 for rows no call writes)
         for call in _calls(plan, batch, heads, kpm, k.shape[1], slopes):
             qc, kc, vc = _query_rows(q, plan, call), _key_rows(k, call), _key_rows(v, call)
             o, lse = _chunk_forward(qc, kc, vc, call, scale)
+            if call.extra is not None:
+                extra = call.extra
+                oe, le = _chunk_forward(qc, _extra_keys(k, extra), _extra_keys(v, extra), extra, scale)
+                o, lse = merge_by_lse(o, _empty_rows_to_minus_inf(lse, call), oe,
+                                      _empty_rows_to_minus_inf(le, extra))
             _put_query_rows(out, o, plan, call, accumulate=call.kind == "global")
-            lses.append(lse)
-        ctx.plan, ctx.scale, ctx.num_lse = plan, scale, len(lses)
-        ctx.save_for_backward(q, k, v, out, kpm, slopes, *lses)
+            if lses is None:
+                lses = torch.zeros(batch, heads, q.shape[2], dtype=lse.dtype, device=q.device)
+            _put_lse(lses, lse, plan, call)
+        ctx.plan, ctx.scale = plan, scale
+        ctx.save_for_backward(q, k, v, out, kpm, slopes, lses)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        q, k, v, out, kpm, slopes, *lses = ctx.saved_tensors
-        plan, scale = ctx.plan, ctx.scale
+        q, k, v, out, kpm, slopes, lses = ctx.saved_tensors
+        plan, scale = ctx.plan.backward or ctx.plan, ctx.scale
         acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         grad_q = _rows_buffer(q, plan, acc)
-        grad_k = torch.zeros_like(k, dtype=acc)
-        grad_v = torch.zeros_like(v, dtype=acc)
-        for call, lse in zip(_calls(plan, q.shape[0], q.shape[1], kpm, k.shape[1], slopes), lses):
+        # token-major where strided calls add their overlapping windows (a shared pattern, batch 1), else (b, kh, n,
+        # d) so that gathered calls add whole key blocks
+        strided = q.shape[0] == 1 and plan.pattern.mask_heads == 1
+        grad_k = _token_major(k.shape, acc, k.device, zero=True) if strided else torch.zeros_like(k, dtype=acc)
+        grad_v = _token_major(v.shape, acc, v.device, zero=True) if strided else torch.zeros_like(v, dtype=acc)
+        for call in _calls(plan, q.shape[0], q.shape[1], kpm, k.shape[1], slopes):
+            lse = _call_lse(lses, plan, call)
             if call.kind == "global":
                 _global_backward(grad_out, q, k, v, out, lse, plan, call, scale, grad_q, grad_k, grad_v)
                 continue
@@ -466,6 +732,17 @@ class _SparseAttentionFunction(torch.autograd.Function):
             _put_query_rows(grad_q, gq, plan, call, accumulate=call.kind == "global")
             _add_key_rows(grad_k, gk, call)
             _add_key_rows(grad_v, gv, call)
+            if call.extra is not None:
+                # exact for a subset of the keys: given the rows' final output and log-sum-exp (both parts
+                # merged), each part's probabilities and delta are the true ones (see _global_backward)
+                extra = call.extra
+                gq, gk, gv = _chunk_backward(
+                    _query_rows(grad_out, plan, call), _query_rows(q, plan, call), _extra_keys(k, extra),
+                    _extra_keys(v, extra), _query_rows(out, plan, call), lse, extra, scale,
+                )
+                _put_query_rows(grad_q, gq, plan, call, accumulate=True)
+                _add_extra_keys(grad_k, gk, extra)
+                _add_extra_keys(grad_v, gv, extra)
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None
 
 
@@ -536,7 +813,7 @@ def sparse_attention_autograd(
     batch, heads, n_pad, d = q.shape
     st = plan.structure
     blocks, glob_rows, glob_out = [], [], []
-    for call in _calls(plan, batch, heads, key_padding_mask, k.shape[1], slopes):
+    for call in _calls(plan, batch, heads, key_padding_mask, k.shape[1], slopes, split_extras=False):
         qc = _query_rows(q, plan, call)
         mask, has_key = _sdpa_mask(call, q.dtype)
         kc, vc = _key_rows(k, call), _key_rows(v, call)

@@ -22,7 +22,7 @@ from efficient_attn.attention.base import AttentionConfig
 from efficient_attn.attention.caches import GlobalRollingCache
 from efficient_attn.attention.functional import grouped_attention
 from efficient_attn.errors import require_positive_int
-from efficient_attn.attention.patterns import LongformerPattern, Pattern
+from efficient_attn.attention.patterns import LongformerPattern, Pattern, default_window_block
 from efficient_attn.attention.sparse_base import PatternAttention
 from efficient_attn.registry import register_attention
 
@@ -31,7 +31,7 @@ from efficient_attn.registry import register_attention
 class LongformerConfig(AttentionConfig):
     """Attributes:
         window_size: w >= 1; one-sided reach of the window, as in ``window`` (HF ``attention_window`` = 2w).
-        block_size: query/key block of the ``torch`` backend (None = ``window_size``), capped at the sequence
+        block_size: query/key block of the ``torch`` backend (None = ``min(window_size, 64)``, as ``window``), capped at the sequence
             length; it changes cost, never the result.
         global_tokens: an int count of leading global tokens (>= 0; a shorter sequence is all global), or a tuple of
             distinct indices >= 0. Indices are checked against the sequence length at call time. Packed documents
@@ -72,11 +72,11 @@ class LongformerConfig(AttentionConfig):
     paper="Beltagy et al. 2020, arXiv:2004.05150",
     complexity="O(n*(w+g))",
     backends=("torch", "naive", "flex"),
-    length_multiple=256,
+    length_multiple=64,
 )
 class LongformerAttention(PatternAttention):
     """Window + global attention. Shapes: ``(batch, heads, seq, head_dim)``; block size = ``block_size`` (default
-    ``window_size``), capped at the sequence length."""
+    ``min(window_size, 64)``), capped at the sequence length."""
 
     config: LongformerConfig
     #: Packed documents run each document alone (its own leading global tokens); flex's document
@@ -113,5 +113,5 @@ class LongformerAttention(PatternAttention):
         cfg = self.config
         return LongformerPattern(
             window_size=cfg.window_size, global_tokens=cfg.global_tokens, causal=cfg.causal, num_heads=cfg.num_heads,
-            block_size=cfg.block_size if cfg.block_size is not None else cfg.window_size,
+            block_size=cfg.block_size if cfg.block_size is not None else default_window_block(cfg.window_size),
         )

@@ -25,7 +25,7 @@ import torch
 from efficient_attn.attention.caches import GlobalRollingCache, RollingKVCache
 from efficient_attn.attention.functional import grouped_attention
 from efficient_attn.errors import require_positive_int
-from efficient_attn.attention.patterns import Pattern, WindowPattern
+from efficient_attn.attention.patterns import Pattern, WindowPattern, default_window_block
 from efficient_attn.attention.sparse_base import PatternAttention
 from efficient_attn.registry import register_attention
 
@@ -34,7 +34,8 @@ from efficient_attn.registry import register_attention
 class WindowConfig(AttentionConfig):
     """Attributes:
         window_size: w >= 1; query i sees keys j with ``|i - j| <= w`` (one-sided reach).
-        block_size: query/key block of the ``torch`` backend (None = ``window_size``), capped at the sequence
+        block_size: query/key block of the ``torch`` backend (None = ``min(window_size, 64)``: see
+            :data:`~efficient_attn.attention.patterns.WINDOW_BLOCK`), capped at the sequence
             length; inputs are padded to a multiple of it. It changes cost, never the result.
         sink_tokens: s >= 0 leading tokens every query also sees, as keys only (StreamingLLM's attention sinks);
             0 = a plain window. A sequence shorter than s has every token as a sink.
@@ -61,10 +62,10 @@ class WindowConfig(AttentionConfig):
     paper="Beltagy et al. 2020, arXiv:2004.05150",
     complexity="O(n*w)",
     backends=("torch", "naive", "flex", "xformers"),
-    length_multiple=256,
+    length_multiple=64,
 )
 class WindowAttention(PatternAttention):
-    """Sliding-window attention. ``length_multiple`` in the registry is the default block (256); the module's
+    """Sliding-window attention. ``length_multiple`` in the registry is the default block (64); the module's
     :attr:`block_size` is the one in effect. Shapes: ``(batch, heads, seq, head_dim)``."""
 
     config: WindowConfig
@@ -108,7 +109,7 @@ class WindowAttention(PatternAttention):
         cfg = self.config
         return WindowPattern(
             window_size=cfg.window_size,
-            block_size=cfg.block_size if cfg.block_size is not None else cfg.window_size,
+            block_size=cfg.block_size if cfg.block_size is not None else default_window_block(cfg.window_size),
             causal=cfg.causal,
             num_heads=cfg.num_heads,
             sink_tokens=cfg.sink_tokens,
