@@ -60,6 +60,7 @@ from einops import rearrange
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from efficient_attn.attention import flex as flex_backend
 from efficient_attn.attention.base import Attention, AttentionConfig
 from efficient_attn.attention.caches import KVCache
 from efficient_attn.attention.blocked import (
@@ -74,7 +75,10 @@ from efficient_attn.attention.patterns import EMPTY
 from efficient_attn.errors import require_positive_int
 from efficient_attn.registry import register_attention
 
-__all__ = ["MobaAttention", "MobaConfig", "moba_attention", "select_blocks", "selection_mask"]
+__all__ = [
+    "MobaAttention", "MobaConfig", "flex_block_size", "moba_attention", "moba_block_mask", "select_blocks",
+    "selection_mask",
+]
 
 #: Query rows per fused call (several query blocks are folded into the batch dimension of one call).
 ROWS_PER_CALL = 1024
@@ -393,6 +397,132 @@ def moba_attention(
                                block_size, causal, scale)
 
 
+# ------------------------------------------------------------------------------------------------ flex backend
+def flex_block_size(block_size: int) -> int:
+    """FlexAttention's block (rows and columns) for MoBA blocks of ``block_size`` tokens.
+
+    ``block_size`` itself from :data:`~efficient_attn.attention.flex.FLEX_BLOCK` (128) up: one MoBA block is one
+    flex block and the block mask is the selection itself. Smaller MoBA blocks are grouped, ``m`` per flex block
+    (the smallest multiple of ``block_size`` that reaches 128), and the ``mask_mod`` reads the selection at token
+    level. torch 2.13's CPU kernel runs any block size (16, 64, 96, 128, 512 checked, lengths not a multiple of it
+    too), but it loops over the listed blocks one tile at a time, so tiles below 128 rows pay their per-tile cost
+    on few pairs; CUDA's Triton kernel also needs the flex block to be a multiple of its own tile (64 or 128), which
+    power-of-two MoBA blocks meet under this rule.
+    """
+    if block_size >= flex_backend.FLEX_BLOCK:
+        return block_size
+    return block_size * math.ceil(flex_backend.FLEX_BLOCK / block_size)
+
+
+def _block_lists(blocks: Tensor, keep: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor]:
+    """FlexAttention's lists from per-slot candidates: int32 counts ``(..., rows)`` and indices ``(..., rows,
+    num_kv_blocks)`` (the kept ``blocks`` first, in slot order; the rest of each row is 0, never read)."""
+    order = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)
+    indices = blocks.gather(-1, order).clamp_min(0)[..., :num_kv_blocks]
+    indices = F.pad(indices, (0, num_kv_blocks - indices.shape[-1]))
+    return keep.sum(-1, dtype=torch.int32), indices.to(torch.int32).contiguous()
+
+
+def moba_block_mask(
+    selected: Tensor,
+    seq_len: int,
+    *,
+    block_size: int,
+    causal: bool,
+    key_padding_mask: Tensor | None = None,
+    with_q_blocks: bool = False,
+) -> "BlockMask":  # noqa: F821
+    """The ``BlockMask`` of a selection: FlexAttention computes exactly the pairs of :func:`selection_mask` (AND the
+    key padding), built at block level from ``selected``, never from a dense mask.
+
+    Args:
+        selected: long ``(batch, heads, query_blocks, slots)`` from :func:`select_blocks` (own block first, ``-1`` =
+            unused), ``query_blocks = ceil(seq_len / block_size)``; heads are query heads (grouped heads too).
+        key_padding_mask: bool ``(batch, seq_len)``, True = real.
+        with_q_blocks: also build the transposed (per key block) lists, which only a backward pass reads.
+
+    Construction (``F = flex_block_size(block_size)``, ``m = F / block_size``):
+
+    * ``m = 1``: query block r lists its selected blocks. A block is "partial" (the ``mask_mod`` runs on it) when it
+      is the own block of a causal row (the triangle ``q_idx >= kv_idx``) or holds a padded key
+      (``key_padding_mask[b, kv_idx]``); every other selected block is "full" (no ``mask_mod``).
+    * ``m > 1``: flex query block R lists, as partial, the flex blocks holding any block selected by one of its
+      ``m`` MoBA query blocks (sorted, duplicates dropped); the ``mask_mod`` checks per token that MoBA block
+      ``kv_idx // block_size`` is one of the ``slots`` entries of ``selected[b, h, q_idx // block_size]`` (an
+      unrolled comparison, no table lookup beyond the selection), and the causal triangle and padding as above.
+      FlexAttention then scores up to ``m^2`` times the selection's pairs (masked away); the output is exact.
+
+    Cost: the selection itself (O(batch * heads * blocks * slots)) and the real-key flags (O(batch * n)) are what the
+    ``mask_mod`` reads. FlexAttention itself needs ``kv_indices`` and ``full_kv_indices`` as int32 ``(batch, heads,
+    n / F, n / F)`` tables (its kernel bounds the key length by their last dimension; only the first
+    ``kv_num_blocks`` entries of a row are read): 16K tokens at F = 512 are 32 x 32 entries per head, 4 KiB. With
+    ``with_q_blocks`` its transposition adds a bool and an int32 table of the same size. No ``n x n`` tensor.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b, h, nb, slots = selected.shape
+    fb = flex_block_size(block_size)
+    m = fb // block_size
+    nf = math.ceil(seq_len / fb)
+    device = selected.device
+    real = None
+    clean = torch.ones(b, nf, dtype=torch.bool, device=device)  # flex block holds no padded key
+    if key_padding_mask is not None:
+        real = F.pad(key_padding_mask, (0, nf * fb - seq_len), value=False)  # (b, nf * F): beyond n is never read
+        in_range = (seq_len - torch.arange(nf, device=device) * fb).clamp(max=fb)
+        clean = rearrange(real, "b (k t) -> b k t", t=fb).sum(-1) == in_range
+    if m == 1:
+        used = selected >= 0
+        clean_slot = clean[torch.arange(b, device=device)[:, None, None, None], selected.clamp_min(0)]
+        partial = used & ~clean_slot
+        if causal:
+            partial[..., 0] = used[..., 0]  # the own block's triangle
+        full = used & ~partial
+        lists = (*_block_lists(selected, partial, nf), *_block_lists(selected, full, nf))
+        table = None
+    else:
+        table = F.pad(selected, (0, 0, 0, nf * m - nb), value=EMPTY)  # (b, h, nf * m, slots)
+        groups = rearrange(table, "b h (r m) s -> b h r (m s)", m=m)
+        candidates = torch.where(groups >= 0, groups // m, nf).sort(dim=-1).values  # nf = no block, sorts last
+        repeated = F.pad(candidates[..., 1:] == candidates[..., :-1], (1, 0), value=False)
+        keep = (candidates < nf) & ~repeated
+        lists = (*_block_lists(candidates, keep, nf), None, None)
+    return BlockMask.from_kv_blocks(
+        *lists,
+        BLOCK_SIZE=fb,
+        mask_mod=_selection_mod(table, block_size, causal, real),
+        seq_lengths=(seq_len, seq_len),
+        compute_q_blocks=with_q_blocks,
+    )
+
+
+def _selection_mod(table: Tensor | None, block_size: int, causal: bool, real: Tensor | None):
+    """``mask_mod`` of :func:`moba_block_mask`: (``table``, grouped blocks) the selection per token, the causal
+    triangle, the real keys; None when nothing is masked inside a listed block (FlexAttention's no-op)."""
+    if table is None and not causal and real is None:
+        return None
+    slots = 0 if table is None else table.shape[-1]
+
+    def moba_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        terms = []
+        if table is not None:
+            row, key_block = q_idx // block_size, kv_idx // block_size
+            hit = table[b, h, row, 0] == key_block
+            for slot in range(1, slots):
+                hit = hit | (table[b, h, row, slot] == key_block)
+            terms.append(hit)
+        if causal:
+            terms.append(q_idx >= kv_idx)
+        if real is not None:
+            terms.append(real[b, kv_idx])
+        allowed = terms[0]
+        for term in terms[1:]:
+            allowed = allowed & term
+        return allowed
+
+    return moba_mask
+
+
 # ----------------------------------------------------------------------------------------------------- module
 @dataclass(kw_only=True)
 class MobaConfig(AttentionConfig):
@@ -422,7 +552,7 @@ class MobaConfig(AttentionConfig):
     description="MoBA (Lu et al. 2025): exact attention over the top-k key blocks chosen by mean-key scores",
     paper="Lu et al. 2025, arXiv:2502.13189",
     complexity="O(n*k*b + n^2/b)",
-    backends=("torch", "naive"),
+    backends=("torch", "naive", "flex"),
     # exact softmax over its selection, but the pattern depends on q and k: the contract's dense_mask(seq_len)
     # cannot describe it (dense_mask_for(q, k) does), so it is registered as not exact
     exact=False,
@@ -524,6 +654,29 @@ class MobaAttention(Attention):
 
     def _attend_torch(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         return self._attend_selected(q, k, v, key_padding_mask, self.selected_blocks(q, k, key_padding_mask))
+
+    def _attend_flex(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        flex_backend.check_supported(q, self.dropout_p)
+        return self._attend_flex_selected(q, k, v, key_padding_mask, self.selected_blocks(q, k, key_padding_mask))
+
+    def _attend_flex_selected(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+                              selected: Tensor) -> Tensor:
+        """The ``flex`` backend over a given ``selected``: compiled FlexAttention with :func:`moba_block_mask`,
+        built for this call (the selection is data), on the unpadded length."""
+        cfg = self.config
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        block_mask = moba_block_mask(selected, q.shape[-2], block_size=cfg.block_size, causal=cfg.causal,
+                                     key_padding_mask=key_padding_mask, with_q_blocks=needs_grad)
+        return flex_backend.run(q, k, v, block_mask)
+
+    @classmethod
+    def unavailable_reason(
+        cls, backend: str, device: torch.device | str, needs_grad: bool, dtype: torch.dtype | None = None
+    ) -> str | None:
+        """``flex``: FlexAttention's limits (forward-only on CPU, no float64 there); the other backends run anywhere."""
+        if backend == "flex":
+            return flex_backend.unavailable_reason(device, needs_grad, dtype)
+        return None
 
     def _nonfinite_reach(self, backend, q, k, bad_q, bad_kv, key_padding_mask, document_ids) -> Tensor:
         """The selection depends on the data, so the rerun keeps the real one (made from the cleaned q, k, as the
