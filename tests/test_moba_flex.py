@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import efficient_attn as ea
@@ -61,9 +62,10 @@ def run_flex(attn, q, k, v, kpm=None) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------- correctness
-# the four compiled configurations: (block_size, causal, padded, kv_heads)
+# four compiled configurations: (block_size, causal, padded, kv_heads)
 CASES = [
     (128, True, False, 4),  # one MoBA block per flex block: causal own block partial, the others full
+    (256, True, False, 4),  # two flex tiles per side (the same compiled kernel: flex sees 128-tiles only)
     (128, True, True, 4),  # ... with key padding (padded blocks partial, an all-padding batch row)
     (32, False, True, 4),  # four MoBA blocks per flex block, the mask_mod reads the selection; padding
     (32, True, False, 2),  # ... causal, grouped key/value heads (the selection is per query head)
@@ -127,26 +129,55 @@ def listed(counts: torch.Tensor, indices: torch.Tensor, num_kv_blocks: int) -> t
     return ordered_to_dense(counts, indices, num_kv_blocks)
 
 
+@pytest.mark.parametrize("block_size", [128, 256])  # one flex tile per MoBA block, two tiles per side
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("padded", [False, True])
-def test_block_mask_lists_exactly_the_selection_one_block_per_flex_block(causal, padded):
+def test_block_mask_lists_exactly_the_selected_blocks(block_size, causal):
     q, k, _ = inputs(seed=3)
-    kpm = padding() if padded else None
-    attn = build(causal=causal, block_size=128, top_k=2)
-    sel = attn.selected_blocks(q, k, kpm)  # (2, 4, 3, 2)
-    bm = moba_block_mask(sel, SEQ, block_size=128, causal=causal, key_padding_mask=kpm)
+    attn = build(causal=causal, block_size=block_size, top_k=2)
+    sel = attn.selected_blocks(q, k)
+    bm = moba_block_mask(sel, SEQ, block_size=block_size, causal=causal)
     assert bm.BLOCK_SIZE == (128, 128) and bm.kv_indices.shape == (2, 4, 3, 3)
     partial = listed(bm.kv_num_blocks, bm.kv_indices, 3)
     full = listed(bm.full_kv_num_blocks, bm.full_kv_indices, 3)
-    selected = torch.zeros(2, 4, 3, 4, dtype=torch.bool).scatter_(-1, torch.where(sel >= 0, sel, 3), True)[..., :3]
-    assert torch.equal(partial | full, selected) and not (partial & full).any()
-    own = torch.eye(3, dtype=torch.bool).expand(2, 4, 3, 3)
-    has_padding = torch.zeros(2, 1, 1, 3, dtype=torch.bool)
-    if padded:
-        has_padding[0] = True  # all padding
-        has_padding[1, ..., 1] = True  # real up to 161: block 1 (128..255) is mixed, block 2 all padding
-        has_padding[1, ..., 2] = True
-    assert torch.equal(partial, selected & ((own if causal else False) | has_padding))
+    s = block_size // 128
+    want_partial, want_full = torch.zeros(2, 2, 4, 3, 3, dtype=torch.bool)
+    for (b, h, r, slot), block in zip(torch.cartesian_prod(*map(torch.arange, sel.shape)).tolist(), sel.flatten()):
+        for i in range(s):
+            for j in range(s):
+                row, col = r * s + i, int(block) * s + j
+                if block < 0 or row >= 3 or col >= 3 or (causal and slot == 0 and j > i):
+                    continue  # unused slot, past the end, the own block above the diagonal
+                (want_partial if causal and slot == 0 and j == i else want_full)[b, h, row, col] = True
+    assert torch.equal(partial, want_partial) and torch.equal(full, want_full)
+
+
+@pytest.mark.parametrize("block_size", [128, 256, 32])
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_mask_tiles_are_the_dense_patterns_tiles(block_size, causal):
+    """With key padding (an all-padding batch row, a row real up to 161): a tile is listed iff it holds an allowed
+    pair of ``dense_mask_for`` AND the padding (a test-only n x n); split blocks list it as full iff every pair in
+    range is allowed, grouped blocks list it as partial."""
+    q, k, _ = inputs(kv_heads=2, seed=4)
+    kpm = padding()
+    attn = build(causal=causal, block_size=block_size, top_k=3, kv_heads=2)
+    bm = moba_block_mask(attn.selected_blocks(q, k, kpm), SEQ, block_size=block_size, causal=causal,
+                         key_padding_mask=kpm)
+    allowed = attn.dense_mask_for(q, k, kpm) & kpm[:, None, None, :]
+    tiles = lambda x, fill: F.pad(x, (0, 384 - SEQ, 0, 384 - SEQ), value=fill).view(2, 4, 3, 128, 3, 128)
+    some, every = tiles(allowed, False).any(-1).any(-2), tiles(allowed, True).all(-1).all(-2)
+    partial = listed(bm.kv_num_blocks, bm.kv_indices, 3)
+    if block_size == 32:
+        assert bm.full_kv_num_blocks is None and torch.equal(partial, some)
+    else:
+        full = listed(bm.full_kv_num_blocks, bm.full_kv_indices, 3)
+        assert torch.equal(full, every) and torch.equal(partial, some & ~every)
+    assert not partial[0].any()  # the all-padding batch row lists nothing
+
+
+def test_flex_block_size_rule():
+    """128-row tiles for multiples of 128 (split), the smallest multiple >= 128 below it (grouped), else the block."""
+    assert [flex_block_size(b) for b in (512, 256, 128, 64, 32, 48, 100, 200)] == [128, 128, 128, 128, 128, 144,
+                                                                                    200, 200]
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -155,7 +186,6 @@ def test_block_mask_groups_small_blocks_by_the_selection(causal):
     selected, all partial, and no block mask entry outside them."""
     q, k, _ = inputs(seed=5)
     attn = build(causal=causal, block_size=32, top_k=3)
-    assert flex_block_size(32) == 128 and flex_block_size(48) == 144 and flex_block_size(512) == 512
     sel = attn.selected_blocks(q, k)  # (2, 4, 10, 3)
     bm = moba_block_mask(sel, SEQ, block_size=32, causal=causal)
     assert bm.full_kv_num_blocks is None and bm.kv_indices.shape == (2, 4, 3, 3)
