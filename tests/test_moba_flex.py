@@ -19,6 +19,7 @@ import efficient_attn as ea
 from efficient_attn.attention.flex import ordered_to_dense
 from efficient_attn.attention.moba import flex_block_size, moba_block_mask
 from efficient_attn.errors import BackendUnavailableError
+from efficient_attn.measure.storage import StorageTracker
 from helpers import random_padding, random_qkv, reference_attention
 
 SEQ = 300  # not a multiple of either block size, nor of FlexAttention's 128
@@ -229,6 +230,13 @@ def test_backward_and_float64_refused_with_flex_reasons():
     with torch.no_grad(), pytest.raises(BackendUnavailableError, match="float32, float16 and bfloat16"):
         attn.double().attend(*(t.double() for t in (q, k, v)))
     assert "flex" in ea.get_spec("moba").backends
+
+
+def test_dispatch_modes_are_refused_instead_of_running_eager_flex():
+    attn = build(causal=True, block_size=128, top_k=2)
+    q, k, v = inputs()
+    with torch.no_grad(), StorageTracker(), pytest.raises(BackendUnavailableError, match="dispatch mode"):
+        attn.attend(q, k, v)
 
 
 @pytest.mark.slow
