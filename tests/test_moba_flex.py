@@ -125,6 +125,19 @@ def test_causal_output_ignores_later_tokens(block_size, kv_heads):
     assert not torch.allclose(out[:, :, t + 1:], out2[:, :, t + 1:])
 
 
+@pytest.mark.slow
+def test_causal_output_is_prefix_consistent_with_padding():
+    """The first 150 tokens alone (with their padding) give the same outputs as inside the 300: the output at t
+    does not depend on how many tokens follow (one more compiled length). float32 stand-in for the float64 prefix
+    test of tests/test_families.py, which flex cannot run."""
+    q, k, v = inputs(kv_heads=2, seed=9)
+    kpm = random_padding(2, SEQ, seed=1)
+    attn = build(causal=True, block_size=32, top_k=3, kv_heads=2)
+    whole = run_flex(attn, q, k, v, kpm)
+    half = run_flex(attn, q[:, :, :150], k[:, :, :150], v[:, :, :150], kpm[:, :150])
+    torch.testing.assert_close(whole[:, :, :150], half, atol=1e-6, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------------- block mask
 def listed(counts: torch.Tensor, indices: torch.Tensor, num_kv_blocks: int) -> torch.Tensor:
     return ordered_to_dense(counts, indices, num_kv_blocks)
