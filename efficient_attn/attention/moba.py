@@ -533,7 +533,9 @@ def moba_block_mask(
     )
 
 
-def _selection_mod(table: Tensor | None, block_size: int, causal: bool, real: Tensor | None):
+def _selection_mod(
+    table: Tensor | None, block_size: int, causal: bool, real: Tensor | None
+) -> flex_backend.MaskMod | None:
     """``mask_mod`` of :func:`moba_block_mask`: (``table``, grouped blocks) the selection per token, the causal
     triangle, the real keys; None when nothing is masked inside a listed block (FlexAttention's no-op)."""
     if table is None and not causal and real is None:
