@@ -217,7 +217,7 @@ class FlexRunner:
         all_real = rearrange(real_per_block == in_range, "b k -> b 1 1 k")
         full = entry.full[None] & all_real  # (b, hp, q_blocks, kv_blocks)
         partial = (entry.partial[None] | entry.full[None]) & some_real & ~full
-        padding_mod = _key_is_real(real)
+        padding_mod = key_is_real_mod(real)
         return BlockMask.from_kv_blocks(
             *dense_to_ordered(partial),
             *dense_to_ordered(full),
@@ -241,7 +241,6 @@ class FlexRunner:
                 ``profile_memory=True``) or the process RSS instead.
         """
         _refuse_dispatch_modes()
-        # (on CPU under no_grad, _run detaches q, k, v: FlexAttention's CPU check looks at requires_grad even then)
         if key_padding_mask is None:
             block_mask = self.block_mask(q.shape[-2], q.device, tag)
         else:
@@ -249,12 +248,7 @@ class FlexRunner:
         return self._run(q, k, v, block_mask, score_mod)
 
     def _run(self, q: Tensor, k: Tensor, v: Tensor, block_mask: "BlockMask", score_mod: Callable | None) -> Tensor:  # noqa: F821
-        if q.device.type == "cpu" and not torch.is_grad_enabled():
-            q, k, v = q.detach(), k.detach(), v.detach()
-        with _dynamo_limits():
-            return compiled_flex_attention()(
-                q, k, v, block_mask=block_mask, score_mod=score_mod, enable_gqa=k.shape[1] != q.shape[1]
-            )
+        return run(q, k, v, block_mask, score_mod)
 
     def packed(
         self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, document_ids: Tensor,
@@ -270,7 +264,7 @@ class FlexRunner:
         batch, seq_len = document_ids.shape
         mods = [self.mask_mod_factory(seq_len, q.device), same_document(document_ids)]
         if key_padding_mask is not None:
-            mods.append(_key_is_real(key_padding_mask))
+            mods.append(key_is_real_mod(key_padding_mask))
         heads = None if self.mask_heads == 1 else self.mask_heads
         with _dynamo_limits():
             block_mask = compiled_create_block_mask()(
@@ -303,6 +297,25 @@ class FlexRunner:
         return time.perf_counter() - start
 
 
+def run(
+    q: Tensor, k: Tensor, v: Tensor, block_mask: "BlockMask", score_mod: Callable | None = None  # noqa: F821
+) -> Tensor:
+    """The compiled FlexAttention over a ready ``block_mask`` (its ``mask_mod`` included), under this module's rules.
+
+    q ``(batch, heads, seq, head_dim)``, k, v ``(batch, kv_heads, seq, head_dim)`` (``enable_gqa`` when the head
+    counts differ) -> q's shape. For callers whose block mask is data built per call (MoBA's selection); patterns use
+    :class:`FlexRunner`. Raises as :meth:`FlexRunner.__call__` under a dispatch mode.
+    """
+    _refuse_dispatch_modes()
+    # FlexAttention's CPU check looks at requires_grad even under no_grad
+    if q.device.type == "cpu" and not torch.is_grad_enabled():
+        q, k, v = q.detach(), k.detach(), v.detach()
+    with _dynamo_limits():
+        return compiled_flex_attention()(
+            q, k, v, block_mask=block_mask, score_mod=score_mod, enable_gqa=k.shape[1] != q.shape[1]
+        )
+
+
 def _refuse_dispatch_modes() -> None:
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -317,7 +330,7 @@ def _refuse_dispatch_modes() -> None:
         )
 
 
-def _key_is_real(real: Tensor) -> MaskMod:
+def key_is_real_mod(real: Tensor) -> MaskMod:
     """``mask_mod`` that is True where the key is a real token; ``real`` is bool ``(batch, padded_len)``."""
 
     def key_is_real(b: Tensor | int, h: Tensor | int, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
