@@ -7,7 +7,9 @@ Both variants compute, per head, sums of the form
 over already feature-mapped queries ``q`` ``(batch, heads, seq, m)``, keys ``k`` ``(batch, kv_heads, seq, m)`` and
 values ``v`` ``(batch, kv_heads, seq, e)``; ``kv_heads`` divides ``heads`` and query head ``i`` reads key/value head
 ``i // (heads / kv_heads)`` (grouped-query heads, Ainslie et al. 2023). Only the ``parallel_sums`` oracle repeats k
-and v; the other forms carry the group of query heads as an extra einsum index. The weights ``w`` are 1 (linear attention, Katharopoulos et al. 2020, arXiv:2006.16236)
+and v; the other forms carry the group of query heads as an extra einsum index, and drop it with full heads
+(``heads == kv_heads``), where a unit index only costs einsum permutes (``group_index=True`` keeps it: the general
+path, which ``tests/test_linear_forms.py`` checks the full-heads paths against). The weights ``w`` are 1 (linear attention, Katharopoulos et al. 2020, arXiv:2006.16236)
 or a per-head exponential decay ``gamma^(n - m)`` (retention, Sun et al. 2023, arXiv:2307.08621, eq. 5-6), given as
 ``log_decay`` ``(heads,)`` = log gamma <= 0. Causal: ``m <= n`` only. Non-causal: every ``m``, with the symmetric decay
 ``gamma^|n - m|``. Callers get their normalisers from the same sums (append a column of ones to ``v``); padded keys
@@ -24,8 +26,11 @@ Forms (all equal up to rounding; ``tests/test_families.py`` checks it in float64
   with decay the causal sums plus the anti-causal ones (the causal form on the flipped sequence) minus the diagonal.
 * :func:`recurrent_step` / :func:`recurrent_sums`: the RNN form, one position at a time with an explicit
   ``(batch, heads, m, e)`` state: ``S_t = gamma S_{t-1} + k_t v_t^T``, ``y_t = q_t S_t``. The decode cache reuses
-  :func:`recurrent_step`. Non-causal: the final state read by every query (no decay), or a forward and a backward
-  scan minus the diagonal (decay).
+  :func:`recurrent_step`; with full heads :func:`recurrent_sums` runs the same recurrence as one ``baddbmm`` and one
+  ``bmm`` per token. Non-causal: the final state read by every query (no decay), or a forward and a backward scan
+  minus the diagonal (decay). A Python loop of n steps: its time is per-op overhead (about 0.1-0.2 ms per token
+  forward+backward on CPU), so it is there to check the other forms and to decode, not to be fast; its memory is
+  O(n) with autograd (each step saves its state).
 """
 
 from __future__ import annotations
