@@ -181,7 +181,12 @@ class RetentionAttention(Attention):
     Backends:
         ``torch``: the chunkwise form (``chunk_size``), causal or not.
         ``naive``: the parallel form with the ``(n, n)`` decay matrix D (the oracle).
-        ``recurrent``: the RNN form, one position at a time (O(n) Python steps).
+        ``recurrent``: the RNN form, one position at a time: a Python loop of n steps, each a few small ops on
+            the constant-size state (a few dozen with grouped heads), so its time is per-op overhead, not
+            arithmetic (full heads: about 0.1 ms per token forward, 0.16 ms forward+backward on a 2-core CPU;
+            on a GPU each step is several kernel launches). It exists to check the other forms and as the
+            decode step's form, not as a fast backend; ``sequential_backends`` tells the harness (its memory is
+            predicted from short fake runs, its rows carry a note).
 
     Buffer ``gammas`` ``(heads,)`` holds the decays of the config (not persistent: the config is the source).
     """
@@ -189,6 +194,8 @@ class RetentionAttention(Attention):
     config: RetentionConfig
     decode_unsupported_reason = None
     supports_gqa = True
+    #: backends that take one Python step per token (see :func:`efficient_attn.harness.predict.is_sequential`)
+    sequential_backends = ("recurrent",)
 
     # ------------------------------------------------------------------------------------------------ decoding
     def _new_cache(self, common: dict) -> StateCache:

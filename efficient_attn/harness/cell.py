@@ -37,7 +37,7 @@ import torch
 from efficient_attn.errors import BackendUnavailableError
 from efficient_attn.harness.host import free_memory
 from efficient_attn.harness.plan import Cell, PlannedCell
-from efficient_attn.harness.predict import Prediction, Predictor, predict_cell
+from efficient_attn.harness.predict import Prediction, Predictor, is_sequential, predict_cell
 from efficient_attn.harness.runfolder import format_value
 from efficient_attn.harness.schema import (
     ALL_COLUMNS,
@@ -56,6 +56,7 @@ from efficient_attn.vocab import CACHE_MODES, GRAD_MODES, STATUSES
 __all__ = [
     "UNCOUNTABLE_BACKENDS",
     "Precheck",
+    "sequential_note",
     "Timing",
     "classify",
     "make_row",
@@ -69,6 +70,9 @@ __all__ = [
 #: first call compiles (``compile_ms``), ``flops_computed`` falls back to the analytic useful count and
 #: ``peak_mem_bytes`` is measured on CUDA only
 UNCOUNTABLE_BACKENDS = frozenset({"flex"})
+#: the note of a cell whose backend takes one Python step per token (:func:`is_sequential`)
+SEQUENTIAL_NOTE = ("backend {backend!r} takes one Python step per token (for checking and decoding, not speed): its "
+                   "time is per-op overhead, not a kernel's")
 #: the note of an ``hf`` cell's empty ``predicted_mem_bytes``: the cell is measured, never refused for it
 HF_NOT_PREDICTED = "memory not predicted: a transformers model (level 'hf') is measured only"
 
@@ -238,6 +242,12 @@ class Precheck:
         return self.prediction.first_call_bytes if self.prediction is not None else None
 
 
+def sequential_note(cell: Cell) -> str:
+    """:data:`SEQUENTIAL_NOTE` for a cell of a sequential backend (a sweep that lists one measures a Python loop,
+    and says so in the row), else ``""``."""
+    return SEQUENTIAL_NOTE.format(backend=cell.backend_requested) if is_sequential(cell) else ""
+
+
 def precheck(planned: PlannedCell, *, budget_bytes: int | None, seed: int = 0, depth: int = 2,
              predictor: Predictor | None = None) -> Precheck:
     """Static checks, then the memory prediction against ``budget_bytes`` (None: no budget); builds nothing real.
@@ -245,13 +255,13 @@ def precheck(planned: PlannedCell, *, budget_bytes: int | None, seed: int = 0, d
     ``predictor``: a :class:`efficient_attn.harness.predict.Predictor` shared by the cells of a sweep: a fake run up
     to its ``fake_max_len``, beyond it the growth fitted to the same configuration's shorter fake runs (which a
     sweep, lengths ascending, has mostly made already), so a long cell costs no fake run of its own length; None:
-    a fake run at the cell's length."""
+    a fake run at the cell's length. A sequential backend's cell (:func:`sequential_note`) says so in its note."""
     static = static_status(planned)
     if static is not None:
         return Precheck(*static)
     if planned.cell.level == "hf":
         return Precheck(None, HF_NOT_PREDICTED)
-    how = ""
+    how = sequential_note(planned.cell)
     try:
         if predictor is None or planned.cell.packing is not None:  # packed cells' shapes follow their documents
             prediction = predict_cell(planned.cell, seed=seed, depth=depth)
@@ -259,9 +269,9 @@ def precheck(planned: PlannedCell, *, budget_bytes: int | None, seed: int = 0, d
             estimate = predictor.predict(planned.cell)
             prediction = estimate.prediction
             if estimate.growth is not None:
-                how = f"memory extrapolated ({estimate.growth.describe()})"
+                how = "; ".join(n for n in (how, f"memory extrapolated ({estimate.growth.describe()})") if n)
     except Exception as error:  # noqa: BLE001 - the real run decides the status
-        return Precheck(None, f"memory not predicted ({_first_line(error)[:120]})")
+        return Precheck(None, "; ".join(n for n in (how, f"memory not predicted ({_first_line(error)[:120]})") if n))
     if budget_bytes is not None and prediction.total_bytes > budget_bytes:
         note = (f"predicted {_gib(prediction.total_bytes)} (peak {_gib(prediction.peak_bytes)} + setup "
                 f"{_gib(prediction.setup_bytes)}) > budget {_gib(budget_bytes)}")

@@ -24,6 +24,17 @@ shorter (then the figures are in their asymptotic regime, where a maximum of two
 switches). A linear fit that never checks out is retried as a quadratic (a variant that grows faster than promised is
 then predicted as it grows, not as promised). :class:`Predictor` uses a fake run up to ``fake_max_len`` and the fit
 beyond it, and says which (:attr:`Estimate.how`).
+
+A *sequential* backend (one Python step per token: ``linear`` and ``retention``'s ``recurrent``, declared by the
+variant's ``sequential_backends``, see :func:`is_sequential`) costs about 5-20 ms of fake run per token, so a fake
+run at 16K would take minutes. Every step allocates and saves the same tensors, so its memory is a maximum of a few
+affine functions of ``seq_len``: per-token tensors (the outputs, what autograd saves) against per-step transients
+(a few states, ``head_dim x (head_dim + 1)`` per head). Which one is the peak settles once the per-token bytes
+outweigh the transients, at lengths of order ``head_dim`` (measured: below ``head_dim`` with full heads, at
+``2 * head_dim`` for grouped heads, whose step costs more transients). So :class:`Predictor` fake-runs a sequential
+cell from ``head_dim`` (at least 32) up to ``8 * head_dim`` (at least 256) only, fitting as above, and extrapolates
+from there: a few seconds per configuration at any length. ``tests/test_reliability_predict.py`` compares the fit
+with real runs 8x longer than its longest sample.
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ __all__ = [
     "Predictor",
     "expected_degree",
     "fit_growth",
+    "is_sequential",
     "longest_fitting_length",
     "predict_cell",
 ]
@@ -57,6 +69,11 @@ __all__ = [
 DEFAULT_FAKE_MAX_LEN = 1 << 15
 #: the first length :func:`fit_growth` samples
 FIT_START = 2048
+#: a sequential backend (:func:`is_sequential`) is fake-run from ``head_dim`` (at least SEQUENTIAL_FIT_START) up to
+#: SEQUENTIAL_HEAD_DIMS head dims (at least SEQUENTIAL_FAKE_MAX_LEN), see the module docstring
+SEQUENTIAL_FAKE_MAX_LEN = 256
+SEQUENTIAL_FIT_START = 32
+SEQUENTIAL_HEAD_DIMS = 8
 #: a fit checks out when every figure at the check length is within this fraction (plus 4 KiB) of the fake run
 FIT_TOLERANCE = 1e-3
 
@@ -179,6 +196,17 @@ class Growth:
         return f"{kind} through n={through}; {state} {self.check_error:.2%} at {self.check_length}"
 
 
+def is_sequential(cell: Cell) -> bool:
+    """True when ``cell`` runs a backend that takes one Python step per token: one its variant lists in
+    ``sequential_backends`` (``recurrent`` of ``linear`` and ``retention``; exact, but slow to run and to fake-run,
+    there for checking and decoding)."""
+    if cell.is_peer:
+        return False
+    from efficient_attn.registry import get_spec
+
+    return cell.backend_requested in getattr(get_spec(cell.variant).module_cls, "sequential_backends", ())
+
+
 def expected_degree(cell: Cell) -> int:
     """The degree a cell's memory grows with: 2 for dense attention (``O(n^2)``), the ``naive`` backend and peers
     (unknown), 1 for the efficient variants."""
@@ -278,7 +306,10 @@ class Estimate:
 @dataclass
 class Predictor:
     """Predicted memory of cells of any length: a fake run up to ``fake_max_len`` (None: always), beyond it the
-    growth fitted to fake runs of the same cell (one fit per cell configuration, cached).
+    growth fitted to fake runs of the same cell (one fit per cell configuration, cached). A sequential backend
+    (:func:`is_sequential`) is fake-run only up to ``max(sequential_max_len, 8 * head_dim)`` (also below
+    ``fake_max_len``) and fitted from ``max(sequential_fit_start, head_dim)`` on (see the module docstring);
+    ``fake_max_len=None`` fake-runs every cell, sequential ones included.
 
     ``on_sample(cell, n)`` is called before every fake run (progress on a long search).
     """
@@ -288,12 +319,22 @@ class Predictor:
     seed: int = 0
     depth: int = 2
     multiple: int = 256
+    sequential_max_len: int = SEQUENTIAL_FAKE_MAX_LEN
+    sequential_fit_start: int = SEQUENTIAL_FIT_START
     on_sample: Callable[[Cell, int], None] | None = None
     _fakes: dict[Cell, dict[int, Prediction]] = field(default_factory=dict, repr=False)
     _growths: dict[Cell, Growth] = field(default_factory=dict, repr=False)
 
     def _made(self, cell: Cell) -> dict[int, Prediction]:
         return self._fakes.setdefault(replace(cell, seq_len=0), {})
+
+    def fake_limit(self, cell: Cell) -> int | None:
+        """The longest length ``cell``'s configuration is fake-run at (None: every length)."""
+        if self.fake_max_len is None:
+            return None
+        if not is_sequential(cell):
+            return self.fake_max_len
+        return min(self.fake_max_len, max(self.sequential_max_len, SEQUENTIAL_HEAD_DIMS * cell.head_dim))
 
     def fake(self, cell: Cell) -> Prediction:
         """The fake run of ``cell`` (cached)."""
@@ -308,17 +349,21 @@ class Predictor:
         """The fitted growth of ``cell``'s configuration (cached)."""
         group = replace(cell, seq_len=0)
         if group not in self._growths:
-            assert self.fake_max_len is not None
+            limit = self.fake_limit(cell)
+            assert limit is not None
+            start, multiple = self.fit_start, self.multiple
+            if is_sequential(cell):  # short runs: a per-token loop has no padding multiple
+                start = multiple = min(max(self.sequential_fit_start, cell.head_dim), limit)
             notify = None if self.on_sample is None else (lambda n: self.on_sample(cell, n))
-            self._growths[group] = fit_growth(cell, max_len=self.fake_max_len, start=self.fit_start, multiple=self.multiple,
-                                              seed=self.seed, depth=self.depth, on_sample=notify,
-                                              made=self._made(cell))
+            self._growths[group] = fit_growth(cell, max_len=limit, start=start, multiple=multiple, seed=self.seed,
+                                              depth=self.depth, on_sample=notify, made=self._made(cell))
         return self._growths[group]
 
     def predict(self, cell: Cell) -> Estimate:
-        """A fake run when ``cell.seq_len <= fake_max_len`` (or it was already made), else the fitted growth."""
+        """A fake run when ``cell.seq_len <=`` :meth:`fake_limit` (or it was already made), else the fitted growth."""
         made = self._made(cell)
-        if self.fake_max_len is None or cell.seq_len <= self.fake_max_len or cell.seq_len in made:
+        limit = self.fake_limit(cell)
+        if limit is None or cell.seq_len <= limit or cell.seq_len in made:
             return Estimate(self.fake(cell), "fake")
         growth = self.growth(cell)
         return Estimate(growth.at(cell.seq_len), "extrapolated", growth)
