@@ -191,6 +191,9 @@ class Attention(nn.Module):
     supports_gqa: ClassVar[bool] = False
     #: Backends that add ALiBi's bias (``config.alibi``); empty = the variant has no ALiBi.
     alibi_backends: ClassVar[tuple[str, ...]] = ()
+    #: Backends that take one Python step per token (``linear`` and ``retention``'s ``recurrent``): the harness
+    #: predicts their memory from short fake runs and says on their rows that they are for checking and decoding.
+    sequential_backends: ClassVar[tuple[str, ...]] = ()
     #: Why ALiBi is not defined for this variant (used when ``alibi_backends`` is empty).
     alibi_unsupported_reason: ClassVar[str] = "ALiBi biases individual query-key scores, which this variant never forms"
     #: Whether ``attend(..., document_ids=...)`` is accepted (the default runs each document alone, see ``attend``).

@@ -204,7 +204,7 @@ def is_sequential(cell: Cell) -> bool:
         return False
     from efficient_attn.registry import get_spec
 
-    return cell.backend_requested in getattr(get_spec(cell.variant).module_cls, "sequential_backends", ())
+    return cell.backend_requested in get_spec(cell.variant).module_cls.sequential_backends
 
 
 def expected_degree(cell: Cell) -> int:
