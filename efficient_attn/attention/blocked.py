@@ -79,6 +79,9 @@ GATHERED_ROWS_PER_CALL = 4096
 #: Query rows per block-wise call whose keys are a strided view of k (nothing gathered): only the call's output
 #: chunk and row statistics are held, so it takes more rows than a gathered call (fewer, larger fused calls).
 STRIDED_ROWS_PER_CALL = 2048
+#: Query rows per extra-keys call (sinks, global columns; see :func:`_calls`): its output chunk is the peak it adds
+#: (16K, 4 x 64, float32: 4096 rows put the forward peak at 1.61x SDPA's, 1024 rows at 1.23x, for the same speed).
+EXTRA_ROWS_PER_CALL = 1024
 #: Block of a window's backward cover (when the input's padded length allows it): the fused CPU backward kernel
 #: runs 128-row blocks about 1.3x faster per pair than 64-row ones (8K, 256 window, 1 thread: 523 vs 702 ms per
 #: 8K rows; 256-row blocks 558), and the overlapping windows' key gradients it returns are 5x rather than 9x the keys.
@@ -160,9 +163,6 @@ class _Call:
     #: kt - 1)`` (a sliding window away from the edges), its keys are one overlapping strided view of k: no copy
     key_start: int | None = None
     key_step: int = 0  # with key_start: tokens between consecutive query blocks' first keys (the block size)
-    #: blocks only, split calls: the same rows against the structure's extra keys (sinks, global columns), an
-    #: ``"extra"`` call whose keys are ``extra_keys`` (its ``key_index``, token indices) for every block of the group
-    extra: "_Call | None" = None
     #: blocks only, when every slot is one whole key block (no appended extra keys): the flat ``(g * kh * slots,)``
     #: index of those blocks into ``(kv_heads * num_blocks)`` blocks, so a gather copies whole blocks
     block_index: Tensor | None = None
@@ -198,9 +198,12 @@ def _calls(
     slopes: Tensor | None = None,
     split_extras: bool = True,
 ) -> Iterator[_Call]:
-    """The calls of one pass. ``split_extras``: block calls read the slots only and carry the extra keys as their
-    ``extra`` call (merged by log-sum-exp: :func:`sparse_attention`); otherwise the extra keys are appended to every
-    block's gathered keys (one call per group: :func:`sparse_attention_autograd`)."""
+    """The calls of one pass: block calls, then (``split_extras``) ``"extra"`` calls, then dense global rows.
+
+    ``split_extras``: block calls read the slots only, and the structure's extra keys are ``"extra"`` calls over up
+    to :data:`EXTRA_ROWS_PER_CALL` block-wise rows each, merged into those rows by log-sum-exp
+    (:func:`sparse_attention`); otherwise the extra keys are appended to every block's gathered keys (one call per
+    group: :func:`sparse_attention_autograd`)."""
     st = plan.structure
     split = split_extras and st.extra_keys.numel() > 0 and plan.slots is not None
     blocks_st = plan.slots if split else st
@@ -231,13 +234,17 @@ def _calls(
         elif batch > 1:
             allowed = allowed[None].expand(batch, g, *allowed.shape[1:]).flatten(0, 1)
             biases = None
-        extra = _extra_call(plan, start, stop, batch, kv_heads, key_padding_mask, slopes) if split else None
         block_index = None
         if key_start is None and blocks_st.extra_keys.numel() == 0:
             block_index = torch.div(flat.view(-1, blocks_st.block_size)[:, 0], blocks_st.block_size,
                                     rounding_mode="floor")  # an empty slot reads (masked) block 0
         yield _Call("blocks", start, stop, flat, allowed, biases, additive, key_heads, key_start,
-                    blocks_st.block_size, extra, block_index)
+                    blocks_st.block_size, block_index=block_index)
+    if split:  # the extra keys: a few large calls over every block-wise row, after all block calls
+        step = max(1, EXTRA_ROWS_PER_CALL // st.block_size)
+        for start in range(0, st.num_query_blocks, step):
+            yield _extra_call(plan, start, min(start + step, st.num_query_blocks), batch, kv_heads,
+                              key_padding_mask, slopes)
     num_global = st.global_queries.numel()
     for start in range(0, num_global, GLOBAL_ROWS_PER_CALL):
         stop = min(start + GLOBAL_ROWS_PER_CALL, num_global)
@@ -278,9 +285,9 @@ def _extra_call(
     plan: BlockedPlan, start: int, stop: int, batch: int, kv_heads: int, key_padding_mask: Tensor | None,
     slopes: Tensor | None,
 ) -> _Call:
-    """The extra keys of query-block rows ``start:stop`` as one call: every block of the group against the
-    structure's ``extra_keys`` (e of them; a key already in a block's slots is masked for that block, as
-    ``BlockStructure.key_tokens`` drops it), mask ``(batch * g, hp, b, e)`` from ``mask_mod``."""
+    """The extra keys of the rows of query blocks ``start:stop`` as one call: those rows (``(batch, h, rows, d)``)
+    against the structure's e ``extra_keys``; a key already in a row's block slots is masked for it (as
+    ``BlockStructure.key_tokens`` drops it), mask ``(batch or 1, hp, rows, e)`` from ``mask_mod``."""
     st = plan.structure
     cache_key = ("extra", start, stop)
     if cache_key not in plan.group_cache:
@@ -293,20 +300,16 @@ def _extra_call(
             allowed = allowed & (tokens >= 0)[:, :, None, :]
             if st.global_queries.numel():
                 allowed = allowed & ~plan.is_global[q_idx][None, :, :, None]  # dense rows are computed apart
-            allowed = allowed.transpose(0, 1)  # (g, hp, b, e)
-        plan.group_cache[cache_key] = (tokens, allowed, {})  # O(g * b * e), kept with the plan
-    tokens, allowed, biases = plan.group_cache[cache_key]
-    g = stop - start
+            allowed = allowed.flatten(1, 2)[None]  # (1, hp, rows, e)
+        plan.group_cache[cache_key] = (allowed, {})  # O(rows * e), kept with the plan
+    allowed, biases = plan.group_cache[cache_key]
     additive = None
     if slopes is not None:
-        additive = _alibi_rows(st, start, stop, tokens.clamp_min(0), slopes, batch)
+        rows = _block_queries(st, start, stop, allowed.device).flatten()
+        additive = alibi_bias(slopes, rows[:, None], st.extra_keys[None, :])[None]  # (1, h, rows, e)
         biases = None
     if key_padding_mask is not None:
-        real = key_padding_mask[:, st.extra_keys]  # (batch, e)
-        allowed = (allowed[None] & real[:, None, None, None, :]).flatten(0, 1)  # (batch * g, hp, b, e)
-        biases = None
-    elif batch > 1:
-        allowed = allowed[None].expand(batch, *allowed.shape).flatten(0, 1)
+        allowed = allowed & key_padding_mask[:, st.extra_keys][:, None, None, :]  # (batch, hp, rows, e)
         biases = None
     return _Call("extra", start, stop, st.extra_keys, allowed, biases, additive, kv_heads)
 
@@ -528,19 +531,14 @@ def _add_key_rows(dest: Tensor, value: Tensor, call: _Call) -> None:
 
 
 def _extra_keys(x: Tensor, call: _Call) -> Tensor:
-    """An extra call's keys (or values) ``(batch * g, kh, e, d)``: the e extra tokens, the same for every block of
-    the group (a broadcast view for batch 1)."""
-    batch, kh, _, d = x.shape
-    g = call.stop - call.start
-    rows = x.index_select(2, call.key_index)  # (batch, kh, e, d)
-    return rows[:, None].expand(batch, g, kh, rows.shape[2], d).reshape(batch * g, kh, rows.shape[2], d)
+    """An extra call's keys (or values) ``(batch, kh, e, d)``: the structure's e extra tokens."""
+    return x.index_select(2, call.key_index)
 
 
-def _add_extra_keys(dest: Tensor, value: Tensor, call: _Call) -> None:
-    """Add an extra call's key (or value) gradients ``(batch * g, kh, e, d)`` into ``dest`` ``(batch, kh, n, d)``."""
-    batch = dest.shape[0]
-    summed = value.reshape(batch, -1, *value.shape[1:]).sum(1)  # (batch, kh, e, d): the group's blocks added
-    dest.index_add_(2, call.key_index, summed.to(dest.dtype))
+def _extra_rows(plan: BlockedPlan, call: _Call) -> tuple[int, int]:
+    """Token rows ``[r0, r1)`` of an extra call (query blocks ``start:stop`` of the block-wise part)."""
+    st = plan.structure
+    return (st.first_query_block + call.start) * st.block_size, (st.first_query_block + call.stop) * st.block_size
 
 
 def _empty_rows_to_minus_inf(lse: Tensor, call: _Call) -> Tensor:
@@ -693,13 +691,16 @@ class _SparseAttentionFunction(torch.autograd.Function):
         out = _rows_buffer(q, plan, q.dtype)
         lses = None  # (batch, heads, padded_len) log-sum-exp of every row (0 for rows no call writes)
         for call in _calls(plan, batch, heads, kpm, k.shape[1], slopes):
+            if call.kind == "extra":  # after every block call: merge the extra keys into those rows
+                r0, r1 = _extra_rows(plan, call)
+                oe, le = _chunk_forward(q[:, :, r0:r1], _extra_keys(k, call), _extra_keys(v, call), call, scale)
+                merged, lse = merge_by_lse(out[:, :, r0:r1], lses[:, :, r0:r1], oe, _empty_rows_to_minus_inf(le, call))
+                lses[:, :, r0:r1] = lse
+                continue
             qc, kc, vc = _query_rows(q, plan, call), _key_rows(k, call), _key_rows(v, call)
             o, lse = _chunk_forward(qc, kc, vc, call, scale)
-            if call.extra is not None:
-                extra = call.extra
-                oe, le = _chunk_forward(qc, _extra_keys(k, extra), _extra_keys(v, extra), extra, scale)
-                o, lse = merge_by_lse(o, _empty_rows_to_minus_inf(lse, call), oe,
-                                      _empty_rows_to_minus_inf(le, extra))
+            if call.kind == "blocks" and plan.structure.extra_keys.numel():
+                lse = _empty_rows_to_minus_inf(lse, call)  # the extra keys' merge gives an empty part no weight
             _put_query_rows(out, o, plan, call, accumulate=call.kind == "global")
             if lses is None:
                 lses = torch.zeros(batch, heads, q.shape[2], dtype=lse.dtype, device=q.device)
@@ -721,6 +722,18 @@ class _SparseAttentionFunction(torch.autograd.Function):
         grad_k = _token_major(k.shape, acc, k.device, zero=True) if strided else torch.zeros_like(k, dtype=acc)
         grad_v = _token_major(v.shape, acc, v.device, zero=True) if strided else torch.zeros_like(v, dtype=acc)
         for call in _calls(plan, q.shape[0], q.shape[1], kpm, k.shape[1], slopes):
+            if call.kind == "extra":
+                # exact for a subset of the keys: given the rows' final output and log-sum-exp (both parts
+                # merged), each part's probabilities and delta are the true ones (see _global_backward)
+                r0, r1 = _extra_rows(plan, call)
+                gq, gk, gv = _chunk_backward(
+                    grad_out[:, :, r0:r1], q[:, :, r0:r1], _extra_keys(k, call), _extra_keys(v, call),
+                    out[:, :, r0:r1], lses[:, :, r0:r1].contiguous(), call, scale,
+                )
+                grad_q[:, :, r0:r1] += gq
+                grad_k.index_add_(2, call.key_index, gk.to(grad_k.dtype))
+                grad_v.index_add_(2, call.key_index, gv.to(grad_v.dtype))
+                continue
             lse = _call_lse(lses, plan, call)
             if call.kind == "global":
                 _global_backward(grad_out, q, k, v, out, lse, plan, call, scale, grad_q, grad_k, grad_v)
@@ -732,17 +745,6 @@ class _SparseAttentionFunction(torch.autograd.Function):
             _put_query_rows(grad_q, gq, plan, call, accumulate=call.kind == "global")
             _add_key_rows(grad_k, gk, call)
             _add_key_rows(grad_v, gv, call)
-            if call.extra is not None:
-                # exact for a subset of the keys: given the rows' final output and log-sum-exp (both parts
-                # merged), each part's probabilities and delta are the true ones (see _global_backward)
-                extra = call.extra
-                gq, gk, gv = _chunk_backward(
-                    _query_rows(grad_out, plan, call), _query_rows(q, plan, call), _extra_keys(k, extra),
-                    _extra_keys(v, extra), _query_rows(out, plan, call), lse, extra, scale,
-                )
-                _put_query_rows(grad_q, gq, plan, call, accumulate=True)
-                _add_extra_keys(grad_k, gk, extra)
-                _add_extra_keys(grad_v, gv, extra)
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None
 
 
