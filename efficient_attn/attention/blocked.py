@@ -694,7 +694,8 @@ class _SparseAttentionFunction(torch.autograd.Function):
             if call.kind == "extra":  # after every block call: merge the extra keys into those rows
                 r0, r1 = _extra_rows(plan, call)
                 oe, le = _chunk_forward(q[:, :, r0:r1], _extra_keys(k, call), _extra_keys(v, call), call, scale)
-                merged, lse = merge_by_lse(out[:, :, r0:r1], lses[:, :, r0:r1], oe, _empty_rows_to_minus_inf(le, call))
+                # merges into out's rows in place
+                _, lse = merge_by_lse(out[:, :, r0:r1], lses[:, :, r0:r1], oe, _empty_rows_to_minus_inf(le, call))
                 lses[:, :, r0:r1] = lse
                 continue
             qc, kc, vc = _query_rows(q, plan, call), _key_rows(k, call), _key_rows(v, call)

@@ -128,12 +128,9 @@ class LinearAttention(Attention):
     Backends:
         ``torch``: non-causal ``phi(Q) (phi(K)^T [V | 1])``; causal the chunked form (``chunk_size``).
         ``naive``: the parallel form with the ``(n, n)`` kernel matrix (the oracle).
-        ``recurrent``: the RNN form, one position at a time: a Python loop of n steps, each a few small ops on
-            the constant-size state (a few dozen with grouped heads), so its time is per-op overhead, not
-            arithmetic (full heads: about 0.1 ms per token forward, 0.16 ms forward+backward on a 2-core CPU;
-            on a GPU each step is several kernel launches). It exists to check the other forms and as the
-            decode step's form, not as a fast backend; ``sequential_backends`` tells the harness (its memory is
-            predicted from short fake runs, its rows carry a note).
+        ``recurrent``: the RNN form, one position at a time (:func:`~efficient_attn.attention.linear_forms.
+            recurrent_sums`: per-token Python, to check the other forms and as the decode step's form, not a fast
+            backend; listed in ``sequential_backends``).
     """
 
     config: LinearConfig
