@@ -491,7 +491,8 @@ def _key_rows(x: Tensor, call: _Call) -> Tensor:
 
 
 def _add_key_rows(dest: Tensor, value: Tensor, call: _Call) -> None:
-    """Add a call's key (or value) gradients ``value`` ``(batch * g, kh, kt, d)`` into ``dest`` ``(batch, kh, n, d)``."""
+    """Add a call's key (or value) gradients ``value`` ``(batch * g, kh, kt, d)`` into ``dest``
+    ``(batch, kh, n, d)``."""
     if call.kind == "global":
         dest += value
         return

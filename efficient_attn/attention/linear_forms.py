@@ -9,7 +9,8 @@ values ``v`` ``(batch, kv_heads, seq, e)``; ``kv_heads`` divides ``heads`` and q
 ``i // (heads / kv_heads)`` (grouped-query heads, Ainslie et al. 2023). Only the ``parallel_sums`` oracle repeats k
 and v; the other forms carry the group of query heads as an extra einsum index, and drop it with full heads
 (``heads == kv_heads``), where a unit index only costs einsum permutes (``group_index=True`` keeps it: the general
-path, which ``tests/test_linear_forms.py`` checks the full-heads paths against). The weights ``w`` are 1 (linear attention, Katharopoulos et al. 2020, arXiv:2006.16236)
+path, which ``tests/test_linear_forms.py`` checks the full-heads paths against). The weights ``w`` are 1 (linear
+attention, Katharopoulos et al. 2020, arXiv:2006.16236)
 or a per-head exponential decay ``gamma^(n - m)`` (retention, Sun et al. 2023, arXiv:2307.08621, eq. 5-6), given as
 ``log_decay`` ``(heads,)`` = log gamma <= 0. Causal: ``m <= n`` only. Non-causal: every ``m``, with the symmetric decay
 ``gamma^|n - m|``. Callers get their normalisers from the same sums (append a column of ones to ``v``); padded keys
