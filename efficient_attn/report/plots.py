@@ -244,9 +244,13 @@ def _draw_panel(
     # one grey mark per length (and run) where the reference did not fit but variants ran: it is a fact about
     # the reference, so it is not repeated per series
     runs_with_marks = sorted({run for run, _ in top_slots}, key=lambda r: run_index[r])
-    for (run, n), status in top_slots.items():
+    labelled = set()  # (run, status): a run of marks with one status is labelled once, left of its first mark
+    for (run, n), status in sorted(top_slots.items(), key=lambda item: item[0][1]):
         slot = runs_with_marks.index(run)
         _mark(ax, n, slot, "^", "0.35", top=True)
+        if (run, status) in labelled:
+            continue
+        labelled.add((run, status))
         label = f"reference {STATUS_MARKERS[status][1]}" if status in STATUS_MARKERS else "reference failed"
         ax.text(
             n / 1.12,
